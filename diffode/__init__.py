@@ -1,0 +1,44 @@
+"""diffode: differentiable ODE solvers and sensitivities in JAX."""
+
+from ._controller import PIDController, max_norm, rms_norm
+from ._explicit import (
+    RK4,
+    Bosh3,
+    Dopri5,
+    Dopri8,
+    Euler,
+    ExplicitRK,
+    Heun,
+    Midpoint,
+    Ralston,
+    Tsit5,
+)
+from ._solution import MESSAGES, Solution, Status
+from ._solve import solve
+from ._solver import AbstractSolver, StepResult
+from ._tableau import ButcherTableau
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractSolver",
+    "Bosh3",
+    "ButcherTableau",
+    "Dopri5",
+    "Dopri8",
+    "Euler",
+    "ExplicitRK",
+    "Heun",
+    "MESSAGES",
+    "Midpoint",
+    "PIDController",
+    "RK4",
+    "Ralston",
+    "Solution",
+    "Status",
+    "StepResult",
+    "Tsit5",
+    "max_norm",
+    "rms_norm",
+    "solve",
+]

@@ -1,0 +1,132 @@
+"""Step-size control: error norms, the PID controller and the initial step."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+def rms_norm(x: Float[Array, " n"]) -> Float[Array, ""]:
+    """Root-mean-square norm, the default error norm (Hairer, Norsett and Wanner, II.4)."""
+    if x.size == 0:
+        return jnp.zeros((), x.dtype)
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def max_norm(x: Float[Array, " n"]) -> Float[Array, ""]:
+    """Infinity norm: the largest scaled component decides."""
+    if x.size == 0:
+        return jnp.zeros((), x.dtype)
+    return jnp.max(jnp.abs(x))
+
+
+class PIDController(eqx.Module):
+    """Proportional-integral-derivative step-size controller.
+
+    The scaled error of a step is ``err = norm(e / (atol + rtol * max(|y0|, |y1|)))``
+    and the step is accepted when ``err <= 1``. The next step is
+    ``h * clip(safety * err_n**(-b1/k) * err_{n-1}**(-b2/k) * err_{n-2}**(-b3/k))``
+    with ``k`` the solver's error order, ``b1 = icoeff + pcoeff + dcoeff``,
+    ``b2 = -(pcoeff + 2 dcoeff)`` and ``b3 = dcoeff`` (Soderlind 2002, "Automatic
+    control and adaptive time-stepping", Numer. Algorithms 31). The defaults are
+    the PI controller of Hairer and Wanner (vol. II, IV.2, eq. 2.43c with
+    ``beta = 0.04``, as in DOPRI5), ``icoeff=0.3`` and ``pcoeff=0.4`` scaled by
+    ``1/k``... see :func:`PIDController.__init__` defaults. ``icoeff=1`` alone is
+    the classical I controller.
+
+    Args:
+        pcoeff, icoeff, dcoeff: the three gains.
+        safety: factor applied to every proposal.
+        factormin, factormax: bounds on the ratio of consecutive steps.
+        dtmin, dtmax: bounds on the magnitude of a step. A step rejected at
+            ``dtmin`` ends the solve with status ``DT_MIN_REACHED``.
+        norm: the error norm, :func:`rms_norm` by default.
+    """
+
+    pcoeff: float = 0.0
+    icoeff: float = 1.0
+    dcoeff: float = 0.0
+    safety: float = 0.9
+    factormin: float = 0.2
+    factormax: float = 10.0
+    dtmin: float | None = None
+    dtmax: float | None = None
+    norm: Callable[[Array], Array] = eqx.field(static=True, default=rms_norm)
+
+    def __check_init__(self):
+        if not 0 < self.safety <= 1:
+            raise ValueError(f"PIDController: safety must lie in (0, 1], got {self.safety}")
+        if not 0 < self.factormin < 1 < self.factormax:
+            raise ValueError("PIDController: need 0 < factormin < 1 < factormax")
+        if self.dtmin is not None and self.dtmax is not None and self.dtmin > self.dtmax:
+            raise ValueError("PIDController: dtmin must not exceed dtmax")
+
+    def error_ratio(self, y0, y1, y_error, rtol, atol) -> Array:
+        """Scaled error norm of a step; ``inf`` when anything is not finite."""
+        scale = atol + rtol * jnp.maximum(jnp.abs(y0), jnp.abs(y1))
+        err = self.norm(y_error / scale)
+        return jnp.where(jnp.isfinite(err), err, jnp.inf)
+
+    def init(self, dtype) -> tuple[Array, Array]:
+        """Controller memory: the previous two inverse errors."""
+        one = jnp.ones((), dtype)
+        return one, one
+
+    def adapt(self, h, err, order: int, memory):
+        """Accept or reject a step of size ``h`` with scaled error ``err``.
+
+        Returns ``(accept, h_next, memory)``. The proposal is not differentiated:
+        step sizes are constants of the discrete scheme.
+        """
+        err = lax.stop_gradient(err)
+        accept = err <= 1.0
+        inv = 1.0 / jnp.maximum(err, 1e-10)
+        prev1, prev2 = memory
+        b1 = (self.icoeff + self.pcoeff + self.dcoeff) / order
+        b2 = -(self.pcoeff + 2 * self.dcoeff) / order
+        b3 = self.dcoeff / order
+        factor = self.safety * inv**b1
+        if b2 != 0:
+            factor = factor * prev1**b2
+        if b3 != 0:
+            factor = factor * prev2**b3
+        # After an accepted step never shrink; after a rejection always shrink.
+        lo = jnp.where(accept, 1.0, self.factormin)
+        hi = jnp.where(accept, self.factormax, self.safety)
+        factor = jnp.clip(jnp.where(jnp.isfinite(err), factor, self.factormin), lo, hi)
+        h_next = lax.stop_gradient(h) * factor
+        if self.dtmax is not None:
+            h_next = jnp.minimum(h_next, self.dtmax)
+        if self.dtmin is not None:
+            h_next = jnp.maximum(h_next, self.dtmin)
+        # A failed step (err = inf) says nothing about smoothness: keep the memory.
+        keep = accept & jnp.isfinite(err)
+        memory = (jnp.where(keep, inv, prev1), jnp.where(keep, prev1, prev2))
+        return accept, h_next, memory
+
+
+def initial_step(f, t0, y0, f0, order: int, rtol, atol, norm) -> tuple[Array, int]:
+    """Starting step size (Hairer, Norsett and Wanner, vol. I, II.4, p. 169).
+
+    Uses one extra evaluation of ``f``; returns ``(h0, num_fevals)``.
+    """
+    scale = atol + jnp.abs(y0) * rtol
+    d0 = norm(y0 / scale)
+    d1 = norm(f0 / scale)
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1.0, d1))
+    f1 = f(t0 + h0, y0 + h0 * f0)
+    d2 = norm((f1 - f0) / scale) / h0
+    dmax = jnp.maximum(d1, d2)
+    h1 = jnp.where(
+        dmax <= 1e-15,
+        jnp.maximum(1e-6, h0 * 1e-3),
+        (0.01 / jnp.where(dmax <= 1e-15, 1.0, dmax)) ** (1.0 / (order + 1)),
+    )
+    h = jnp.minimum(100 * h0, h1)
+    h = jnp.where(jnp.isfinite(h) & (h > 0), h, 1e-6)
+    return lax.stop_gradient(h), 1

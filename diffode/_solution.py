@@ -1,0 +1,125 @@
+"""The result of a solve: saved states, statistics, status and dense output."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PyTree
+
+
+class Status(enum.IntEnum):
+    """Integer codes in ``Solution.status``; ``MESSAGES[code]`` explains each."""
+
+    SUCCESS = 0
+    MAX_STEPS_REACHED = 1
+    DT_UNDERFLOW = 2
+    NONFINITE_RHS = 3
+    DT_MIN_REACHED = 4
+    TS_NOT_MONOTONIC = 5
+    NONFINITE_INPUT = 6
+    BAD_TOLERANCE = 7
+    RHS_STRUCTURE_MISMATCH = 8
+    NEWTON_FAILED = 9
+
+
+MESSAGES: dict[int, str] = {
+    Status.SUCCESS: "The solver reached the final time successfully.",
+    Status.MAX_STEPS_REACHED: (
+        "max_steps was reached before the final time; increase max_steps or loosen "
+        "the tolerances (the problem may be stiff: try an implicit solver)."
+    ),
+    Status.DT_UNDERFLOW: (
+        "The step size underflowed: steps became too small to change t. The "
+        "solution may blow up here, or the problem is too stiff for this solver."
+    ),
+    Status.NONFINITE_RHS: (
+        "The right-hand side f returned NaN or inf, and shrinking the step did not "
+        "help (with fixed steps there is no retry)."
+    ),
+    Status.DT_MIN_REACHED: "A step at the controller's dtmin was rejected.",
+    Status.TS_NOT_MONOTONIC: "ts must be strictly increasing or strictly decreasing (and finite).",
+    Status.NONFINITE_INPUT: "y0 or args contains NaN or inf.",
+    Status.BAD_TOLERANCE: "rtol and atol must be finite and non-negative, and not both zero.",
+    Status.RHS_STRUCTURE_MISMATCH: (
+        "f(t, y, args) must return a pytree with the same structure and leaf "
+        "shapes as y0."
+    ),
+    Status.NEWTON_FAILED: "The implicit solver's Newton iteration failed even at the smallest step.",
+}
+
+#: Messages in code order, for ``equinox.branched_error_if``.
+MESSAGE_LIST: tuple[str, ...] = tuple(MESSAGES[s] for s in Status)
+
+
+class DenseOutput(eqx.Module):
+    """Interpolation pieces of accepted steps, in the loop's (forward) time.
+
+    Row ``k`` covers ``(t_start[k], t_start[k] + h[k]]``; unused rows have
+    ``t_start = inf``.
+    """
+
+    t_start: Float[Array, " m"]
+    h: Float[Array, " m"]
+    y0: Float[Array, "m n"]
+    y1: Float[Array, "m n"]
+    data: Float[Array, "m ..."]
+    num_pieces: Int[Array, ""]
+    interpolate: Callable = eqx.field(static=True)
+
+    def evaluate_flat(self, s: Float[Array, " q"]) -> Float[Array, "q n"]:
+        """Flat states at internal times ``s`` (clamped to the covered interval)."""
+        k = jnp.searchsorted(self.t_start, s, side="left") - 1
+        k = jnp.clip(k, 0, jnp.maximum(self.num_pieces, 1) - 1)
+        t_start, h = self.t_start[k], self.h[k]
+        theta = ((s - t_start) / jnp.where(h == 0, 1, h)).astype(self.y0.dtype)
+        hy = h.astype(self.y0.dtype)
+        y = jax.vmap(self.interpolate)(hy, self.y0[k], self.y1[k], self.data[k], theta)
+        # Exactly at a step's end, return the step's own end point.
+        return jnp.where((s == t_start + h)[:, None], self.y1[k], y)
+
+
+class Solution(eqx.Module):
+    """What :func:`diffode.solve` returns.
+
+    Attributes:
+        ts: the save times, as given.
+        ys: the state at every entry of ``ts``, with a leading axis of ``len(ts)``.
+            Entries the solver never reached (after a failure) are NaN.
+        stats: ``num_steps``, ``num_accepted``, ``num_rejected``, ``num_fevals``
+            and any solver-specific counters.
+        status: 0 on success; see :class:`Status` and :attr:`message`.
+    """
+
+    ts: Array
+    ys: PyTree
+    stats: dict[str, Array]
+    status: Int[Array, ""]
+    dense_output: DenseOutput | None = None
+    direction: Array | None = None
+    unravel: Callable | None = eqx.field(static=True, default=None)
+
+    @property
+    def success(self) -> Array:
+        return self.status == Status.SUCCESS
+
+    @property
+    def message(self) -> str | list:
+        """Human-readable status (outside ``jit`` only); a nested list when batched."""
+        codes = np.asarray(self.status)
+        if codes.ndim == 0:
+            return MESSAGES[int(codes)]
+        return np.vectorize(lambda c: MESSAGES[int(c)], otypes=[object])(codes).tolist()
+
+    def evaluate(self, t) -> PyTree:
+        """State at time(s) ``t`` from the solver's own interpolant (``dense=True``)."""
+        if self.dense_output is None:
+            raise ValueError("Solution.evaluate needs solve(..., dense=True).")
+        t = jnp.asarray(t)
+        s = self.direction * jnp.ravel(t).astype(self.dense_output.t_start.dtype)
+        out = jax.vmap(self.unravel)(self.dense_output.evaluate_flat(s))
+        return jax.tree_util.tree_map(lambda x: x.reshape(t.shape + x.shape[1:]), out)

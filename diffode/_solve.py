@@ -1,0 +1,299 @@
+"""``solve``: input validation, the step loop, saving at ``ts`` and the Solution."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, ArrayLike, PyTree
+
+from ._controller import PIDController, initial_step
+from ._explicit import Tsit5
+from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Status
+from ._solver import AbstractSolver
+
+
+def _tree_where(pred, a, b):
+    return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _is_inexact(x) -> bool:
+    """Floating or complex arrays and scalars (tracers included)."""
+    if isinstance(x, (bool, int)) or not isinstance(x, (jax.Array, np.ndarray, np.generic, float, complex)):
+        return False
+    return bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+
+
+def _all_finite(tree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if _is_inexact(x)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _check_rhs_structure(f, t0, y0, args) -> str | None:
+    """Trace-time comparison of ``f``'s output with ``y0``; returns a problem or None."""
+    out = jax.eval_shape(lambda t, y: f(t, y, args), t0, y0)
+    want, got = jtu.tree_structure(y0), jtu.tree_structure(out)
+    if want != got:
+        return f"f returned structure {got}, but y0 has structure {want}."
+    for path, (a, b) in zip(
+        (jtu.keystr(p) for p, _ in jtu.tree_leaves_with_path(y0)),
+        zip(jtu.tree_leaves(y0), jtu.tree_leaves(out)),
+    ):
+        if jnp.shape(a) != jnp.shape(b):
+            return f"f returned shape {jnp.shape(b)} at y{path}, but y0 has shape {jnp.shape(a)}."
+    return None
+
+
+def _failed(ts, y0, status: Status) -> Solution:
+    """A solution that records a failure detected before any step (throw=False)."""
+    ys = jtu.tree_map(lambda x: jnp.full((ts.shape[0],) + jnp.shape(x), jnp.nan, jnp.result_type(x)), y0)
+    zero = jnp.zeros((), jnp.int32)
+    stats = dict(num_steps=zero, num_accepted=zero, num_rejected=zero, num_fevals=zero)
+    return Solution(ts=ts, ys=ys, stats=stats, status=jnp.asarray(status, jnp.int32))
+
+
+def solve(
+    f: Callable[[Array, PyTree, Any], PyTree],
+    y0: PyTree,
+    ts: ArrayLike,
+    args: PyTree = None,
+    *,
+    solver: AbstractSolver | None = None,
+    rtol: ArrayLike = 1e-6,
+    atol: ArrayLike = 1e-8,
+    dt0: ArrayLike | None = None,
+    adaptive: bool = True,
+    max_steps: int = 4096,
+    controller: PIDController | None = None,
+    sensitivity: Any = None,
+    throw: bool = True,
+    dense: bool = False,
+) -> Solution:
+    """Solve ``dy/dt = f(t, y, args)`` from ``ts[0]`` to ``ts[-1]``, saving at every ``ts``.
+
+    Args:
+        f: right-hand side; returns a pytree with the structure of ``y``.
+        y0: initial state, any pytree of floating arrays (mixed dtypes allowed).
+        ts: strictly increasing or strictly decreasing save times; decreasing
+            times integrate backwards. ``sol.ys[0]`` is ``y0``.
+        args: any pytree passed to ``f`` (arrays, equinox modules, ...).
+        solver: the stepper, :class:`Tsit5` by default.
+        rtol, atol: relative and absolute tolerances of the local error test.
+        dt0: initial step; chosen automatically when ``None`` (Hairer, Norsett and
+            Wanner, vol. I, II.4). Required for fixed steps.
+        adaptive: ``False`` takes fixed steps of ``dt0``, landing exactly on
+            every entry of ``ts``. Solvers without an error estimate always do.
+        max_steps: bound on attempted steps (accepted plus rejected).
+        controller: a :class:`PIDController`; its defaults suit most problems.
+        sensitivity: how reverse-mode derivatives are computed. ``None``:
+            only forward mode (``jax.jvp``/``jax.jacfwd``) through the loop.
+        throw: raise on failure (bad input, ``max_steps``, step underflow, ...).
+            With ``False`` the failure is reported in ``sol.status`` instead and
+            unreached entries of ``ys`` are NaN.
+        dense: keep every step's interpolant so that ``sol.evaluate(t)`` works.
+
+    Returns:
+        A :class:`Solution`.
+    """
+    if sensitivity is not None:
+        raise NotImplementedError(
+            f"sensitivity={sensitivity!r}: no sensitivity methods exist yet; use "
+            "sensitivity=None (forward-mode autodiff through the solver steps)."
+        )
+    solver = Tsit5() if solver is None else solver
+    controller = PIDController() if controller is None else controller
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(f"solver must be a diffode solver, got {solver!r}")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+
+    ts = jnp.asarray(ts)
+    if ts.ndim != 1 or ts.shape[0] == 0:
+        raise ValueError(f"ts must be a non-empty 1-D array, got shape {ts.shape}")
+    for path, leaf in jtu.tree_leaves_with_path(y0):
+        if not _is_inexact(leaf):
+            raise TypeError(f"y0{jtu.keystr(path)} must be a floating-point array, got {leaf!r}")
+    if not jtu.tree_leaves(y0):
+        raise ValueError("y0 has no array leaves")
+    y0 = jtu.tree_map(jnp.asarray, y0)
+
+    fixed = (not adaptive) or (not solver.embedded)
+    if fixed and dt0 is None:
+        why = "adaptive=False" if not adaptive else f"{type(solver).__name__} has no error estimate, so"
+        raise ValueError(f"{why} fixed steps need dt0")
+
+    y_flat, unravel = ravel_pytree(y0)
+    dtype = y_flat.dtype
+    tdtype = jnp.result_type(dtype, ts.dtype) if jnp.issubdtype(ts.dtype, jnp.floating) else dtype
+    ts_t = ts.astype(tdtype)
+
+    problem = _check_rhs_structure(f, ts_t[0], y0, args)
+    if problem is not None:
+        if throw:
+            raise ValueError(f"{MESSAGES[Status.RHS_STRUCTURE_MISMATCH]} {problem}")
+        return _failed(ts, y0, Status.RHS_STRUCTURE_MISMATCH)
+
+    direction = jnp.where(ts_t[-1] < ts_t[0], -1, 1).astype(tdtype)
+    s_ts = direction * ts_t  # internal time always increases
+    n_ts = ts.shape[0]
+
+    def rhs(s, y):
+        out = f(direction * s, unravel(y), args)
+        flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
+        return direction.astype(dtype) * flat
+
+    rtol = jnp.asarray(rtol, dtype)
+    atol = jnp.asarray(atol, dtype)
+    t0, t_end = s_ts[0], s_ts[-1]
+
+    # Inputs are checked at run time so that jit and throw=False work alike.
+    f0 = rhs(t0, y_flat)
+    status = jnp.select(
+        [
+            ~(jnp.all(jnp.isfinite(ts_t)) & jnp.all(jnp.diff(s_ts) > 0)),
+            ~(_all_finite(y0) & _all_finite(args)),
+            ~(jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0))),
+            ~jnp.all(jnp.isfinite(f0)),
+        ],
+        [Status.TS_NOT_MONOTONIC, Status.NONFINITE_INPUT, Status.BAD_TOLERANCE, Status.NONFINITE_RHS],
+        Status.SUCCESS,
+    ).astype(jnp.int32)
+
+    nfev0 = 1
+    if dt0 is not None:
+        h0 = jnp.abs(jnp.asarray(dt0, tdtype))
+    else:
+        h0, extra = initial_step(rhs, t0, y_flat, f0, solver.order, rtol, atol, controller.norm)
+        h0, nfev0 = h0.astype(tdtype), nfev0 + extra
+    if not fixed and controller.dtmax is not None:
+        h0 = jnp.minimum(h0, controller.dtmax)
+
+    i32 = lambda v: jnp.asarray(v, jnp.int32)
+    # Status and every counter live in one int32 vector: one fused update per step.
+    names = ("status", "num_steps", "num_accepted", "num_rejected", "num_fevals") + solver.stat_names
+    counters = jnp.zeros(len(names), jnp.int32).at[0].set(status).at[4].set(nfev0)
+    eps = jnp.finfo(tdtype).eps
+    tiny_scale = 8 * eps * jnp.maximum(jnp.abs(t_end - t0), 1e-300)
+    order = solver.error_order
+    state0 = solver.init(rhs, t0, y_flat, f0)
+    dense0 = jnp.zeros_like(jax.eval_shape(lambda: solver.step(rhs, t0, y_flat, h0.astype(dtype), state0).dense))
+
+    # Two nested loops. The outer one walks the save times; the inner one takes
+    # steps until the last accepted step (the "piece" [p_t, p_t + p_h] with
+    # start p_y, end y and interpolation data p_dense) covers the save time. The
+    # inner loop never touches the (large) save buffer: XLA's CPU runtime runs a
+    # loop body sequentially, without thread-pool overhead per kernel, only
+    # while its buffers are small, and that decides speed on small problems.
+    carry = dict(
+        t=t0, y=y_flat, h=h0, state=state0, memory=controller.init(dtype), counters=counters,
+        p_t=t0, p_h=jnp.zeros((), tdtype), p_y=y_flat, p_dense=dense0, target=t0,
+    )
+    if dense:
+        carry["pieces"] = DenseOutput(
+            t_start=jnp.full((max_steps + 1,), jnp.inf, tdtype),
+            h=jnp.zeros((max_steps + 1,), tdtype),
+            y0=jnp.zeros((max_steps + 1,) + y_flat.shape, dtype),
+            y1=jnp.zeros((max_steps + 1,) + y_flat.shape, dtype),
+            data=jnp.zeros((max_steps + 1,) + dense0.shape, dtype),
+            num_pieces=i32(0),
+            interpolate=solver.interpolate,
+        )
+
+    def step_cond(c):
+        n = c["counters"]
+        return (c["t"] < c["target"]) & (n[0] == Status.SUCCESS) & (n[1] < max_steps)
+
+    def step_body(c):
+        t, y, h = c["t"], c["y"], c["h"]
+        stop = c["target"] if fixed else t_end
+        h_try = jnp.minimum(h, stop - t)
+        lands = h >= stop - t
+        res = solver.step(rhs, t, y, h_try.astype(dtype), c["state"])
+        finite = jnp.all(jnp.isfinite(res.y1)) & res.ok
+        if fixed:
+            accept, h_next, memory = finite, h, c["memory"]
+        else:
+            err = controller.error_ratio(y, res.y1, res.y_error, rtol, atol)
+            err = jnp.where(finite, err, jnp.inf)
+            accept, h_next, memory = controller.adapt(h_try, err, order, c["memory"])
+        t1 = jnp.where(lands, stop, t + h_try)
+
+        status = c["counters"][0]
+        if fixed:
+            status = jnp.where(finite, status, jnp.where(res.ok, Status.NONFINITE_RHS, Status.NEWTON_FAILED))
+        else:
+            too_small = ~accept & (h_next <= tiny_scale + 8 * eps * jnp.abs(t))
+            why = jnp.where(~res.ok, Status.NEWTON_FAILED, jnp.where(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS))
+            status = jnp.where(too_small, why, status)
+            if controller.dtmin is not None:
+                at_min = ~accept & (h_try <= controller.dtmin)
+                status = jnp.where(at_min & (status == Status.SUCCESS), Status.DT_MIN_REACHED, status)
+
+        new = dict(
+            t=jnp.where(accept, t1, t),
+            y=jnp.where(accept, res.y1, y),
+            h=h_next,
+            state=_tree_where(accept, res.state, res.rejected_state),
+            memory=memory,
+            counters=c["counters"].at[0].set(status) + jnp.stack(
+                [i32(0), i32(1), accept.astype(jnp.int32), (~accept).astype(jnp.int32), i32(res.num_fevals)]
+                + [i32(res.counts[k]) for k in solver.stat_names]
+            ),
+            p_t=jnp.where(accept, t, c["p_t"]),
+            p_h=jnp.where(accept, h_try, c["p_h"]),
+            p_y=jnp.where(accept, y, c["p_y"]),
+            p_dense=jnp.where(accept, res.dense, c["p_dense"]),
+            target=c["target"],
+        )
+        if dense:
+            p = c["pieces"]
+            row = jnp.where(accept, c["counters"][2], max_steps)
+            put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, row, 0)
+            new["pieces"] = DenseOutput(
+                t_start=put(p.t_start, jnp.where(accept, t, jnp.inf)), h=put(p.h, h_try),
+                y0=put(p.y0, y), y1=put(p.y1, res.y1), data=put(p.data, res.dense),
+                num_pieces=c["counters"][2] + accept.astype(jnp.int32), interpolate=p.interpolate,
+            )
+        return new
+
+    def save_cond(oc):
+        return oc[0] < n_ts
+
+    def save_body(oc):
+        i, ys, c = oc
+        target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
+        c = lax.while_loop(step_cond, step_body, dict(c, target=target))
+        h = c["p_h"]
+        theta = ((target - c["p_t"]) / jnp.where(h == 0, 1, h)).astype(dtype)
+        val = solver.interpolate(h.astype(dtype), c["p_y"], c["y"], c["p_dense"], theta)
+        val = jnp.where(target == c["t"], c["y"], val)
+        val = jnp.where(c["t"] >= target, val, jnp.nan)  # not reached after a failure
+        return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0), c
+
+    ys0 = jnp.zeros((n_ts,) + y_flat.shape, dtype).at[0].set(y_flat)
+    _, ys, out = lax.while_loop(save_cond, save_body, (i32(1), ys0, carry))
+    status = out["counters"][0]
+    status = jnp.where((status == Status.SUCCESS) & (out["t"] < t_end), Status.MAX_STEPS_REACHED, status)
+    status = status.astype(jnp.int32)
+    if throw:
+        ys = eqx.branched_error_if(ys, status != Status.SUCCESS, status, MESSAGE_LIST)
+    pieces = None
+    if dense:
+        p = out["pieces"]
+        pieces = DenseOutput(p.t_start[:-1], p.h[:-1], p.y0[:-1], p.y1[:-1], p.data[:-1], p.num_pieces, p.interpolate)
+    return Solution(
+        ts=ts,
+        ys=jax.vmap(unravel)(ys),
+        stats={k: out["counters"][j] for j, k in enumerate(names) if j > 0},
+        status=status,
+        dense_output=pieces,
+        direction=direction,
+        unravel=unravel,
+    )
