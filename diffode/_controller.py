@@ -9,6 +9,8 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._util import select
+
 
 def rms_norm(x: Float[Array, " n"]) -> Float[Array, ""]:
     """Root-mean-square norm, the default error norm (Hairer, Norsett and Wanner, II.4)."""
@@ -69,7 +71,7 @@ class PIDController(eqx.Module):
         """Scaled error norm of a step; ``inf`` when anything is not finite."""
         scale = atol + rtol * jnp.maximum(jnp.abs(y0), jnp.abs(y1))
         err = self.norm(y_error / scale)
-        return jnp.where(jnp.isfinite(err), err, jnp.inf)
+        return select(jnp.isfinite(err), err, jnp.inf)
 
     def init(self, dtype) -> tuple[Array, Array]:
         """Controller memory: the previous two inverse errors."""
@@ -95,9 +97,9 @@ class PIDController(eqx.Module):
         if b3 != 0:
             factor = factor * prev2**b3
         # After an accepted step never shrink; after a rejection always shrink.
-        lo = jnp.where(accept, 1.0, self.factormin)
-        hi = jnp.where(accept, self.factormax, self.safety)
-        factor = jnp.clip(jnp.where(jnp.isfinite(err), factor, self.factormin), lo, hi)
+        lo = select(accept, 1.0, self.factormin)
+        hi = select(accept, self.factormax, self.safety)
+        factor = jnp.clip(select(jnp.isfinite(err), factor, self.factormin), lo, hi)
         h_next = lax.stop_gradient(h) * factor
         if self.dtmax is not None:
             h_next = jnp.minimum(h_next, self.dtmax)
@@ -105,7 +107,7 @@ class PIDController(eqx.Module):
             h_next = jnp.maximum(h_next, self.dtmin)
         # A failed step (err = inf) says nothing about smoothness: keep the memory.
         keep = accept & jnp.isfinite(err)
-        memory = (jnp.where(keep, inv, prev1), jnp.where(keep, prev1, prev2))
+        memory = (select(keep, inv, prev1), select(keep, prev1, prev2))
         return accept, h_next, memory
 
 

@@ -60,6 +60,10 @@ class ExplicitRK(AbstractSolver):
     def init(self, f, t0, y0, f0):
         return f0
 
+    def dense_zeros(self, y0):
+        rows = self.tableau.num_stages + (0 if self.tableau.fsal else 1)
+        return jnp.zeros((rows,) + y0.shape, y0.dtype)
+
     def step(self, f, t0, y0, h, f0):
         tab = self.tableau
         a, c = tab.a, tab.c

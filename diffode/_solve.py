@@ -18,10 +18,7 @@ from ._controller import PIDController, initial_step
 from ._explicit import Tsit5
 from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Status
 from ._solver import AbstractSolver
-
-
-def _tree_where(pred, a, b):
-    return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+from ._util import select, tree_select
 
 
 def _is_inexact(x) -> bool:
@@ -36,18 +33,14 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _check_rhs_structure(f, t0, y0, args) -> str | None:
-    """Trace-time comparison of ``f``'s output with ``y0``; returns a problem or None."""
-    out = jax.eval_shape(lambda t, y: f(t, y, args), t0, y0)
+def _rhs_structure_problem(out, y0) -> str | None:
+    """Compare ``f``'s output with ``y0`` (at trace time); describe any mismatch."""
     want, got = jtu.tree_structure(y0), jtu.tree_structure(out)
     if want != got:
         return f"f returned structure {got}, but y0 has structure {want}."
-    for path, (a, b) in zip(
-        (jtu.keystr(p) for p, _ in jtu.tree_leaves_with_path(y0)),
-        zip(jtu.tree_leaves(y0), jtu.tree_leaves(out)),
-    ):
+    for (path, a), b in zip(jtu.tree_leaves_with_path(y0), jtu.tree_leaves(out)):
         if jnp.shape(a) != jnp.shape(b):
-            return f"f returned shape {jnp.shape(b)} at y{path}, but y0 has shape {jnp.shape(a)}."
+            return f"f returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
     return None
 
 
@@ -134,7 +127,9 @@ def solve(
     tdtype = jnp.result_type(dtype, ts.dtype) if jnp.issubdtype(ts.dtype, jnp.floating) else dtype
     ts_t = ts.astype(tdtype)
 
-    problem = _check_rhs_structure(f, ts_t[0], y0, args)
+    # The first evaluation of f doubles as the (trace-time) structure check.
+    out0 = f(ts_t[0], y0, args)
+    problem = _rhs_structure_problem(out0, y0)
     if problem is not None:
         if throw:
             raise ValueError(f"{MESSAGES[Status.RHS_STRUCTURE_MISMATCH]} {problem}")
@@ -144,17 +139,18 @@ def solve(
     s_ts = direction * ts_t  # internal time always increases
     n_ts = ts.shape[0]
 
+    def flatten(out):
+        return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
+
     def rhs(s, y):
-        out = f(direction * s, unravel(y), args)
-        flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
-        return direction.astype(dtype) * flat
+        return direction.astype(dtype) * flatten(f(direction * s, unravel(y), args))
 
     rtol = jnp.asarray(rtol, dtype)
     atol = jnp.asarray(atol, dtype)
     t0, t_end = s_ts[0], s_ts[-1]
 
     # Inputs are checked at run time so that jit and throw=False work alike.
-    f0 = rhs(t0, y_flat)
+    f0 = direction.astype(dtype) * flatten(out0)
     status = jnp.select(
         [
             ~(jnp.all(jnp.isfinite(ts_t)) & jnp.all(jnp.diff(s_ts) > 0)),
@@ -183,7 +179,7 @@ def solve(
     tiny_scale = 8 * eps * jnp.maximum(jnp.abs(t_end - t0), 1e-300)
     order = solver.error_order
     state0 = solver.init(rhs, t0, y_flat, f0)
-    dense0 = jnp.zeros_like(jax.eval_shape(lambda: solver.step(rhs, t0, y_flat, h0.astype(dtype), state0).dense))
+    dense0 = solver.dense_zeros(y_flat)
 
     # Two nested loops. The outer one walks the save times; the inner one takes
     # steps until the last accepted step (the "piece" [p_t, p_t + p_h] with
@@ -221,43 +217,45 @@ def solve(
             accept, h_next, memory = finite, h, c["memory"]
         else:
             err = controller.error_ratio(y, res.y1, res.y_error, rtol, atol)
-            err = jnp.where(finite, err, jnp.inf)
+            err = select(finite, err, jnp.inf)
             accept, h_next, memory = controller.adapt(h_try, err, order, c["memory"])
-        t1 = jnp.where(lands, stop, t + h_try)
+        t1 = select(lands, stop, t + h_try)
 
         status = c["counters"][0]
         if fixed:
-            status = jnp.where(finite, status, jnp.where(res.ok, Status.NONFINITE_RHS, Status.NEWTON_FAILED))
+            status = select(finite, status, select(res.ok, Status.NONFINITE_RHS, Status.NEWTON_FAILED))
         else:
             too_small = ~accept & (h_next <= tiny_scale + 8 * eps * jnp.abs(t))
-            why = jnp.where(~res.ok, Status.NEWTON_FAILED, jnp.where(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS))
-            status = jnp.where(too_small, why, status)
+            why = select(~res.ok, Status.NEWTON_FAILED, select(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS))
+            status = select(too_small, why, status)
             if controller.dtmin is not None:
                 at_min = ~accept & (h_try <= controller.dtmin)
-                status = jnp.where(at_min & (status == Status.SUCCESS), Status.DT_MIN_REACHED, status)
+                status = select(at_min & (status == Status.SUCCESS), Status.DT_MIN_REACHED, status)
 
         new = dict(
-            t=jnp.where(accept, t1, t),
-            y=jnp.where(accept, res.y1, y),
+            t=select(accept, t1, t),
+            y=select(accept, res.y1, y),
             h=h_next,
-            state=_tree_where(accept, res.state, res.rejected_state),
+            state=tree_select(accept, res.state, res.rejected_state),
             memory=memory,
-            counters=c["counters"].at[0].set(status) + jnp.stack(
+            counters=c["counters"].at[0].set(jnp.asarray(status, jnp.int32)) + jnp.stack(
                 [i32(0), i32(1), accept.astype(jnp.int32), (~accept).astype(jnp.int32), i32(res.num_fevals)]
                 + [i32(res.counts[k]) for k in solver.stat_names]
             ),
-            p_t=jnp.where(accept, t, c["p_t"]),
-            p_h=jnp.where(accept, h_try, c["p_h"]),
-            p_y=jnp.where(accept, y, c["p_y"]),
-            p_dense=jnp.where(accept, res.dense, c["p_dense"]),
+            # The last attempted step; the inner loop only ends on an
+            # accepted step, so outside it this is the last accepted one.
+            p_t=t,
+            p_h=h_try,
+            p_y=y,
+            p_dense=res.dense,
             target=c["target"],
         )
         if dense:
             p = c["pieces"]
-            row = jnp.where(accept, c["counters"][2], max_steps)
+            row = select(accept, c["counters"][2], max_steps)
             put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, row, 0)
             new["pieces"] = DenseOutput(
-                t_start=put(p.t_start, jnp.where(accept, t, jnp.inf)), h=put(p.h, h_try),
+                t_start=put(p.t_start, select(accept, t, jnp.inf)), h=put(p.h, h_try),
                 y0=put(p.y0, y), y1=put(p.y1, res.y1), data=put(p.data, res.dense),
                 num_pieces=c["counters"][2] + accept.astype(jnp.int32), interpolate=p.interpolate,
             )
@@ -271,16 +269,16 @@ def solve(
         target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
         c = lax.while_loop(step_cond, step_body, dict(c, target=target))
         h = c["p_h"]
-        theta = ((target - c["p_t"]) / jnp.where(h == 0, 1, h)).astype(dtype)
+        theta = ((target - c["p_t"]) / select(h == 0, 1, h)).astype(dtype)
         val = solver.interpolate(h.astype(dtype), c["p_y"], c["y"], c["p_dense"], theta)
-        val = jnp.where(target == c["t"], c["y"], val)
-        val = jnp.where(c["t"] >= target, val, jnp.nan)  # not reached after a failure
+        val = select(target == c["t"], c["y"], val)
+        val = select(c["t"] >= target, val, jnp.nan)  # not reached after a failure
         return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0), c
 
     ys0 = jnp.zeros((n_ts,) + y_flat.shape, dtype).at[0].set(y_flat)
     _, ys, out = lax.while_loop(save_cond, save_body, (i32(1), ys0, carry))
     status = out["counters"][0]
-    status = jnp.where((status == Status.SUCCESS) & (out["t"] < t_end), Status.MAX_STEPS_REACHED, status)
+    status = select((status == Status.SUCCESS) & (out["t"] < t_end), Status.MAX_STEPS_REACHED, status)
     status = status.astype(jnp.int32)
     if throw:
         ys = eqx.branched_error_if(ys, status != Status.SUCCESS, status, MESSAGE_LIST)

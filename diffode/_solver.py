@@ -57,6 +57,10 @@ class AbstractSolver(eqx.Module):
     def implicit(self) -> bool:
         return False
 
+    def dense_zeros(self, y0: Array) -> Array:
+        """Zeros shaped like ``StepResult.dense`` (initial loop carry)."""
+        raise NotImplementedError
+
     def init(self, f: FlatRHS, t0: Array, y0: Array, f0: Array) -> Any:
         """Initial solver state, given ``f0 = f(t0, y0)`` (already counted)."""
         raise NotImplementedError

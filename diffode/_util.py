@@ -1,0 +1,25 @@
+"""Small internal helpers shared by the loop, the controller and the solvers."""
+
+from __future__ import annotations
+
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+
+def select(pred, on_true, on_false):
+    """``jnp.where`` for a scalar ``pred`` without a nested jit (cheaper to trace and compile)."""
+    on_true = jnp.asarray(on_true)
+    on_false = jnp.asarray(on_false, on_true.dtype) if not hasattr(on_false, "dtype") else on_false
+    if not hasattr(on_true, "shape") or on_true.dtype != on_false.dtype:
+        dtype = jnp.result_type(on_true, on_false)
+        on_true, on_false = on_true.astype(dtype), on_false.astype(dtype)
+    shape = jnp.broadcast_shapes(jnp.shape(on_true), jnp.shape(on_false))
+    pred = jnp.asarray(pred)
+    if pred.shape != shape:
+        pred = lax.broadcast_in_dim(pred, shape, ()) if pred.ndim == 0 else jnp.broadcast_to(pred, shape)
+    return lax.select(pred, jnp.broadcast_to(on_true, shape), jnp.broadcast_to(on_false, shape))
+
+
+def tree_select(pred, on_true, on_false):
+    return jtu.tree_map(lambda a, b: select(pred, a, b), on_true, on_false)
