@@ -29,28 +29,32 @@ def max_norm(x: Float[Array, " n"]) -> Float[Array, ""]:
 class PIDController(eqx.Module):
     """Proportional-integral-derivative step-size controller.
 
-    The scaled error of a step is ``err = norm(e / (atol + rtol * max(|y0|, |y1|)))``
-    and the step is accepted when ``err <= 1``. The next step is
-    ``h * clip(safety * err_n**(-b1/k) * err_{n-1}**(-b2/k) * err_{n-2}**(-b3/k))``
-    with ``k`` the solver's error order, ``b1 = icoeff + pcoeff + dcoeff``,
-    ``b2 = -(pcoeff + 2 dcoeff)`` and ``b3 = dcoeff`` (Soderlind 2002, "Automatic
-    control and adaptive time-stepping", Numer. Algorithms 31). The defaults are
-    the PI controller of Hairer and Wanner (vol. II, IV.2, eq. 2.43c with
-    ``beta = 0.04``, as in DOPRI5), ``icoeff=0.3`` and ``pcoeff=0.4`` scaled by
-    ``1/k``... see :func:`PIDController.__init__` defaults. ``icoeff=1`` alone is
-    the classical I controller.
+    A step's scaled error is ``err = norm(e / (atol + rtol * max(|y0|, |y1|)))``;
+    the step is accepted when ``err <= 1``. With ``k`` the solver's error order
+    and ``err_n``, ``err_{n-1}``, ``err_{n-2}`` the errors of the current and the
+    two previous accepted steps, the next step is::
+
+        h * clip(safety * err_n**(-b1/k) * err_{n-1}**(-b2/k) * err_{n-2}**(-b3/k))
+
+    with ``b1 = icoeff + pcoeff + dcoeff``, ``b2 = -(pcoeff + 2 dcoeff)`` and
+    ``b3 = dcoeff`` (Soderlind 2002, "Automatic control and adaptive
+    time-stepping", Numer. Algorithms 31). The default gains are the PI
+    controller of DOPRI5 (Hairer, Norsett and Wanner, vol. I, II.4, with
+    ``beta = 0.04``: exponents ``0.17`` and ``0.04`` for order 5). ``pcoeff=0,
+    icoeff=1`` is the classical integral (I) controller.
 
     Args:
         pcoeff, icoeff, dcoeff: the three gains.
         safety: factor applied to every proposal.
-        factormin, factormax: bounds on the ratio of consecutive steps.
+        factormin, factormax: bounds on the ratio of consecutive steps. After a
+            rejection the step always shrinks, after an acceptance it never does.
         dtmin, dtmax: bounds on the magnitude of a step. A step rejected at
             ``dtmin`` ends the solve with status ``DT_MIN_REACHED``.
         norm: the error norm, :func:`rms_norm` by default.
     """
 
-    pcoeff: float = 0.0
-    icoeff: float = 1.0
+    pcoeff: float = 0.2
+    icoeff: float = 0.65
     dcoeff: float = 0.0
     safety: float = 0.9
     factormin: float = 0.2
