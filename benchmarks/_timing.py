@@ -6,7 +6,10 @@ Conventions (the project's benchmarking standards):
   ``jax.block_until_ready`` on the result.
 * Compile time is the wall time of the *first* call (trace + lower + compile +
   one run), measured from a cold state: ``jax.clear_caches()`` runs before
-  every sample. Several samples are taken and the median is reported.
+  every sample. Several samples are taken and the median is reported. One
+  discarded warm-up round comes first by default, so that one-time process
+  costs (lazy imports, MLIR/XLA initialisation on the first lowering) fall on
+  no candidate; they are not part of any candidate's compile cost.
 * Run time is the median, over several repeats, of the mean time of one call
   (``number`` calls per repeat, each followed by ``jax.block_until_ready``).
 * When two or more candidates are compared, their samples are interleaved
@@ -116,8 +119,13 @@ def interleave(samplers: Mapping[str, Callable[[], float]], repeats: int) -> dic
     return out
 
 
-def compile_time(fn: Callable, *args, repeats: int = 5) -> Timing:
-    """Compile time (first call from a cold cache) of one jitted ``fn``; median of ``repeats``."""
+def compile_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> Timing:
+    """Compile time (first call from a cold cache) of one jitted ``fn``.
+
+    ``warmup`` discarded samples, then ``repeats`` kept ones (report the median).
+    """
+    for _ in range(warmup):
+        first_call_sample(fn, *args)
     return Timing(tuple(first_call_sample(fn, *args) for _ in range(repeats)))
 
 
@@ -134,9 +142,16 @@ def run_time(fn: Callable, *args, repeats: int = 7, number: int | None = None, m
     return Timing(tuple(calls_sample(fn, *args, number=number) for _ in range(repeats)), number)
 
 
-def compile_times(candidates: Mapping[str, tuple[Callable, tuple]], repeats: int = 5) -> dict[str, Timing]:
-    """Interleaved :func:`compile_time` of several ``name -> (fn, args)`` candidates."""
+def compile_times(
+    candidates: Mapping[str, tuple[Callable, tuple]], repeats: int = 5, warmup: int = 1
+) -> dict[str, Timing]:
+    """Interleaved :func:`compile_time` of several ``name -> (fn, args)`` candidates.
+
+    ``warmup`` interleaved rounds are run and discarded before the ``repeats`` kept ones.
+    """
     samplers = {n: (lambda fn=fn, args=args: first_call_sample(fn, *args)) for n, (fn, args) in candidates.items()}
+    if warmup:
+        interleave(samplers, warmup)
     return {n: Timing(tuple(s)) for n, s in interleave(samplers, repeats).items()}
 
 

@@ -10,7 +10,8 @@ Run from the repository root::
 Measured per candidate (each a ``jax.jit`` function of ``(y0, args)`` returning
 the saved states; see ``benchmarks/_timing.py`` for the timing conventions):
 
-* compile time: median wall time of the first call after ``jax.clear_caches()``;
+* compile time: median wall time of the first call after ``jax.clear_caches()``
+  (after one discarded warm-up round);
 * run time: median over repeats of the mean time per (blocked) call;
 * steps and right-hand-side evaluations, counted exactly at run time;
 * max abs error over the save points against SciPy DOP853 at rtol = atol = 1e-13.
@@ -171,6 +172,7 @@ def environment() -> dict[str, Any]:
         platform=platform.platform(),
         machine=platform.processor() or platform.machine(),
         cpu_count=os.cpu_count(),
+        load_avg_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         jax=jax.__version__,
         backend=jax.default_backend(),
         devices=[str(d) for d in jax.devices()],
@@ -186,6 +188,7 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
     run_repeats = run_repeats or (5 if quick else 7)
     min_time = 0.05 if quick else 0.2
 
+    env = environment()  # before measuring, so that the load average is other processes'
     p = lotka_volterra(jnp.float64)
     y0, args, ts = p.y0, p.args, p.ts
     factories = candidates()
@@ -194,8 +197,8 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
     with_stats = {n: jax.jit(fac(p.f, ts)) for n, fac in factories.items()}
     pairs = {n: (fn, (y0, args)) for n, fn in timed.items()}
 
-    print(f"# compile time: {compile_repeats} interleaved cold first calls each ...", file=sys.stderr)
-    ctimes = _timing.compile_times(pairs, repeats=compile_repeats)
+    print(f"# compile time: 1 + {compile_repeats} interleaved cold first calls each ...", file=sys.stderr)
+    ctimes = _timing.compile_times(pairs, repeats=compile_repeats, warmup=1)
     print(f"# run time: {run_repeats} interleaved repeats each ...", file=sys.stderr)
     rtimes = _timing.run_times(pairs, repeats=run_repeats, min_time=min_time)
 
@@ -238,9 +241,9 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
         problem=dict(name=p.name, y0=np.asarray(y0).tolist(), args=np.asarray(args).tolist(),
                      t_span=[float(ts[0]), float(ts[-1])], num_save=int(ts.shape[0]), dtype="float64",
                      rtol=RTOL, atol=ATOL, reference=f"scipy DOP853 rtol=atol={REF_TOL:g}"),
-        settings=dict(quick=quick, compile_repeats=compile_repeats, run_repeats=run_repeats,
+        settings=dict(quick=quick, compile_repeats=compile_repeats, compile_warmup=1, run_repeats=run_repeats,
                       run_min_time_s=min_time, ratios_relative_to=REFERENCE),
-        environment=environment(),
+        environment=env,
         results=results,
         targets=targets,
     )
@@ -249,7 +252,7 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
 def markdown_table(out: dict[str, Any]) -> str:
     head = ("| candidate | compile (s, median) | run (ms, median) | compile / diffrax | run / diffrax "
             "| num_steps | fevals | max error |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     for n, r in out["results"].items():
         steps = "n/a" if r["num_steps"] is None else str(r["num_steps"])
         lines.append(
@@ -268,13 +271,23 @@ def report(out: dict[str, Any]) -> str:
         f"jax {e['jax']} ({e['backend']}), diffode {e['diffode']} @ {(e['git_commit'] or '?')[:10]}"
         f"{' (diffode/ modified)' if e['diffode_dirty'] else ''}, diffrax {e['diffrax']}; "
         f"{e['cpu_count']} CPUs, {e['platform']}.",
-        f"Compile: median of {s['compile_repeats']} cold first calls; run: median of {s['run_repeats']} "
+        f"Compile: median of {s['compile_repeats']} cold first calls (after {s['compile_warmup']} discarded); run: median of {s['run_repeats']} "
         f"repeats (calls per repeat: "
         + ", ".join(f"{n} {r['run_s']['number']}" for n, r in out["results"].items()) + ").",
         "",
         markdown_table(out),
         "",
+        "Spread (min-max): " + "; ".join(
+            f"{n} compile {r['compile_s']['min']:.3f}-{r['compile_s']['max']:.3f} s, "
+            f"run {r['run_s']['min'] * 1e3:.3f}-{r['run_s']['max'] * 1e3:.3f} ms"
+            for n, r in out["results"].items()
+        ) + ".",
     ]
+    load, ncpu = e.get("load_avg_1min"), e.get("cpu_count") or 1
+    if load is not None and load > 0.5 * ncpu:
+        lines.append(f"Note: 1-min load average was {load:.2f} on {ncpu} CPUs at the start; "
+                     "other processes may have inflated the timings.")
+    lines.append("")
     lines += [f"{'PASS' if t['passed'] else 'FAIL'} {t['name']}: {t['text']}" for t in out["targets"]]
     return "\n".join(lines)
 
@@ -287,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-repeats", type=int, default=None, help="run-time repeats per candidate")
     a = ap.parse_args(argv)
     out = run(quick=a.quick, compile_repeats=a.compile_repeats, run_repeats=a.run_repeats)
-    print(report(out))
+    sys.stderr.flush()
+    print(report(out), flush=True)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=2)
