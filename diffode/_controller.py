@@ -104,7 +104,7 @@ class PIDController(eqx.Module):
         lo = select(accept, 1.0, self.factormin)
         hi = select(accept, self.factormax, self.safety)
         factor = jnp.clip(select(jnp.isfinite(err), factor, self.factormin), lo, hi)
-        h_next = lax.stop_gradient(h) * factor
+        h_next = (lax.stop_gradient(h) * factor).astype(jnp.result_type(h))
         if self.dtmax is not None:
             h_next = jnp.minimum(h_next, self.dtmax)
         if self.dtmin is not None:

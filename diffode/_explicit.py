@@ -222,8 +222,8 @@ DOPRI5_TABLEAU = ButcherTableau(
 
 # ----------------------------------------------------------------------------
 # Prince and Dormand (1981), "High order embedded Runge-Kutta formulae",
-# J. Comput. Appl. Math. 7(1): RK8(7)13M plus a FSAL stage, with the continuous
-# extension of Bogacki and Shampine (1990), "Interpolating high-order
+# J. Comput. Appl. Math. 7(1): RK8(7)13M plus a FSAL stage, with a continuous
+# extension after Bogacki and Shampine (1990), "Interpolating high-order
 # Runge-Kutta formulas", Comput. Math. Appl. 20(3) (values as in diffrax).
 # ----------------------------------------------------------------------------
 _DOPRI8_A = np.array([[ 0.0000000000000000e+00,  0.0000000000000000e+00,  0.0000000000000000e+00,
@@ -383,6 +383,6 @@ class Dopri5(ExplicitRK):
     tableau: ButcherTableau = eqx.field(static=True, default=DOPRI5_TABLEAU)
 
 class Dopri8(ExplicitRK):
-    """Prince-Dormand 8(7), FSAL, with a high-order interpolant; for tight tolerances."""
+    """Prince-Dormand 8(7), FSAL, for tight tolerances. Its continuous extension is of lower order (interpolation error O(h^6))."""
 
     tableau: ButcherTableau = eqx.field(static=True, default=DOPRI8_TABLEAU)

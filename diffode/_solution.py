@@ -25,6 +25,7 @@ class Status(enum.IntEnum):
     BAD_TOLERANCE = 7
     RHS_STRUCTURE_MISMATCH = 8
     NEWTON_FAILED = 9
+    BAD_DT0 = 10
 
 
 MESSAGES: dict[int, str] = {
@@ -50,6 +51,7 @@ MESSAGES: dict[int, str] = {
         "shapes as y0."
     ),
     Status.NEWTON_FAILED: "The implicit solver's Newton iteration failed even at the smallest step.",
+    Status.BAD_DT0: "dt0 must be finite and non-zero.",
 }
 
 #: Messages in code order, for ``equinox.branched_error_if``.

@@ -111,8 +111,11 @@ def solve(
     if ts.ndim != 1 or ts.shape[0] == 0:
         raise ValueError(f"ts must be a non-empty 1-D array, got shape {ts.shape}")
     for path, leaf in jtu.tree_leaves_with_path(y0):
-        if not _is_inexact(leaf):
-            raise TypeError(f"y0{jtu.keystr(path)} must be a floating-point array, got {leaf!r}")
+        if not _is_inexact(leaf) or jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+            raise TypeError(
+                f"y0{jtu.keystr(path)} must be a real floating-point array (complex states are "
+                f"not supported: split them into real and imaginary parts), got {leaf!r}"
+            )
     if not jtu.tree_leaves(y0):
         raise ValueError("y0 has no array leaves")
     y0 = jtu.tree_map(jnp.asarray, y0)
@@ -149,6 +152,7 @@ def solve(
     atol = jnp.asarray(atol, dtype)
     t0, t_end = s_ts[0], s_ts[-1]
 
+    dt0_value = jnp.asarray(1.0 if dt0 is None else dt0, tdtype)
     # Inputs are checked at run time so that jit and throw=False work alike.
     f0 = direction.astype(dtype) * flatten(out0)
     status = jnp.select(
@@ -157,14 +161,15 @@ def solve(
             ~(_all_finite(y0) & _all_finite(args)),
             ~(jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0))),
             ~jnp.all(jnp.isfinite(f0)),
+            ~(jnp.isfinite(dt0_value) & (dt0_value != 0)),
         ],
-        [Status.TS_NOT_MONOTONIC, Status.NONFINITE_INPUT, Status.BAD_TOLERANCE, Status.NONFINITE_RHS],
+        [Status.TS_NOT_MONOTONIC, Status.NONFINITE_INPUT, Status.BAD_TOLERANCE, Status.NONFINITE_RHS, Status.BAD_DT0],
         Status.SUCCESS,
     ).astype(jnp.int32)
 
     nfev0 = 1
     if dt0 is not None:
-        h0 = jnp.abs(jnp.asarray(dt0, tdtype))
+        h0 = jnp.abs(dt0_value)
     else:
         h0, extra = initial_step(rhs, t0, y_flat, f0, solver.order, rtol, atol, controller.norm)
         h0, nfev0 = h0.astype(tdtype), nfev0 + extra
@@ -177,6 +182,7 @@ def solve(
     counters = jnp.zeros(len(names), jnp.int32).at[0].set(status).at[4].set(nfev0)
     eps = jnp.finfo(tdtype).eps
     tiny_scale = 8 * eps * jnp.maximum(jnp.abs(t_end - t0), 1e-300)
+    land_tol = 16 * eps
     order = solver.error_order
     state0 = solver.init(rhs, t0, y_flat, f0)
     dense0 = solver.dense_zeros(y_flat)
@@ -193,10 +199,12 @@ def solve(
     )
     if dense:
         carry["pieces"] = DenseOutput(
-            t_start=jnp.full((max_steps + 1,), jnp.inf, tdtype),
+            # Row 0 starts as a zero-length piece at t0, so that evaluate works
+            # even when no step is taken; the first accepted step overwrites it.
+            t_start=jnp.full((max_steps + 1,), jnp.inf, tdtype).at[0].set(t0),
             h=jnp.zeros((max_steps + 1,), tdtype),
-            y0=jnp.zeros((max_steps + 1,) + y_flat.shape, dtype),
-            y1=jnp.zeros((max_steps + 1,) + y_flat.shape, dtype),
+            y0=jnp.zeros((max_steps + 1,) + y_flat.shape, dtype).at[0].set(y_flat),
+            y1=jnp.zeros((max_steps + 1,) + y_flat.shape, dtype).at[0].set(y_flat),
             data=jnp.zeros((max_steps + 1,) + dense0.shape, dtype),
             num_pieces=i32(0),
             interpolate=solver.interpolate,
@@ -209,10 +217,12 @@ def solve(
     def step_body(c):
         t, y, h = c["t"], c["y"], c["h"]
         stop = c["target"] if fixed else t_end
-        h_try = jnp.minimum(h, stop - t)
-        lands = h >= stop - t
+        # Land on `stop` when the step would leave only a rounding-error remainder.
+        lands = h >= (stop - t) - land_tol * jnp.maximum(jnp.abs(t), jnp.abs(stop))
+        h_try = select(lands, stop - t, h)
         res = solver.step(rhs, t, y, h_try.astype(dtype), c["state"])
-        finite = jnp.all(jnp.isfinite(res.y1)) & res.ok
+        ok = jnp.asarray(res.ok, bool)
+        finite = jnp.all(jnp.isfinite(res.y1)) & ok
         if fixed:
             accept, h_next, memory = finite, h, c["memory"]
         else:
@@ -223,10 +233,10 @@ def solve(
 
         status = c["counters"][0]
         if fixed:
-            status = select(finite, status, select(res.ok, Status.NONFINITE_RHS, Status.NEWTON_FAILED))
+            status = select(finite, status, select(ok, Status.NONFINITE_RHS, Status.NEWTON_FAILED))
         else:
             too_small = ~accept & (h_next <= tiny_scale + 8 * eps * jnp.abs(t))
-            why = select(~res.ok, Status.NEWTON_FAILED, select(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS))
+            why = select(~ok, Status.NEWTON_FAILED, select(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS))
             status = select(too_small, why, status)
             if controller.dtmin is not None:
                 at_min = ~accept & (h_try <= controller.dtmin)

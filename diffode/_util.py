@@ -8,13 +8,14 @@ import jax.tree_util as jtu
 
 
 def select(pred, on_true, on_false):
-    """``jnp.where`` for a scalar ``pred`` without a nested jit (cheaper to trace and compile)."""
-    on_true = jnp.asarray(on_true)
-    on_false = jnp.asarray(on_false, on_true.dtype) if not hasattr(on_false, "dtype") else on_false
-    if not hasattr(on_true, "shape") or on_true.dtype != on_false.dtype:
-        dtype = jnp.result_type(on_true, on_false)
-        on_true, on_false = on_true.astype(dtype), on_false.astype(dtype)
-    shape = jnp.broadcast_shapes(jnp.shape(on_true), jnp.shape(on_false))
+    """``jnp.where`` for a scalar ``pred`` without a nested jit (cheaper to trace and compile).
+
+    Python scalars take the dtype of the other operand, as in ``jnp.where``.
+    """
+    dtype = jnp.result_type(on_true, on_false)
+    on_true = jnp.asarray(on_true, dtype)
+    on_false = jnp.asarray(on_false, dtype)
+    shape = jnp.broadcast_shapes(on_true.shape, on_false.shape)
     pred = jnp.asarray(pred)
     if pred.shape != shape:
         pred = lax.broadcast_in_dim(pred, shape, ()) if pred.ndim == 0 else jnp.broadcast_to(pred, shape)
