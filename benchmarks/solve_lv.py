@@ -44,7 +44,9 @@ from jax.experimental import io_callback  # noqa: E402
 import diffode  # noqa: E402
 
 from . import _timing  # noqa: E402
-from .problems import Problem, lotka_volterra  # noqa: E402
+from tests.problems import Problem, lotka_volterra, lotka_volterra_reference  # noqa: E402
+
+NUM_SAVE = 100
 
 RTOL = ATOL = 1e-6
 REF_TOL = 1e-13
@@ -137,17 +139,9 @@ def count_fevals(factory, f, ts, y0, args) -> int:
     return calls[0]
 
 
-def reference_solution(p: Problem) -> np.ndarray:
-    from scipy.integrate import solve_ivp
-
-    ts = np.asarray(p.ts)
-    sol = solve_ivp(
-        p.f_numpy, (ts[0], ts[-1]), np.asarray(p.y0), method="DOP853", t_eval=ts,
-        args=(np.asarray(p.args),), rtol=REF_TOL, atol=REF_TOL,
-    )
-    if not sol.success:
-        raise RuntimeError(f"SciPy reference solve failed: {sol.message}")
-    return sol.y.T
+def reference_solution(ts) -> np.ndarray:
+    """SciPy DOP853 at rtol = atol = 1e-13 (the shared reference of tests/problems.py)."""
+    return np.asarray(lotka_volterra_reference(ts))
 
 
 # ---------------------------------------------------------------------------
@@ -190,7 +184,7 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
 
     env = environment()  # before measuring, so that the load average is other processes'
     p = lotka_volterra(jnp.float64)
-    y0, args, ts = p.y0, p.args, p.ts
+    y0, args, ts = p.y0, p.args, p.ts(NUM_SAVE)
     factories = candidates()
 
     timed = {n: jax.jit(lambda y0, a, s=fac(p.f, ts): s(y0, a)[0]) for n, fac in factories.items()}
@@ -202,7 +196,7 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
     print(f"# run time: {run_repeats} interleaved repeats each ...", file=sys.stderr)
     rtimes = _timing.run_times(pairs, repeats=run_repeats, min_time=min_time)
 
-    ref = reference_solution(p)
+    ref = reference_solution(ts)
     results: dict[str, Any] = {}
     for n, fac in factories.items():
         ys, stats = jax.block_until_ready(with_stats[n](y0, args))
