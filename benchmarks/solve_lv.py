@@ -44,7 +44,7 @@ from jax.experimental import io_callback  # noqa: E402
 import diffode  # noqa: E402
 
 from . import _timing  # noqa: E402
-from tests.problems import Problem, lotka_volterra, lotka_volterra_reference  # noqa: E402
+from tests.problems import lotka_volterra, lotka_volterra_reference  # noqa: E402
 
 NUM_SAVE = 100
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable
+from typing import Callable
 
 import equinox as eqx
 import jax
