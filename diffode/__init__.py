@@ -13,7 +13,7 @@ from ._explicit import (
     Ralston,
     Tsit5,
 )
-from ._solution import MESSAGES, Solution, Status
+from ._solution import MESSAGES, Solution, Stats, Status
 from ._solve import solve
 from ._solver import AbstractSolver, StepResult
 from ._tableau import ButcherTableau
@@ -35,6 +35,7 @@ __all__ = [
     "RK4",
     "Ralston",
     "Solution",
+    "Stats",
     "Status",
     "StepResult",
     "Tsit5",

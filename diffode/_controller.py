@@ -72,9 +72,14 @@ class PIDController(eqx.Module):
             raise ValueError("PIDController: dtmin must not exceed dtmax")
 
     def error_ratio(self, y0, y1, y_error, rtol, atol) -> Array:
-        """Scaled error norm of a step; ``inf`` when anything is not finite."""
+        """Scaled error norm of a step; ``inf`` when ``y1`` or the estimate is not finite.
+
+        The finiteness test is folded into the norm's reduction (a NaN ratio
+        wherever ``y1`` is not finite) so that both cost one kernel.
+        """
         scale = atol + rtol * jnp.maximum(jnp.abs(y0), jnp.abs(y1))
-        err = self.norm(y_error / scale)
+        ratio = select(jnp.isfinite(y1), y_error / scale, jnp.nan)
+        err = self.norm(ratio)
         return select(jnp.isfinite(err), err, jnp.inf)
 
     def init(self, dtype) -> tuple[Array, Array]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Callable
 
 import equinox as eqx
@@ -85,6 +86,33 @@ class DenseOutput(eqx.Module):
         return jnp.where((s == t_start + h)[:, None], self.y1[k], y)
 
 
+class Stats(eqx.Module, Mapping):
+    """Read-only mapping from counter names to int32 scalars, e.g. ``stats["num_steps"]``.
+
+    It stores the loop's packed counter vector and slices it on access, so that a
+    solve whose statistics are returned from ``jit`` costs no extra kernels.
+    ``dict(sol.stats)`` gives a plain dict.
+    """
+
+    counters: Int[Array, "... k"]
+    names: tuple[str, ...] = eqx.field(static=True)
+
+    def __getitem__(self, name: str) -> Array:
+        try:
+            return self.counters[..., self.names.index(name)]
+        except ValueError:
+            raise KeyError(name) from None
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"Stats({', '.join(f'{k}={self[k]}' for k in self.names)})"
+
+
 class Solution(eqx.Module):
     """What :func:`diffode.solve` returns.
 
@@ -99,7 +127,7 @@ class Solution(eqx.Module):
 
     ts: Array
     ys: PyTree
-    stats: dict[str, Array]
+    stats: Stats
     status: Int[Array, ""]
     dense_output: DenseOutput | None = None
     direction: Array | None = None

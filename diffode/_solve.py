@@ -15,7 +15,9 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 from ._controller import PIDController, initial_step
 from ._explicit import Tsit5
-from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Status
+from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Stats, Status
+
+_COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
 from ._solver import AbstractSolver
 from ._util import select, tree_select
 
@@ -47,7 +49,7 @@ def _failed(ts, y0, status: Status) -> Solution:
     """A solution that records a failure detected before any step (throw=False)."""
     ys = jtu.tree_map(lambda x: jnp.full((ts.shape[0],) + jnp.shape(x), jnp.nan, jnp.result_type(x)), y0)
     zero = jnp.zeros((), jnp.int32)
-    stats = dict(num_steps=zero, num_accepted=zero, num_rejected=zero, num_fevals=zero)
+    stats = Stats(jnp.zeros(len(_COUNTERS), jnp.int32), _COUNTERS)
     return Solution(ts=ts, ys=ys, stats=stats, status=jnp.asarray(status, jnp.int32))
 
 
@@ -177,7 +179,7 @@ def solve(
 
     i32 = lambda v: jnp.asarray(v, jnp.int32)
     # Status and every counter live in one int32 vector: one fused update per step.
-    names = ("status", "num_steps", "num_accepted", "num_rejected", "num_fevals") + solver.stat_names
+    names = ("status",) + _COUNTERS + solver.stat_names
     counters = jnp.zeros(len(names), jnp.int32).at[0].set(status).at[4].set(nfev0)
     eps = jnp.finfo(tdtype).eps
     tiny_scale = 8 * eps * jnp.maximum(jnp.abs(t_end - t0), 1e-300)
@@ -221,11 +223,12 @@ def solve(
         h_try = select(lands, stop - t, h)
         res = solver.step(rhs, t, y, h_try.astype(dtype), c["state"])
         ok = jnp.asarray(res.ok, bool)
-        finite = jnp.all(jnp.isfinite(res.y1)) & ok
         if fixed:
+            finite = jnp.all(jnp.isfinite(res.y1)) & ok
             accept, h_next, memory = finite, h, c["memory"]
         else:
             err = controller.error_ratio(y, res.y1, res.y_error, rtol, atol)
+            finite = jnp.isfinite(err) & ok  # error_ratio is inf when y1 is not finite
             err = select(finite, err, jnp.inf)
             accept, h_next, memory = controller.adapt(h_try, err, order, c["memory"])
         t1 = select(lands, stop, t + h_try)
@@ -298,7 +301,7 @@ def solve(
     return Solution(
         ts=ts,
         ys=jax.vmap(unravel)(ys),
-        stats={k: out["counters"][j] for j, k in enumerate(names) if j > 0},
+        stats=Stats(out["counters"][1:], names[1:]),
         status=status,
         dense_output=pieces,
         direction=direction,
