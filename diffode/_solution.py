@@ -96,10 +96,11 @@ class Stats(eqx.Module, Mapping):
 
     counters: Int[Array, "... k"]
     names: tuple[str, ...] = eqx.field(static=True)
+    offset: int = eqx.field(static=True, default=0)  # position of names[0] in counters
 
     def __getitem__(self, name: str) -> Array:
         try:
-            return self.counters[..., self.names.index(name)]
+            return self.counters[..., self.offset + self.names.index(name)]
         except ValueError:
             raise KeyError(name) from None
 

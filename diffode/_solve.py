@@ -180,7 +180,7 @@ def solve(
     i32 = lambda v: jnp.asarray(v, jnp.int32)
     # Status and every counter live in one int32 vector: one fused update per step.
     names = ("status",) + _COUNTERS + solver.stat_names
-    counters = jnp.zeros(len(names), jnp.int32).at[0].set(status).at[4].set(nfev0)
+    counters = jnp.stack([status, i32(0), i32(0), i32(0), i32(nfev0)] + [i32(0)] * len(solver.stat_names))
     eps = jnp.finfo(tdtype).eps
     tiny_scale = 8 * eps * jnp.maximum(jnp.abs(t_end - t0), 1e-300)
     land_tol = 16 * eps
@@ -243,9 +243,12 @@ def solve(
             if controller.dtmin is not None:
                 at_min = ~accept & (h_try <= controller.dtmin)
                 status = select(at_min & (status == Status.SUCCESS), Status.DT_MIN_REACHED, status)
+        t_new = select(accept, t1, t)
+        out_of_steps = (c["counters"][1] + 1 >= max_steps) & (t_new < t_end) & (status == Status.SUCCESS)
+        status = select(out_of_steps, Status.MAX_STEPS_REACHED, status)
 
         new = dict(
-            t=select(accept, t1, t),
+            t=t_new,
             y=select(accept, res.y1, y),
             h=h_next,
             state=tree_select(accept, res.state, res.rejected_state),
@@ -290,8 +293,6 @@ def solve(
     ys0 = jnp.zeros((n_ts,) + y_flat.shape, dtype).at[0].set(y_flat)
     _, ys, out = lax.while_loop(save_cond, save_body, (i32(1), ys0, carry))
     status = out["counters"][0]
-    status = select((status == Status.SUCCESS) & (out["t"] < t_end), Status.MAX_STEPS_REACHED, status)
-    status = status.astype(jnp.int32)
     if throw:
         ys = eqx.branched_error_if(ys, status != Status.SUCCESS, status, MESSAGE_LIST)
     pieces = None
@@ -301,7 +302,7 @@ def solve(
     return Solution(
         ts=ts,
         ys=jax.vmap(unravel)(ys),
-        stats=Stats(out["counters"][1:], names[1:]),
+        stats=Stats(out["counters"], names[1:], offset=1),
         status=status,
         dense_output=pieces,
         direction=direction,
