@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -12,14 +13,22 @@ def select(pred, on_true, on_false):
 
     Python scalars take the dtype of the other operand, as in ``jnp.where``.
     """
-    dtype = jnp.result_type(on_true, on_false)
-    on_true = jnp.asarray(on_true, dtype)
-    on_false = jnp.asarray(on_false, dtype)
-    shape = jnp.broadcast_shapes(on_true.shape, on_false.shape)
+    if not (
+        isinstance(on_true, jax.Array)
+        and isinstance(on_false, jax.Array)
+        and on_true.dtype == on_false.dtype
+        and on_true.shape == on_false.shape
+    ):
+        dtype = jnp.result_type(on_true, on_false)
+        on_true = jnp.asarray(on_true, dtype)
+        on_false = jnp.asarray(on_false, dtype)
+        shape = jnp.broadcast_shapes(on_true.shape, on_false.shape)
+        on_true = jnp.broadcast_to(on_true, shape)
+        on_false = jnp.broadcast_to(on_false, shape)
     pred = jnp.asarray(pred)
-    if pred.shape != shape:
-        pred = lax.broadcast_in_dim(pred, shape, ()) if pred.ndim == 0 else jnp.broadcast_to(pred, shape)
-    return lax.select(pred, jnp.broadcast_to(on_true, shape), jnp.broadcast_to(on_false, shape))
+    if pred.shape != on_true.shape:
+        pred = lax.broadcast_in_dim(pred, on_true.shape, ())
+    return lax.select(pred, on_true, on_false)
 
 
 def tree_select(pred, on_true, on_false):
