@@ -16,10 +16,10 @@ from jaxtyping import Array, ArrayLike, PyTree
 from ._controller import PIDController, initial_step
 from ._explicit import Tsit5
 from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Stats, Status
-
-_COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
 from ._solver import AbstractSolver
 from ._util import select, tree_select
+
+_COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
 
 
 def _is_inexact(x) -> bool:
@@ -48,7 +48,6 @@ def _rhs_structure_problem(out, y0) -> str | None:
 def _failed(ts, y0, status: Status) -> Solution:
     """A solution that records a failure detected before any step (throw=False)."""
     ys = jtu.tree_map(lambda x: jnp.full((ts.shape[0],) + jnp.shape(x), jnp.nan, jnp.result_type(x)), y0)
-    zero = jnp.zeros((), jnp.int32)
     stats = Stats(jnp.zeros(len(_COUNTERS), jnp.int32), _COUNTERS)
     return Solution(ts=ts, ys=ys, stats=stats, status=jnp.asarray(status, jnp.int32))
 
@@ -178,8 +177,9 @@ def solve(
         h0 = jnp.minimum(h0, controller.dtmax)
 
     i32 = lambda v: jnp.asarray(v, jnp.int32)
-    # Status and every counter live in one int32 vector: one fused update per step.
-    names = ("status",) + _COUNTERS + solver.stat_names
+    # Status and every counter live in one int32 vector (status first): one fused
+    # update per step.
+    stat_names = _COUNTERS + solver.stat_names
     counters = jnp.stack([status, i32(0), i32(0), i32(0), i32(nfev0)] + [i32(0)] * len(solver.stat_names))
     eps = jnp.finfo(tdtype).eps
     tiny_scale = 8 * eps * jnp.maximum(jnp.abs(t_end - t0), 1e-300)
@@ -228,8 +228,9 @@ def solve(
             accept, h_next, memory = finite, h, c["memory"]
         else:
             err = controller.error_ratio(y, res.y1, res.y_error, rtol, atol)
-            finite = jnp.isfinite(err) & ok  # error_ratio is inf when y1 is not finite
-            err = select(finite, err, jnp.inf)
+            # error_ratio is already inf when y1 or the estimate is not finite.
+            err = select(ok, err, jnp.inf)
+            finite = jnp.isfinite(err)
             accept, h_next, memory = controller.adapt(h_try, err, order, c["memory"])
         t1 = select(lands, stop, t + h_try)
 
@@ -302,7 +303,7 @@ def solve(
     return Solution(
         ts=ts,
         ys=jax.vmap(unravel)(ys),
-        stats=Stats(out["counters"], names[1:], offset=1),
+        stats=Stats(out["counters"], stat_names, offset=1),
         status=status,
         dense_output=pieces,
         direction=direction,
