@@ -15,7 +15,7 @@ from ._explicit import (
 )
 from ._solution import MESSAGES, Solution, Stats, Status
 from ._solve import solve
-from ._solver import AbstractSolver, StepResult
+from ._solver import AbstractSolver, FlatRHS, StepResult, Tolerances
 from ._tableau import ButcherTableau
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "Dopri5",
     "Dopri8",
     "Euler",
+    "FlatRHS",
     "ExplicitRK",
     "Heun",
     "MESSAGES",
@@ -38,6 +39,7 @@ __all__ = [
     "Stats",
     "Status",
     "StepResult",
+    "Tolerances",
     "Tsit5",
     "max_norm",
     "rms_norm",

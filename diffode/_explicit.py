@@ -62,7 +62,7 @@ class ExplicitRK(AbstractSolver):
         rows = self.tableau.num_stages + (0 if self.tableau.fsal else 1)
         return jnp.zeros((rows,) + y0.shape, y0.dtype)
 
-    def step(self, f, t0, y0, h, f0):
+    def step(self, f, t0, y0, h, f0, tol=None):
         tab = self.tableau
         a, c = tab.a, tab.c
         ks = [f0]

@@ -16,7 +16,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 from ._controller import PIDController, initial_step
 from ._explicit import Tsit5
 from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Stats, Status
-from ._solver import AbstractSolver
+from ._solver import AbstractSolver, FlatRHS, Tolerances
 from ._util import select, tree_select
 
 _COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
@@ -65,6 +65,7 @@ def solve(
     adaptive: bool = True,
     max_steps: int = 4096,
     controller: PIDController | None = None,
+    jac: Callable[[Array, PyTree, Any], Array] | None = None,
     sensitivity: Any = None,
     throw: bool = True,
     dense: bool = False,
@@ -85,6 +86,9 @@ def solve(
             every entry of ``ts``. Solvers without an error estimate always do.
         max_steps: bound on attempted steps (accepted plus rejected).
         controller: a :class:`PIDController`; its defaults suit most problems.
+        jac: ``jac(t, y, args)``, the Jacobian of ``f`` with respect to ``y`` as an
+            ``(n, n)`` matrix over the raveled state (``jax.flatten_util.ravel_pytree``
+            order). Only implicit solvers use it; by default they take ``jax.jacfwd``.
         sensitivity: how reverse-mode derivatives are computed. ``None``:
             only forward mode (``jax.jvp``/``jax.jacfwd``) through the loop.
         throw: raise on failure (bad input, ``max_steps``, step underflow, ...).
@@ -145,12 +149,21 @@ def solve(
     def flatten(out):
         return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
 
-    def rhs(s, y):
+    def rhs_fn(s, y):
         return direction.astype(dtype) * flatten(f(direction * s, unravel(y), args))
+
+    jac_fn = None
+    if jac is not None:
+
+        def jac_fn(s, y):
+            return direction.astype(dtype) * jnp.asarray(jac(direction * s, unravel(y), args), dtype)
+
+    rhs = FlatRHS(rhs_fn, jac_fn)
 
     rtol = jnp.asarray(rtol, dtype)
     atol = jnp.asarray(atol, dtype)
     t0, t_end = s_ts[0], s_ts[-1]
+    tol = Tolerances(rtol, atol, controller.norm)
 
     dt0_value = jnp.asarray(1.0 if dt0 is None else dt0, tdtype)
     # Inputs are checked at run time so that jit and throw=False work alike.
@@ -221,7 +234,7 @@ def solve(
         # Land on `stop` when the step would leave only a rounding-error remainder.
         lands = h >= (stop - t) - land_tol * jnp.maximum(jnp.abs(t), jnp.abs(stop))
         h_try = select(lands, stop - t, h)
-        res = solver.step(rhs, t, y, h_try.astype(dtype), c["state"])
+        res = solver.step(rhs, t, y, h_try.astype(dtype), c["state"], tol)
         ok = jnp.asarray(res.ok, bool)
         if fixed:
             finite = jnp.all(jnp.isfinite(res.y1)) & ok

@@ -5,10 +5,48 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import equinox as eqx
+import jax
 from jaxtyping import Array, Bool, Float
 
-# A right-hand side on flat state vectors: ``f(t, y) -> dy/dt``, both ``(n,)``.
-FlatRHS = Callable[[Array, Array], Array]
+
+class FlatRHS:
+    """The right-hand side as solvers see it: ``f(t, y) -> dy/dt`` on flat ``(n,)`` vectors.
+
+    Besides being callable it offers the derivatives implicit solvers need:
+    :meth:`jac` (the user's Jacobian when one was given to ``solve``, else
+    ``jax.jacfwd``), :meth:`jvp` (``J @ v`` without forming ``J``) and
+    :meth:`dfdt` (for Rosenbrock methods on non-autonomous problems).
+    """
+
+    def __init__(self, fn: Callable[[Array, Array], Array], jac_fn: Callable[[Array, Array], Array] | None = None):
+        self.fn = fn
+        self.jac_fn = jac_fn
+
+    def __call__(self, t: Array, y: Array) -> Array:
+        return self.fn(t, y)
+
+    def jac(self, t: Array, y: Array) -> Float[Array, "n n"]:
+        if self.jac_fn is not None:
+            return self.jac_fn(t, y)
+        return jax.jacfwd(self.fn, argnums=1)(t, y)
+
+    def jvp(self, t: Array, y: Array, v: Array) -> Array:
+        return jax.jvp(lambda z: self.fn(t, z), (y,), (v,))[1]
+
+    def dfdt(self, t: Array, y: Array) -> Array:
+        return jax.jvp(lambda s: self.fn(s, y), (t,), (jax.numpy.ones_like(t),))[1]
+
+
+class Tolerances(NamedTuple):
+    """The solve's tolerances, for solvers with inner iterations (Newton, Krylov)."""
+
+    rtol: Array
+    atol: Array
+    norm: Callable[[Array], Array]
+
+    def scaled_norm(self, x: Array, y: Array) -> Array:
+        """``norm(x / (atol + rtol * |y|))``: below 1 means "within tolerance"."""
+        return self.norm(x / (self.atol + self.rtol * jax.numpy.abs(y)))
 
 
 class StepResult(NamedTuple):
@@ -65,7 +103,12 @@ class AbstractSolver(eqx.Module):
         """Initial solver state, given ``f0 = f(t0, y0)`` (already counted)."""
         raise NotImplementedError
 
-    def step(self, f: FlatRHS, t0: Array, y0: Array, h: Array, state: Any) -> StepResult:
+    def step(self, f: FlatRHS, t0: Array, y0: Array, h: Array, state: Any, tol: Tolerances) -> StepResult:
+        """One attempted step from ``(t0, y0)`` of size ``h``.
+
+        ``tol`` carries the solve's tolerances for inner iterations; explicit
+        methods ignore it.
+        """
         raise NotImplementedError
 
     def interpolate(self, h: Array, y0: Array, y1: Array, dense: Array, theta: Array) -> Array:
