@@ -45,6 +45,17 @@ def _rhs_structure_problem(out, y0) -> str | None:
     return None
 
 
+def _placeholder(spec) -> Array:
+    """Finite filler for a loop carry whose initial value is never read.
+
+    Small ones are non-uniform literal constants, which cost XLA no kernel (zeros
+    would be turned into a broadcast, one more kernel to compile).
+    """
+    if spec.size * np.dtype(spec.dtype).itemsize <= 4096:
+        return jnp.asarray(np.arange(spec.size, dtype=spec.dtype).reshape(spec.shape))
+    return jnp.zeros(spec.shape, spec.dtype)
+
+
 def _failed(ts, y0, status: Status) -> Solution:
     """A solution that records a failure detected before any step (throw=False)."""
     ys = jtu.tree_map(lambda x: jnp.full((ts.shape[0],) + jnp.shape(x), jnp.nan, jnp.result_type(x)), y0)
@@ -149,6 +160,9 @@ def solve(
     def flatten(out):
         return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
 
+    # One jitted closure: f is traced and lowered once however many stages call
+    # it (args may hold non-array leaves, so it is closed over, not passed).
+    @jax.jit
     def rhs_fn(s, y):
         return direction.astype(dtype) * flatten(f(direction * s, unravel(y), args))
 
@@ -168,17 +182,18 @@ def solve(
     dt0_value = jnp.asarray(1.0 if dt0 is None else dt0, tdtype)
     # Inputs are checked at run time so that jit and throw=False work alike.
     f0 = direction.astype(dtype) * flatten(out0)
-    status = jnp.select(
-        [
-            ~(jnp.all(jnp.isfinite(ts_t)) & jnp.all(jnp.diff(s_ts) > 0)),
-            ~(_all_finite(y0) & _all_finite(args)),
-            ~(jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0))),
-            ~jnp.all(jnp.isfinite(f0)),
-            ~(jnp.isfinite(dt0_value) & (dt0_value != 0)),
-        ],
-        [Status.TS_NOT_MONOTONIC, Status.NONFINITE_INPUT, Status.BAD_TOLERANCE, Status.NONFINITE_RHS, Status.BAD_DT0],
-        Status.SUCCESS,
-    ).astype(jnp.int32)
+    # The first failing check decides the status (nested selects: one fused kernel).
+    checks = [
+        (jnp.all(jnp.isfinite(ts_t)) & jnp.all(s_ts[1:] > s_ts[:-1]), Status.TS_NOT_MONOTONIC),
+        (_all_finite(y0) & _all_finite(args), Status.NONFINITE_INPUT),
+        (jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0)),
+         Status.BAD_TOLERANCE),
+        (jnp.all(jnp.isfinite(f0)), Status.NONFINITE_RHS),
+        (jnp.isfinite(dt0_value) & (dt0_value != 0), Status.BAD_DT0),
+    ]
+    status = jnp.asarray(Status.SUCCESS, jnp.int32)
+    for passed, code in reversed(checks):
+        status = select(passed, status, jnp.asarray(code, jnp.int32))
 
     nfev0 = 1
     if dt0 is not None:
@@ -199,7 +214,8 @@ def solve(
     land_tol = 16 * eps
     order = solver.error_order
     state0 = solver.init(rhs, t0, y_flat, f0)
-    dense0 = solver.dense_zeros(y_flat)
+    # Replaced by the first accepted step before any interpolation reads it.
+    dense0 = _placeholder(jax.eval_shape(solver.dense_zeros, y_flat))
 
     # Two nested loops. The outer one walks the save times; the inner one takes
     # steps until the last accepted step (the "piece" [p_t, p_t + p_h] with
