@@ -13,6 +13,7 @@ from ._explicit import (
     Ralston,
     Tsit5,
 )
+from ._rosenbrock import Rodas5, Rodas5P, Rosenbrock, RosenbrockTableau
 from ._solution import MESSAGES, Solution, Stats, Status
 from ._solve import solve
 from ._solver import AbstractSolver, FlatRHS, StepResult, Tolerances
@@ -35,6 +36,10 @@ __all__ = [
     "PIDController",
     "RK4",
     "Ralston",
+    "Rodas5",
+    "Rodas5P",
+    "Rosenbrock",
+    "RosenbrockTableau",
     "Solution",
     "Stats",
     "Status",

@@ -51,7 +51,10 @@ MESSAGES: dict[int, str] = {
         "f(t, y, args) must return a pytree with the same structure and leaf "
         "shapes as y0."
     ),
-    Status.NEWTON_FAILED: "The implicit solver's Newton iteration failed even at the smallest step.",
+    Status.NEWTON_FAILED: (
+        "The implicit solver's step failed (Newton did not converge, or the linear solve gave "
+        "non-finite values) even at the smallest step size."
+    ),
     Status.BAD_DT0: "dt0 must be finite and non-zero.",
 }
 

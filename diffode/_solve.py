@@ -172,6 +172,14 @@ def solve(
         def jac_fn(s, y):
             return direction.astype(dtype) * jnp.asarray(jac(direction * s, unravel(y), args), dtype)
 
+        n = y_flat.shape[0]
+        jac_shape = jax.eval_shape(jac_fn, ts_t[0], y_flat).shape
+        if jac_shape != (n, n):
+            raise ValueError(
+                f"jac returned shape {jac_shape}, but the state has {n} components, so the Jacobian "
+                f"must be ({n}, {n}) over the raveled state"
+            )
+
     rhs = FlatRHS(rhs_fn, jac_fn)
 
     rtol = jnp.asarray(rtol, dtype)
@@ -210,7 +218,9 @@ def solve(
     stat_names = _COUNTERS + solver.stat_names
     counters = jnp.stack([status, i32(0), i32(0), i32(0), i32(nfev0)] + [i32(0)] * len(solver.stat_names))
     eps = jnp.finfo(tdtype).eps
-    tiny_scale = 8 * eps * jnp.maximum(jnp.abs(t_end - t0), 1e-300)
+    # A step is too small when it no longer changes t: below a few ulps of |t|.
+    # Near t = 0 a tiny fraction (eps) of the span stands in for |t|.
+    tiny_scale = 8 * eps * eps * jnp.abs(t_end - t0)
     land_tol = 16 * eps
     order = solver.error_order
     state0 = solver.init(rhs, t0, y_flat, f0)
