@@ -13,6 +13,7 @@ from ._explicit import (
     Ralston,
     Tsit5,
 )
+from ._radau import Radau5
 from ._rosenbrock import Rodas5, Rodas5P, Rosenbrock, RosenbrockTableau
 from ._solution import MESSAGES, Solution, Stats, Status
 from ._solve import solve
@@ -35,6 +36,7 @@ __all__ = [
     "Midpoint",
     "PIDController",
     "RK4",
+    "Radau5",
     "Ralston",
     "Rodas5",
     "Rodas5P",
