@@ -13,6 +13,8 @@ from ._explicit import (
     Ralston,
     Tsit5,
 )
+from ._implicit import SDIRK, ImplicitEuler, Kvaerno3, Kvaerno5
+from ._linsolve import GMRES, LU, AbstractLinearSolver
 from ._radau import Radau5
 from ._rosenbrock import Rodas5, Rodas5P, Rosenbrock, RosenbrockTableau
 from ._solution import MESSAGES, Solution, Stats, Status
@@ -23,32 +25,39 @@ from ._tableau import ButcherTableau
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbstractLinearSolver",
     "AbstractSolver",
     "Bosh3",
     "ButcherTableau",
     "Dopri5",
     "Dopri8",
     "Euler",
-    "FlatRHS",
     "ExplicitRK",
+    "FlatRHS",
+    "GMRES",
     "Heun",
+    "ImplicitEuler",
+    "Kvaerno3",
+    "Kvaerno5",
+    "LU",
+    "max_norm",
     "MESSAGES",
     "Midpoint",
     "PIDController",
-    "RK4",
     "Radau5",
     "Ralston",
+    "RK4",
+    "rms_norm",
     "Rodas5",
     "Rodas5P",
     "Rosenbrock",
     "RosenbrockTableau",
+    "SDIRK",
     "Solution",
+    "solve",
     "Stats",
     "Status",
     "StepResult",
     "Tolerances",
     "Tsit5",
-    "max_norm",
-    "rms_norm",
-    "solve",
 ]

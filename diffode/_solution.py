@@ -40,8 +40,9 @@ MESSAGES: dict[int, str] = {
         "solution may blow up here, or the problem is too stiff for this solver."
     ),
     Status.NONFINITE_RHS: (
-        "The right-hand side f returned NaN or inf, and shrinking the step did not "
-        "help (with fixed steps there is no retry)."
+        "The right-hand side f returned NaN or inf (or an implicit solver's linear "
+        "algebra produced them), and shrinking the step did not help (with fixed "
+        "steps there is no retry)."
     ),
     Status.DT_MIN_REACHED: "A step at the controller's dtmin was rejected.",
     Status.TS_NOT_MONOTONIC: "ts must be strictly increasing or strictly decreasing (and finite).",
@@ -52,8 +53,8 @@ MESSAGES: dict[int, str] = {
         "shapes as y0."
     ),
     Status.NEWTON_FAILED: (
-        "The implicit solver's step failed (Newton did not converge, or the linear solve gave "
-        "non-finite values) even at the smallest step size."
+        "The implicit solver's Newton iteration did not converge, even at the smallest "
+        "step size."
     ),
     Status.BAD_DT0: "dt0 must be finite and non-zero.",
 }

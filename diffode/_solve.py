@@ -275,10 +275,15 @@ def solve(
 
         status = c["counters"][0]
         if fixed:
-            status = select(finite, status, select(ok, Status.NONFINITE_RHS, Status.NEWTON_FAILED))
+            newton = ~ok & jnp.all(jnp.isfinite(res.y1))
+            status = select(finite, status, select(newton, Status.NEWTON_FAILED, Status.NONFINITE_RHS))
         else:
             too_small = ~accept & (h_next <= tiny_scale + 8 * eps * jnp.abs(t))
-            why = select(~ok, Status.NEWTON_FAILED, select(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS))
+            # Non-finite values are blamed first (an implicit solver fails its
+            # Newton iteration on them too), then Newton, then plain underflow.
+            why = select(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS)  # finite implies ok
+            if res.ok is not True:
+                why = select(~ok & jnp.all(jnp.isfinite(res.y1)), Status.NEWTON_FAILED, why)
             status = select(too_small, why, status)
             if controller.dtmin is not None:
                 at_min = ~accept & (h_try <= controller.dtmin)

@@ -1,0 +1,149 @@
+"""Linear solvers for the iteration matrix ``W = I - gamma h J`` of implicit methods.
+
+Implicit Runge-Kutta, Rosenbrock and BDF steppers all solve systems
+``(I - gamma h J) x = b`` with ``J = df/dy`` at some linearisation point. A
+linear solver here is a small configuration object with a three-call protocol
+(Hairer and Wanner, "Solving ODEs II", IV.8, on reusing ``J`` and its
+factorisation):
+
+1. ``cache = linsolve.init(y)``: the data a solver keeps in its state between
+   steps (a Jacobian and its LU factors, or just a linearisation point). It is a
+   pytree of arrays, so it can ride in ``StepResult.state``.
+2. ``cache, num_jac, num_lu = linsolve.prepare(f, t, y, gamma_h, cache, new_jac)``:
+   once per step. ``new_jac`` (a bool array) asks for a fresh ``J`` at ``(t, y)``;
+   otherwise the cached one is kept. The factorisation is redone only when ``J``
+   changed or ``gamma_h`` differs from the one it was built for. Returns the int32
+   counts of Jacobian evaluations and LU decompositions it performed.
+3. ``x = linsolve.solve(f, cache, b)``: as often as needed (every Newton
+   iteration, every Rosenbrock stage).
+
+Under ``jax.vmap`` the conditional work in :meth:`prepare` becomes a select
+(both branches run), but the returned counts stay per batch member.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import jax.scipy.sparse.linalg as jssl
+from jaxtyping import Array, Bool, Float
+
+from ._solver import FlatRHS
+
+
+class AbstractLinearSolver(eqx.Module):
+    """Protocol for solving ``(I - gamma_h J) x = b``; see the module docstring."""
+
+    def init(self, t: Array, y: Float[Array, " n"]) -> Any:
+        """Initial cache. Its contents are undefined until :meth:`prepare` with ``new_jac=True``."""
+        raise NotImplementedError
+
+    def prepare(
+        self, f: FlatRHS, t: Array, y: Array, gamma_h: Array, cache: Any, new_jac: Bool[Array, ""]
+    ) -> tuple[Any, Array, Array]:
+        """Make ``cache`` ready to solve with ``I - gamma_h J``; returns ``(cache, num_jac, num_lu)``."""
+        raise NotImplementedError
+
+    def solve(self, f: FlatRHS, cache: Any, b: Float[Array, " n"]) -> Float[Array, " n"]:
+        """``x`` with ``(I - gamma_h J) x = b`` for the ``gamma_h`` and ``J`` of the last :meth:`prepare`."""
+        raise NotImplementedError
+
+
+class LUCache(eqx.Module):
+    """Dense Jacobian ``jac``, the LU factors of ``I - gamma_h jac`` and that ``gamma_h``."""
+
+    jac: Float[Array, "n n"]
+    lu: Float[Array, "n n"]
+    piv: Array
+    gamma_h: Array
+
+
+class LU(AbstractLinearSolver):
+    """Dense LU: forms ``J = f.jac(t, y)`` and factorises ``I - gamma h J`` (partial pivoting).
+
+    ``J`` is kept until a new one is asked for; the factors are reused for as
+    long as neither ``J`` nor ``gamma h`` changes (all stages of a step, and
+    every step of a fixed-step solve).
+    """
+
+    def init(self, t, y):
+        n = y.shape[0]
+        z = jnp.zeros((n, n), y.dtype)
+        # gamma_h = NaN never compares equal, so the first prepare factorises.
+        return LUCache(z, z, jnp.zeros((n,), jnp.int32), jnp.full((), jnp.nan, y.dtype))
+
+    def prepare(self, f, t, y, gamma_h, cache, new_jac):
+        new_jac = jnp.asarray(new_jac, bool)
+        jac = lax.cond(new_jac, lambda: f.jac(t, y).astype(y.dtype), lambda: cache.jac)
+        gamma_h = jnp.asarray(gamma_h, y.dtype)
+        refactor = new_jac | (gamma_h != cache.gamma_h)
+
+        def factor():
+            w = jnp.eye(y.shape[0], dtype=y.dtype) - gamma_h * jac
+            return jsl.lu_factor(w)
+
+        lu, piv = lax.cond(refactor, factor, lambda: (cache.lu, cache.piv))
+        cache = LUCache(jac, lu, piv.astype(jnp.int32), gamma_h)
+        return cache, new_jac.astype(jnp.int32), refactor.astype(jnp.int32)
+
+    def solve(self, f, cache, b):
+        return jsl.lu_solve((cache.lu, cache.piv), b)
+
+
+class GMRESCache(eqx.Module):
+    """Linearisation point ``(t, y)`` and ``gamma_h`` of the matrix-free operator."""
+
+    t: Array
+    y: Float[Array, " n"]
+    gamma_h: Array
+
+
+class GMRES(AbstractLinearSolver):
+    """Matrix-free restarted GMRES on ``v -> v - gamma h f.jvp(t, y, v)``.
+
+    ``J`` is never formed (no Jacobian evaluations, no factorisations): each
+    Krylov iteration costs one Jacobian-vector product. The operator is
+    linearised at the ``(t, y)`` passed to the latest :meth:`prepare` (the step's
+    start point), whatever ``new_jac`` says, since that costs nothing.
+    Unpreconditioned, so best for moderately stiff or large problems. Uses the
+    Givens-rotation ("incremental") variant, which stops as soon as the
+    residual is small enough.
+
+    Args:
+        rtol: stop when ``||b - W x|| <= rtol ||b||`` (2-norm).
+        restart: Krylov subspace dimension before a restart (capped at ``n``).
+        maxiter: maximum number of restarts (``None``: ``10 n``, as in
+            ``jax.scipy.sparse.linalg.gmres``).
+    """
+
+    rtol: float = eqx.field(static=True, default=1e-6)
+    restart: int = eqx.field(static=True, default=20)
+    maxiter: int | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if not self.rtol > 0:
+            raise ValueError(f"GMRES: rtol must be positive, got {self.rtol}")
+        if self.restart < 1 or (self.maxiter is not None and self.maxiter < 1):
+            raise ValueError("GMRES: restart and maxiter must be positive")
+
+    def init(self, t, y):
+        return GMRESCache(jnp.asarray(t), y, jnp.zeros((), y.dtype))
+
+    def prepare(self, f, t, y, gamma_h, cache, new_jac):
+        zero = jnp.zeros((), jnp.int32)
+        return GMRESCache(jnp.asarray(t, cache.t.dtype), y, jnp.asarray(gamma_h, y.dtype)), zero, zero
+
+    def solve(self, f, cache, b):
+        t, y, gh = cache.t, cache.y, cache.gamma_h
+
+        def matvec(v):
+            return v - gh * f.jvp(t, y, v)
+
+        x, _ = jssl.gmres(matvec, b, tol=self.rtol, atol=0.0, restart=self.restart, maxiter=self.maxiter,
+                          solve_method="incremental")
+        return x
+
