@@ -14,9 +14,8 @@ float64 and keeps only ``y(t1)``.
 
 Candidates, measured in the same run and interleaved (``benchmarks/_timing.py``):
 
-* diffode ``Radau5``, ``Rodas5`` and ``Kvaerno5`` (from ``diffode._radau``,
-  ``diffode._rosenbrock`` and ``diffode._implicit``; a missing module is
-  skipped with a note), default settings, Jacobians by ``jax.jacfwd``;
+* diffode ``Radau5``, ``Rodas5``, ``Rodas5P`` and ``Kvaerno5``, default
+  settings, Jacobians by ``jax.jacfwd``;
 * diffrax ``Kvaerno5`` with ``PIDController(rtol, atol)`` (its defaults);
 * SciPy ``solve_ivp`` ``Radau`` and ``BDF``, with the right-hand side and its
   ``jax.jacfwd`` Jacobian as jitted JAX functions (warm: run time only).
@@ -68,7 +67,6 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -84,27 +82,21 @@ import diffode  # noqa: E402
 
 from . import _timing  # noqa: E402
 from .solve_lv import environment  # noqa: E402
-from tests.problems import TESTSET, Problem  # noqa: E402
+from tests.problems import TESTSET, TESTSET_ATOL_OVER_RTOL as ATOL_OVER_RTOL, Problem  # noqa: E402
 
 RTOLS_FULL = (1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
 RTOLS_QUICK = (1e-4, 1e-7, 1e-10)
 MAX_STEPS = 100_000
 
-# atol = rtol * ATOL_OVER_RTOL[problem]. Chosen from the size of the components
-# that matter (our choice, not the test set's: its reports use per-solver
-# settings): HIRES' smallest end values are ~6e-5 (SciMLBenchmarks' HIRES runs
-# use the same 1e-4 ratio); ROBER's y1, y2 end at 2e-8 and 8e-14 after a y2 peak
-# of 4e-5; VDPOL and OREGO have no component persistently below ~1; POLLU's
-# species of interest lie above ~1e-6 (y16, the O1D radical, is a
-# quasi-steady-state value of 4e-17).
-ATOL_OVER_RTOL = {"hires": 1e-4, "rober": 1e-10, "vdpol": 1.0, "orego": 1.0, "pollu": 1e-6}
+# atol = rtol * ATOL_OVER_RTOL[problem]; see tests/problems.py.
 
-# The diffode candidates: (name, module, class). Missing ones are skipped.
-DIFFODE_SOLVERS = (
-    ("Radau5", "diffode._radau", "Radau5"),
-    ("Rodas5", "diffode._rosenbrock", "Rodas5"),
-    ("Kvaerno5", "diffode._implicit", "Kvaerno5"),
-)
+# The diffode candidates: name -> solver class.
+DIFFODE_SOLVERS = {
+    "Radau5": diffode.Radau5,
+    "Rodas5": diffode.Rodas5,
+    "Rodas5P": diffode.Rodas5P,
+    "Kvaerno5": diffode.Kvaerno5,
+}
 REFERENCE = "diffrax Kvaerno5"
 TARGET_PAIR = ("Radau5", "Rodas5")
 
@@ -159,12 +151,7 @@ def make_diffrax_kvaerno5(p: Problem, f: Callable) -> Callable:
 
 def jax_candidates() -> dict[str, Callable]:
     out: dict[str, Callable] = {}
-    for name, module, cls in DIFFODE_SOLVERS:
-        try:
-            solver_cls = getattr(importlib.import_module(module), cls)
-        except (ImportError, AttributeError) as e:
-            print(f"# diffode {name} unavailable ({type(e).__name__}: {e}); skipped", file=sys.stderr)
-            continue
+    for name, solver_cls in DIFFODE_SOLVERS.items():
         out[name] = make_diffode(solver_cls)
     out[REFERENCE] = make_diffrax_kvaerno5
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import equinox as eqx
 import jax
@@ -110,11 +110,6 @@ def solve(
     Returns:
         A :class:`Solution`.
     """
-    if sensitivity is not None:
-        raise NotImplementedError(
-            f"sensitivity={sensitivity!r}: no sensitivity methods exist yet; use "
-            "sensitivity=None (forward-mode autodiff through the solver steps)."
-        )
     solver = Tsit5() if solver is None else solver
     controller = PIDController() if controller is None else controller
     if not isinstance(solver, AbstractSolver):
@@ -153,47 +148,119 @@ def solve(
             raise ValueError(f"{MESSAGES[Status.RHS_STRUCTURE_MISMATCH]} {problem}")
         return _failed(ts, y0, Status.RHS_STRUCTURE_MISMATCH)
 
-    direction = jnp.where(ts_t[-1] < ts_t[0], -1, 1).astype(tdtype)
-    s_ts = direction * ts_t  # internal time always increases
-    n_ts = ts.shape[0]
-
     def flatten(out):
         return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
 
-    # One jitted closure: f is traced and lowered once however many stages call
-    # it (args may hold non-array leaves, so it is closed over, not passed).
-    @jax.jit
-    def rhs_fn(s, y):
-        return direction.astype(dtype) * flatten(f(direction * s, unravel(y), args))
+    def f_flat(t, y, args):
+        return flatten(f(t, unravel(y), args))
 
-    jac_fn = None
+    jac_flat = None
     if jac is not None:
 
-        def jac_fn(s, y):
-            return direction.astype(dtype) * jnp.asarray(jac(direction * s, unravel(y), args), dtype)
+        def jac_flat(t, y, args):
+            return jnp.asarray(jac(t, unravel(y), args), dtype)
 
         n = y_flat.shape[0]
-        jac_shape = jax.eval_shape(jac_fn, ts_t[0], y_flat).shape
+        jac_shape = jax.eval_shape(jac_flat, ts_t[0], y_flat, args).shape
         if jac_shape != (n, n):
             raise ValueError(
                 f"jac returned shape {jac_shape}, but the state has {n} components, so the Jacobian "
                 f"must be ({n}, {n}) over the raveled state"
             )
 
+    opts = IntegrateOptions(
+        solver=solver, controller=controller, rtol=rtol, atol=atol, dt0=dt0, fixed=fixed,
+        max_steps=max_steps, dense=dense, jac=jac_flat,
+    )
+    f0 = flatten(out0)
+    if sensitivity is None:
+        ys, counters, pieces = integrate(f_flat, y_flat, ts_t, args, opts, f0=f0)
+    else:
+        if dense:
+            raise ValueError(f"dense=True is not supported with sensitivity={sensitivity!r}")
+        ys, counters = sensitivity.integrate(f_flat, y_flat, ts_t, args, opts)
+        pieces = None
+    direction = jnp.where(ts_t[-1] < ts_t[0], -1, 1).astype(tdtype)
+    stat_names = _COUNTERS + solver.stat_names
+    status = counters[0]
+    if throw:
+        ys = eqx.branched_error_if(ys, status != Status.SUCCESS, status, MESSAGE_LIST)
+    return Solution(
+        ts=ts,
+        ys=jax.vmap(unravel)(ys),
+        stats=Stats(counters, stat_names, offset=1),
+        status=status,
+        dense_output=pieces,
+        direction=direction,
+        unravel=unravel,
+    )
+
+
+class IntegrateOptions(NamedTuple):
+    """Everything :func:`integrate` needs besides the problem (set up by ``solve``)."""
+
+    solver: AbstractSolver
+    controller: PIDController
+    rtol: Any
+    atol: Any
+    dt0: Any
+    fixed: bool
+    max_steps: int
+    dense: bool = False
+    jac: Callable | None = None  # jac(t, y_flat, args) -> (n, n)
+
+
+def integrate(
+    f: Callable[[Array, Array, Any], Array],
+    y_flat: Array,
+    ts_t: Array,
+    args: PyTree,
+    opts: IntegrateOptions,
+    f0: Array | None = None,
+) -> tuple[Array, Array, DenseOutput | None]:
+    """The solve loop on flat states: ``f(t, y, args)`` with ``y`` of shape ``(n,)``.
+
+    Returns ``(ys, counters, pieces)``: the ``(len(ts), n)`` saved states (NaN
+    where not reached), the int32 vector ``[status, num_steps, num_accepted,
+    num_rejected, num_fevals, *solver.stat_names]`` and, with ``opts.dense``, the
+    accepted steps' interpolants. Input checks happen here at run time and end
+    in the status. ``f0 = f(ts[0], y0, args)`` may be passed when already known.
+    The sensitivity methods call this for their forward and backward solves.
+    """
+    solver, controller, max_steps, dense, fixed = opts.solver, opts.controller, opts.max_steps, opts.dense, opts.fixed
+    dt0 = opts.dt0
+    dtype, tdtype = y_flat.dtype, ts_t.dtype
+    n_ts = ts_t.shape[0]
+    i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+    rtol = jnp.asarray(opts.rtol, dtype)
+    atol = jnp.asarray(opts.atol, dtype)
+    direction = jnp.where(ts_t[-1] < ts_t[0], -1, 1).astype(tdtype)
+    s_ts = direction * ts_t  # internal time always increases
+
+    # One jitted closure: f is traced and lowered once however many stages call
+    # it (args may hold non-array leaves, so it is closed over, not passed).
+    @jax.jit
+    def rhs_fn(s, y):
+        return direction.astype(dtype) * f(direction * s, y, args)
+
+    jac_fn = None
+    if opts.jac is not None:
+
+        def jac_fn(s, y):
+            return direction.astype(dtype) * opts.jac(direction * s, y, args)
+
     rhs = FlatRHS(rhs_fn, jac_fn)
 
-    rtol = jnp.asarray(rtol, dtype)
-    atol = jnp.asarray(atol, dtype)
     t0, t_end = s_ts[0], s_ts[-1]
     tol = Tolerances(rtol, atol, controller.norm)
 
     dt0_value = jnp.asarray(1.0 if dt0 is None else dt0, tdtype)
     # Inputs are checked at run time so that jit and throw=False work alike.
-    f0 = direction.astype(dtype) * flatten(out0)
+    f0 = direction.astype(dtype) * (f(ts_t[0], y_flat, args) if f0 is None else f0)
     # The first failing check decides the status (nested selects: one fused kernel).
     checks = [
         (jnp.all(jnp.isfinite(ts_t)) & jnp.all(s_ts[1:] > s_ts[:-1]), Status.TS_NOT_MONOTONIC),
-        (_all_finite(y0) & _all_finite(args), Status.NONFINITE_INPUT),
+        (jnp.all(jnp.isfinite(y_flat)) & _all_finite(args), Status.NONFINITE_INPUT),
         (jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0)),
          Status.BAD_TOLERANCE),
         (jnp.all(jnp.isfinite(f0)), Status.NONFINITE_RHS),
@@ -212,10 +279,8 @@ def solve(
     if not fixed and controller.dtmax is not None:
         h0 = jnp.minimum(h0, controller.dtmax)
 
-    i32 = lambda v: jnp.asarray(v, jnp.int32)
     # Status and every counter live in one int32 vector (status first): one fused
     # update per step.
-    stat_names = _COUNTERS + solver.stat_names
     counters = jnp.stack([status, i32(0), i32(0), i32(0), i32(nfev0)] + [i32(0)] * len(solver.stat_names))
     eps = jnp.finfo(tdtype).eps
     # A step is too small when it no longer changes t: below a few ulps of |t|.
@@ -337,19 +402,8 @@ def solve(
 
     ys0 = jnp.zeros((n_ts,) + y_flat.shape, dtype).at[0].set(y_flat)
     _, ys, out = lax.while_loop(save_cond, save_body, (i32(1), ys0, carry))
-    status = out["counters"][0]
-    if throw:
-        ys = eqx.branched_error_if(ys, status != Status.SUCCESS, status, MESSAGE_LIST)
     pieces = None
     if dense:
         p = out["pieces"]
         pieces = DenseOutput(p.t_start[:-1], p.h[:-1], p.y0[:-1], p.y1[:-1], p.data[:-1], p.num_pieces, p.interpolate)
-    return Solution(
-        ts=ts,
-        ys=jax.vmap(unravel)(ys),
-        stats=Stats(out["counters"], stat_names, offset=1),
-        status=status,
-        dense_output=pieces,
-        direction=direction,
-        unravel=unravel,
-    )
+    return ys, out["counters"], pieces
