@@ -17,6 +17,14 @@ from ._implicit import SDIRK, ImplicitEuler, Kvaerno3, Kvaerno5
 from ._linsolve import GMRES, LU, AbstractLinearSolver
 from ._radau import Radau5
 from ._rosenbrock import Rodas5, Rodas5P, Rosenbrock, RosenbrockTableau
+from .sensitivity import (
+    AbstractSensitivity,
+    Auto,
+    BacksolveAdjoint,
+    Direct,
+    ForwardSensitivity,
+    InterpolatingAdjoint,
+)
 from ._solution import MESSAGES, Solution, Stats, Status
 from ._solve import solve
 from ._solver import AbstractSolver, FlatRHS, StepResult, Tolerances
@@ -26,17 +34,23 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AbstractLinearSolver",
+    "AbstractSensitivity",
     "AbstractSolver",
+    "Auto",
+    "BacksolveAdjoint",
     "Bosh3",
     "ButcherTableau",
+    "Direct",
     "Dopri5",
     "Dopri8",
     "Euler",
     "ExplicitRK",
     "FlatRHS",
+    "ForwardSensitivity",
     "GMRES",
     "Heun",
     "ImplicitEuler",
+    "InterpolatingAdjoint",
     "Kvaerno3",
     "Kvaerno5",
     "LU",

@@ -17,6 +17,8 @@ from ._controller import PIDController, initial_step
 from ._explicit import Tsit5
 from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Stats, Status
 from ._solver import AbstractSolver, FlatRHS, Tolerances
+from .sensitivity._base import AbstractSensitivity, reverse_mode_active
+from .sensitivity.auto import Auto
 from ._util import select, tree_select
 
 _COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
@@ -43,6 +45,21 @@ def _rhs_structure_problem(out, y0) -> str | None:
         if jnp.shape(a) != jnp.shape(b):
             return f"f returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
     return None
+
+
+@jax.custom_jvp
+def _raise_on_failure(ys: Array, status: Array) -> Array:
+    """``ys``, raising the message of ``status`` when it is not SUCCESS (also under jit)."""
+    return eqx.branched_error_if(ys, status != Status.SUCCESS, status, MESSAGE_LIST)
+
+
+@_raise_on_failure.defjvp
+def _raise_on_failure_jvp(primals, tangents):
+    # Checked on the derivative too: under jit, a program that only uses
+    # derivatives of ys would otherwise drop the check as dead code.
+    ys, status = primals
+    dys = eqx.branched_error_if(tangents[0], status != Status.SUCCESS, status, MESSAGE_LIST)
+    return _raise_on_failure(ys, status), dys
 
 
 def _placeholder(spec) -> Array:
@@ -100,8 +117,11 @@ def solve(
         jac: ``jac(t, y, args)``, the Jacobian of ``f`` with respect to ``y`` as an
             ``(n, n)`` matrix over the raveled state (``jax.flatten_util.ravel_pytree``
             order). Only implicit solvers use it; by default they take ``jax.jacfwd``.
-        sensitivity: how reverse-mode derivatives are computed. ``None``:
-            only forward mode (``jax.jvp``/``jax.jacfwd``) through the loop.
+        sensitivity: how the solve is differentiated: :class:`Direct`,
+            :class:`ForwardSensitivity`, :class:`BacksolveAdjoint`,
+            :class:`InterpolatingAdjoint` or :class:`Auto` (``None``: ``Auto()``).
+            Forward mode (``jax.jvp``/``jax.jacfwd``) always works; reverse mode
+            (``jax.grad``/``jax.jacrev``/``jax.hessian``) goes through the method.
         throw: raise on failure (bad input, ``max_steps``, step underflow, ...).
             With ``False`` the failure is reported in ``sol.status`` instead and
             unreached entries of ``ys`` are NaN.
@@ -112,6 +132,8 @@ def solve(
     """
     solver = Tsit5() if solver is None else solver
     controller = PIDController() if controller is None else controller
+    if sensitivity is not None and not isinstance(sensitivity, AbstractSensitivity):
+        raise TypeError(f"sensitivity must be a diffode sensitivity method (e.g. diffode.Direct()), got {sensitivity!r}")
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"solver must be a diffode solver, got {solver!r}")
     if not isinstance(max_steps, int) or max_steps < 1:
@@ -173,18 +195,23 @@ def solve(
         max_steps=max_steps, dense=dense, jac=jac_flat,
     )
     f0 = flatten(out0)
-    if sensitivity is None:
+    method = Auto() if sensitivity is None else sensitivity
+    if isinstance(method, Auto) and not reverse_mode_active(y_flat, ts_t, args):
+        # Not differentiated in reverse mode: the plain loop (forward mode works through it).
         ys, counters, pieces = integrate(f_flat, y_flat, ts_t, args, opts, f0=f0)
     else:
         if dense:
-            raise ValueError(f"dense=True is not supported with sensitivity={sensitivity!r}")
-        ys, counters = sensitivity.integrate(f_flat, y_flat, ts_t, args, opts)
+            raise ValueError(
+                f"dense=True needs the default sensitivity outside reverse-mode differentiation; "
+                f"got sensitivity={method!r}"
+            )
+        ys, counters = method.integrate(f_flat, y_flat, ts_t, args, opts)
         pieces = None
     direction = jnp.where(ts_t[-1] < ts_t[0], -1, 1).astype(tdtype)
     stat_names = _COUNTERS + solver.stat_names
     status = counters[0]
     if throw:
-        ys = eqx.branched_error_if(ys, status != Status.SUCCESS, status, MESSAGE_LIST)
+        ys = _raise_on_failure(ys, status)
     return Solution(
         ts=ts,
         ys=jax.vmap(unravel)(ys),
@@ -208,6 +235,7 @@ class IntegrateOptions(NamedTuple):
     max_steps: int
     dense: bool = False
     jac: Callable | None = None  # jac(t, y_flat, args) -> (n, n)
+    return_state: bool = False  # also return the solver state after the last step
 
 
 def integrate(
@@ -406,4 +434,6 @@ def integrate(
     if dense:
         p = out["pieces"]
         pieces = DenseOutput(p.t_start[:-1], p.h[:-1], p.y0[:-1], p.y1[:-1], p.data[:-1], p.num_pieces, p.interpolate)
+    if opts.return_state:
+        return ys, out["counters"], pieces, out["state"]
     return ys, out["counters"], pieces

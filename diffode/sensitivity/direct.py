@@ -1,0 +1,304 @@
+"""Direct (discretise-then-optimise) reverse-mode differentiation of the solve loop.
+
+The gradient is the exact derivative of the *discrete* solution: the accepted
+steps' sequence ``y_{k+1} = Phi(t_k, y_k, h_k, args)`` followed by the solver's
+interpolant at the save times, with the step sizes chosen by the controller held
+constant (as the loop's ``stop_gradient`` does). This is reverse accumulation of
+the computational graph of the integrator (Griewank and Walther, "Evaluating
+Derivatives", 2nd ed., SIAM 2008, ch. 3-4; for Runge-Kutta methods the
+resulting discrete adjoint is the one analysed by Hager, "Runge-Kutta methods in
+optimal control and the transformed adjoint system", Numer. Math. 87, 2000).
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jax import lax
+
+from .._explicit import ExplicitRK
+from .._rosenbrock import Rosenbrock
+from .._solution import Status
+from .._solve import integrate
+from .._solver import FlatRHS, Tolerances
+from .._util import select
+from ._base import AbstractSensitivity, forward_mode_active, split_args
+
+# ----------------------------------------------------------------------------
+# Recording the accepted steps: a solver wrapper whose state carries the record.
+# Every attempt writes its start (t, y, h) into row `count` (the number of steps
+# accepted so far), so a rejected attempt is overwritten by the next one. The
+# accepted and rejected states then share the same buffers, and the loop's
+# select between them folds away (XLA simplifies select(p, x, x) to x).
+# ----------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Wraps a solver for :func:`integrate`; records every accepted step's ``t`` and ``h``
+    and the state ``y`` at every ``stride``-th accepted step (rows ``0, 1, ...``)."""
+
+    def __init__(self, solver, max_steps: int, stride: int, rows: int, tdtype):
+        self.solver, self.max_steps, self.stride, self.rows, self.tdtype = solver, max_steps, stride, rows, tdtype
+        self.stat_names = solver.stat_names
+
+    def __getattr__(self, name):  # order, error_order, embedded, implicit, ...
+        return getattr(self.solver, name)
+
+    def dense_zeros(self, y0):
+        return self.solver.dense_zeros(y0)
+
+    def interpolate(self, h, y0, y1, dense, theta):
+        return self.solver.interpolate(h, y0, y1, dense, theta)
+
+    def init(self, f, t0, y0, f0):
+        return (
+            self.solver.init(f, t0, y0, f0),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((self.max_steps,), self.tdtype),
+            jnp.zeros((self.max_steps,), self.tdtype),
+            jnp.zeros((self.rows + 1,) + y0.shape, y0.dtype),  # last row: discarded writes
+        )
+
+    def step(self, f, t0, y0, h, state, tol):
+        inner, count, t_buf, h_buf, y_buf = state
+        res = self.solver.step(f, t0, y0, h, inner, tol)
+        put = lambda buf, v, i: lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), i, 0)
+        t_buf = put(t_buf, t0, count)
+        h_buf = put(h_buf, h, count)
+        if self.stride == 1:
+            row = count
+        else:
+            row = select(count % self.stride == 0, count // self.stride, self.rows)
+        y_buf = put(y_buf, y0, row)
+        accepted = (res.state, count + 1, t_buf, h_buf, y_buf)
+        rejected = (res.rejected_state, count, t_buf, h_buf, y_buf)
+        return res._replace(state=accepted, rejected_state=rejected)
+
+
+def _memoryless(solver) -> bool:
+    """Whether one step is a function of ``(t, y, h)`` alone that ``jax.vjp`` can differentiate:
+    the state ``init`` builds from ``f(t, y)`` is what the loop carries, and no Newton loop."""
+    return isinstance(solver, (ExplicitRK, Rosenbrock))
+
+
+class Direct(AbstractSensitivity):
+    """Reverse mode through the discrete solution ("discretise then optimise").
+
+    The derivative is exact for the computed solution: the accepted steps are
+    replayed backwards, each step map ``y_{k+1} = Phi(t_k, y_k, h_k, args)``
+    differentiated by ``jax.vjp`` (its first stage ``f(t_k, y_k)`` included), and
+    every saved state is the solver's interpolant on the step that covers its save
+    time (so ``ts`` are differentiated through ``theta = (t - t_k)/h_k``, through
+    the step that lands on ``ts[-1]`` and through ``t_k = ts[0] + sum h``). The step
+    sizes chosen by the controller are constants of the scheme (they do not depend
+    on the inputs); only a step that lands on a save time depends on it. It agrees
+    with forward-mode differentiation through the loop (``sensitivity=None`` and
+    ``jax.jvp``) to rounding error; it is an approximation (of the order of the
+    solver's error) to the derivative of the exact ODE solution.
+
+    Args:
+        checkpoints: ``None`` stores the state at every accepted step (memory
+            ``max_steps * n``). An integer ``k`` stores it every
+            ``L = ceil(max_steps / k)`` accepted steps (evenly spaced in the step
+            index, not recursive/binomial) and recomputes each segment of ``L``
+            steps before running back through it: memory ``(k + L) * n`` states,
+            smallest near ``k = sqrt(max_steps)``, at the cost of one more forward
+            step per step. Step times and sizes (two scalars per step) are always
+            stored.
+
+    Supported solvers: explicit Runge-Kutta methods and Rosenbrock methods
+    (:class:`diffode.Rodas5P`...). Newton-based implicit solvers (``Radau5``,
+    ``Kvaerno5``, ``SDIRK``) raise ``NotImplementedError`` in reverse mode.
+    Forward mode (``jax.jvp``/``jax.jacfwd``) goes through the loop directly.
+    """
+
+    checkpoints: int | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        c = self.checkpoints
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"Direct: checkpoints must be None or a positive integer, got {c!r}")
+
+    def integrate(self, f, y0, ts, args, opts):
+        if forward_mode_active(y0, ts, args):
+            ys, counters, _ = integrate(f, y0, ts, args, opts)
+            return ys, counters
+        if not _memoryless(opts.solver):
+            raise NotImplementedError(
+                f"Direct: reverse-mode differentiation is not implemented for "
+                f"{type(opts.solver).__name__} (its steps solve Newton iterations in a while_loop). "
+                "Use an explicit or Rosenbrock solver (e.g. Rodas5P), forward mode "
+                "(jax.jvp/jax.jacfwd with sensitivity=None), or another sensitivity method."
+            )
+        if opts.dense:
+            raise ValueError("Direct: dense output is not supported")
+        diff, static = split_args(args)
+        return _direct((y0, ts, diff), static, self, f, opts)
+
+
+def _layout(method: Direct, max_steps: int) -> tuple[int, int]:
+    """``(stride, rows)``: y is stored every ``stride`` accepted steps, in ``rows`` rows."""
+    if method.checkpoints is None or method.checkpoints >= max_steps:
+        return 1, max_steps
+    stride = math.ceil(max_steps / method.checkpoints)
+    return stride, math.ceil(max_steps / stride)
+
+
+def _record(method, f, y0, ts, args, opts):
+    """The forward solve plus its record ``(t_buf, h_buf, y_buf)`` of the accepted steps."""
+    stride, rows = _layout(method, opts.max_steps)
+    rec = _Recorder(opts.solver, opts.max_steps, stride, rows, ts.dtype)
+    ys, counters, _, state = integrate(f, y0, ts, args, opts._replace(solver=rec, dense=False, return_state=True))
+    _, _, t_buf, h_buf, y_buf = state
+    return ys, counters, (t_buf, h_buf, y_buf)
+
+
+@eqx.filter_custom_vjp
+def _direct(vjp_arg, static, method, f, opts):
+    y0, ts, diff = vjp_arg
+    ys, counters, _ = integrate(f, y0, ts, eqx.combine(diff, static), opts)
+    return ys, counters
+
+
+@_direct.def_fwd
+def _direct_fwd(perturbed, vjp_arg, static, method, f, opts):
+    y0, ts, diff = vjp_arg
+    ys, counters, record = _record(method, f, y0, ts, eqx.combine(diff, static), opts)
+    return (ys, counters), (counters, record)
+
+
+@_direct.def_bwd
+def _direct_bwd(residuals, grad_obj, perturbed, vjp_arg, static, method, f, opts):
+    counters, (t_buf, h_buf, y_buf) = residuals
+    y0, ts, diff = vjp_arg
+    ys_bar = grad_obj[0]
+    if ys_bar is None:
+        ys_bar = jnp.zeros((ts.shape[0],) + y0.shape, y0.dtype)
+    solver = opts.solver
+    stride, _ = _layout(method, opts.max_steps)
+    dtype, tdtype = y0.dtype, ts.dtype
+    n_ts = ts.shape[0]
+    direction = jnp.where(ts[-1] < ts[0], -1, 1).astype(tdtype)
+    s_ts = direction * ts
+    dir_y = direction.astype(dtype)
+    tol = Tolerances(jnp.asarray(opts.rtol, dtype), jnp.asarray(opts.atol, dtype), opts.controller.norm)
+    num = counters[2]  # accepted steps
+    fixed = opts.fixed
+
+    # The right-hand side in internal (increasing) time, as the loop builds it;
+    # jitted so that f is traced once however many stages call it.
+    @jax.jit
+    def rhs_fn(s, y, a):
+        return dir_y * f(direction * s, y, eqx.combine(a, static))
+
+    def step_map(t, y, h, a):
+        jac_fn = None
+        if opts.jac is not None:
+            jac_fn = lambda s, z: dir_y * opts.jac(direction * s, z, eqx.combine(a, static))
+        rhs = FlatRHS(lambda s, z: rhs_fn(s, z, a), jac_fn)
+        state = solver.init(rhs, t, y, rhs(t, y))
+        res = solver.step(rhs, t, y, h.astype(dtype), state, tol)
+        return res.y1, res.dense
+
+    def interp(t, h, s, y, y1, dense):
+        theta = ((s - t) / h).astype(dtype)
+        return solver.interpolate(h.astype(dtype), y, y1, dense, theta)
+
+    def t_next(k):
+        # End of step k: the next step's start, or the final time for the last one.
+        nxt = lax.dynamic_index_in_dim(t_buf, jnp.minimum(k + 1, t_buf.shape[0] - 1), keepdims=False)
+        return select(k + 1 >= num, s_ts[-1], nxt)
+
+    def back_step(k, y, c):
+        """Cotangents through step k (start y) and the saves it covers."""
+        i, y_bar, t_bar, a_bar, s_bar = c
+        t = t_buf[k]
+        t1 = t_next(k)
+        # The step that reaches a stop lands on it: h = stop - t depends on both.
+        if fixed:
+            j = i
+            lands = s_ts[i] == t1
+        else:
+            j = n_ts - 1
+            lands = k == num - 1
+        h = h_buf[k]
+        (y1, dense), vjp_step = jax.vjp(step_map, t, y, h, diff)
+
+        def save_cond(sc):
+            return (sc[0] >= 1) & (s_ts[sc[0]] > t)
+
+        def save_body(sc):
+            i, y_b, y1_b, d_b, t_b, h_b, s_b = sc
+            s = s_ts[i]
+            g = ys_bar[i]
+            _, vjp_i = jax.vjp(interp, t, h, s, y, y1, dense)
+            tb, hb, sb, yb, y1b, db = vjp_i(g)
+            exact = s == t1  # the loop saves the step's end point itself
+            z = lambda v: select(exact, jnp.zeros_like(v), v)
+            return (i - 1, y_b + z(yb), y1_b + select(exact, g, y1b), d_b + z(db), t_b + z(tb), h_b + z(hb),
+                    s_b.at[i].add(z(sb)))
+
+        zero_t = jnp.zeros((), tdtype)
+        sc = (i, jnp.zeros_like(y), y_bar, jnp.zeros_like(dense), zero_t, zero_t, s_bar)
+        i, y_b, y1_b, d_b, t_b, h_b, s_bar = lax.while_loop(save_cond, save_body, sc)
+        tb, yb, hb, ab = vjp_step((y1_b, d_b))
+        h_b = h_b + hb
+        # t_{k+1} = stop if the step lands, else t_k + h_k (h_k a constant).
+        t_b = t_b + tb + select(lands, -h_b, t_bar)
+        s_bar = s_bar.at[j].add(select(lands, h_b + t_bar, zero_t))
+        a_bar = jtu.tree_map(jnp.add, a_bar, ab)
+        return (i, y_b + yb, t_b, a_bar, s_bar)
+
+    def run_back(k_hi, k_lo, get_y, c):
+        """Steps k_hi - 1 down to k_lo."""
+
+        def cond(kc):
+            return kc[0] > k_lo
+
+        def body(kc):
+            k = kc[0] - 1
+            return (k,) + tuple(back_step(k, get_y(k), kc[1:]))
+
+        return lax.while_loop(cond, body, (k_hi,) + tuple(c))[1:]
+
+    zero_t = jnp.zeros((), tdtype)
+    a_bar0 = jtu.tree_map(jnp.zeros_like, diff)
+    c = (jnp.asarray(n_ts - 1, jnp.int32), jnp.zeros_like(y0), zero_t, a_bar0, jnp.zeros_like(s_ts))
+    if stride == 1:
+        c = run_back(num, 0, lambda k: y_buf[k], c)
+    else:
+        # Segments of `stride` steps, last first: recompute the segment's states
+        # from its checkpoint, then run back through it.
+        def seg_cond(gc):
+            return gc[0] > 0
+
+        def seg_body(gc):
+            g = gc[0] - 1
+            lo = g * stride
+            hi = jnp.minimum(lo + stride, num)
+            seg0 = jnp.zeros((stride,) + y0.shape, dtype).at[0].set(y_buf[g])
+
+            def fwd(j, seg):
+                k = lo + j - 1
+                y1, _ = step_map(t_buf[k], seg[j - 1], h_buf[k], diff)
+                return seg.at[j].set(y1)
+
+            seg = lax.fori_loop(1, hi - lo, fwd, seg0)
+            out = run_back(hi, lo, lambda k: seg[k - lo], gc[1:])
+            return (g,) + tuple(out)
+
+        num_seg = (num + stride - 1) // stride
+        c = lax.while_loop(seg_cond, seg_body, (num_seg,) + tuple(c))[1:]
+    _, y_bar, t_bar, a_bar, s_bar = c
+    y_bar = y_bar + ys_bar[0]
+    s_bar = s_bar.at[0].add(t_bar)
+    ts_bar = (direction * s_bar).astype(ts.dtype)
+    # A failed forward solve has no derivative: NaN cotangents (its status is returned).
+    ok = counters[0] == Status.SUCCESS
+    nan_if = lambda x: jnp.where(ok, x, jnp.nan)
+    grads = jtu.tree_map(nan_if, (y_bar, ts_bar, a_bar))
+    return jtu.tree_map(lambda g, p: g if p else None, grads, perturbed)
