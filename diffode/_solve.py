@@ -17,7 +17,7 @@ from ._controller import PIDController, initial_step
 from ._explicit import Tsit5
 from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Stats, Status
 from ._solver import AbstractSolver, FlatRHS, Tolerances
-from .sensitivity._base import AbstractSensitivity, reverse_mode_active
+from .sensitivity._base import AbstractSensitivity, forward_mode_active, reverse_mode_active
 from .sensitivity.auto import Auto
 from ._util import select, tree_select
 
@@ -196,15 +196,17 @@ def solve(
     )
     f0 = flatten(out0)
     method = Auto() if sensitivity is None else sensitivity
-    if isinstance(method, Auto) and not reverse_mode_active(y_flat, ts_t, args):
-        # Not differentiated in reverse mode: the plain loop (forward mode works through it).
+    if dense or (isinstance(method, Auto) and forward_mode_active(y_flat, ts_t, args)):
+        # The plain loop: forward mode differentiates through its steps.
+        if dense and (sensitivity is not None or reverse_mode_active(y_flat, ts_t, args)):
+            raise ValueError(
+                f"dense=True works only with the default sensitivity and without reverse-mode "
+                f"differentiation; got sensitivity={method!r}"
+            )
         ys, counters, pieces = integrate(f_flat, y_flat, ts_t, args, opts, f0=f0)
     else:
-        if dense:
-            raise ValueError(
-                f"dense=True needs the default sensitivity outside reverse-mode differentiation; "
-                f"got sensitivity={method!r}"
-            )
+        # The method's derivative rules are part of the traced program, so they
+        # also apply when differentiation happens outside an enclosing jit.
         ys, counters = method.integrate(f_flat, y_flat, ts_t, args, opts)
         pieces = None
     direction = jnp.where(ts_t[-1] < ts_t[0], -1, 1).astype(tdtype)

@@ -187,7 +187,11 @@ def test_jvp():
     v_y0 = jnp.array([0.3, -0.2])
     v_args = jnp.array([0.1, 0.0, -0.5, 0.2])
     primal, tangent = jax.jvp(ys_of, (LV.y0, LV.args), (v_y0, v_args))
-    np.testing.assert_allclose(primal, ys_of(LV.y0, LV.args), rtol=1e-13, atol=0)
+    # ys_of is jitted, so the jvp goes through the default sensitivity method's
+    # rule (forward sensitivities, whose error control also covers the
+    # sensitivities): its primal comes from a solve with a different step
+    # sequence, equal to within the tolerance (rtol 1e-10; observed 5e-10).
+    np.testing.assert_allclose(primal, ys_of(LV.y0, LV.args), rtol=1e-8, atol=0)
     # A directional derivative: compare against one central difference along
     # (v_y0, v_args), same tolerance rationale as the jacfwd test.
     d = 1e-6

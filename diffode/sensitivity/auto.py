@@ -6,15 +6,14 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._base import AbstractSensitivity, reverse_mode_active, split_args
+from ._base import AbstractSensitivity, forward_mode_active, split_args
 
 
 class Auto(AbstractSensitivity):
     """Pick a sensitivity method from the problem (the default of :func:`diffode.solve`).
 
-    * Without reverse-mode differentiation (plain calls, ``jax.jvp``,
-      ``jax.jacfwd``) nothing is chosen: the solve runs (and is differentiated
-      through its steps, which is exact and cheapest) as it is.
+    * Under forward mode (``jax.jvp``/``jax.jacfwd`` applied directly) the solve
+      is differentiated through its steps, which is exact and cheapest.
     * Under reverse mode, with ``n`` states and ``p`` differentiated parameters
       (``y0``, ``ts`` and the inexact leaves of ``args``):
       :class:`ForwardSensitivity` when ``n * (p + 1) <= max_forward_size`` (the
@@ -23,11 +22,19 @@ class Auto(AbstractSensitivity):
       stiff problems. Backsolve is never picked: re-solving ``y`` backwards is
       unstable for stiff (implicit-solver) problems and gains only memory.
 
-    ``max_forward_size`` comes from ``python -m benchmarks.adjoints``, which times
-    both on Lotka-Volterra with growing parameter counts; see ``benchmarks/README.md``.
+    The choice is made for every solve, differentiated or not, so that its rules
+    are in the traced program when a jitted solve is differentiated from outside
+    (``jax.grad(jax.jit(f))``); undifferentiated, every method runs the plain loop.
+    ``ForwardSensitivity`` supports forward and reverse mode in any nesting;
+    ``InterpolatingAdjoint`` (large problems) reverse mode only there.
+
+    ``max_forward_size`` comes from ``python -m benchmarks.auto_threshold``, which
+    times both on ``y' = tanh(W y + b)`` with growing ``n``: forward sensitivities
+    were faster up to ``n (p + 1) = 584`` and slower from ``1884`` (2-core CPU,
+    float64); 1024 lies between. See ``benchmarks/README.md``.
     """
 
-    max_forward_size: int = eqx.field(static=True, default=256)
+    max_forward_size: int = eqx.field(static=True, default=1024)
 
     def choose(self, y0, ts, args) -> AbstractSensitivity:
         """The method used for these inputs (reverse mode)."""
@@ -41,9 +48,11 @@ class Auto(AbstractSensitivity):
         return InterpolatingAdjoint()
 
     def integrate(self, f, y0, ts, args, opts):
-        if reverse_mode_active(y0, ts, args):
-            return self.choose(y0, ts, args).integrate(f, y0, ts, args, opts)
-        from .._solve import integrate
+        if forward_mode_active(y0, ts, args):
+            from .._solve import integrate
 
-        ys, counters, _ = integrate(f, y0, ts, args, opts)
-        return ys, counters
+            ys, counters, _ = integrate(f, y0, ts, args, opts)
+            return ys, counters
+        # Chosen even when nothing is differentiated yet: a jitted solve may be
+        # differentiated from outside the jit, where only the traced rules apply.
+        return self.choose(y0, ts, args).integrate(f, y0, ts, args, opts)

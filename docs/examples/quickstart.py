@@ -40,9 +40,11 @@ def loss(args):
     return jnp.sum(simulate(args).ys ** 2)
 
 
-# Forward-mode derivative through the solver steps.
-grad = jax.jacfwd(loss)(args)
+# Reverse mode (the default sensitivity method, Auto) and forward mode through the steps.
+grad = jax.grad(loss)(args)
+grad_fwd = jax.jacfwd(loss)(args)
 eps = 1e-6
 fd = jnp.array([(loss(args.at[i].add(eps)) - loss(args.at[i].add(-eps))) / (2 * eps) for i in range(4)])
-print("d loss / d (alpha, beta, gamma, delta):", grad)
-print("central finite differences:            ", fd)
+print("d loss / d (alpha, beta, gamma, delta), jax.grad:  ", grad)
+print("                                        jax.jacfwd:", grad_fwd)
+print("central finite differences:                        ", fd)

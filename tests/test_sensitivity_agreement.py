@@ -1,0 +1,111 @@
+"""The sensitivity methods against each other: on a neural ODE (equinox MLP
+parameters) every method gives the same gradient, and ``Auto`` chooses as
+documented. Each method's own accuracy against analytic and independent
+references is tested in its own file (test_direct.py, test_forward_sensitivity.py,
+test_backsolve.py, test_interpolating.py)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffode
+from tests import problems
+
+METHODS = {
+    "Direct": diffode.Direct(),
+    "Direct(checkpoints=4)": diffode.Direct(checkpoints=4),
+    "ForwardSensitivity": diffode.ForwardSensitivity(),
+    "BacksolveAdjoint": diffode.BacksolveAdjoint(),
+    "InterpolatingAdjoint": diffode.InterpolatingAdjoint(),
+    "Auto": diffode.Auto(),
+}
+
+
+def mlp_field(t, y, model):
+    return model(y)
+
+
+@pytest.fixture(scope="module")
+def neural_ode():
+    model = eqx.nn.MLP(2, 2, width_size=8, depth=2, activation=jnp.tanh, key=jax.random.PRNGKey(0))
+    model = jax.tree_util.tree_map(lambda x: x * 0.5 if eqx.is_inexact_array(x) else x, model)
+    y0 = jnp.array([1.0, -0.5])
+    ts = jnp.linspace(0.0, 2.0, 9)
+    return model, y0, ts
+
+
+def _grad(method, model, y0, ts, rtol=1e-10):
+    def loss(m, y0, ts):
+        sol = diffode.solve(mlp_field, y0, ts, m, rtol=rtol, atol=rtol, sensitivity=method)
+        return jnp.sum(sol.ys**2)
+
+    return eqx.filter_jit(eqx.filter_grad(loss))(model, y0, ts), jax.jit(
+        jax.grad(lambda y0, ts: loss(model, y0, ts), argnums=(0, 1)))(y0, ts)
+
+
+@pytest.fixture(scope="module")
+def reference(neural_ode):
+    # Forward mode through the solver steps (no sensitivity method involved).
+    model, y0, ts = neural_ode
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss(p, y0, ts):
+        sol = diffode.solve(mlp_field, y0, ts, eqx.combine(p, static), rtol=1e-10, atol=1e-10)
+        return jnp.sum(sol.ys**2)
+
+    return jax.jit(jax.jacfwd(loss, argnums=(0, 1, 2)))(params, y0, ts)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_all_methods_agree_on_a_neural_ode(name, neural_ode, reference):
+    model, y0, ts = neural_ode
+    g_model, (g_y0, g_ts) = _grad(METHODS[name], model, y0, ts)
+    ref_p, ref_y0, ref_ts = reference
+    got = jax.tree_util.tree_leaves(eqx.filter(g_model, eqx.is_inexact_array))
+    want = jax.tree_util.tree_leaves(ref_p)
+    assert len(got) == len(want)
+    scale = max(float(jnp.abs(w).max()) for w in want)
+    # Both sides are rtol = 1e-10 solves of the same ODE; discretise-then-optimise
+    # and optimise-then-discretise differ by O(tolerance), so 1e-6 relative.
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(g_y0, ref_y0, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(g_ts, ref_ts, rtol=1e-6, atol=1e-8)
+
+
+def test_auto_choice():
+    auto = diffode.Auto()
+    small = auto.choose(jnp.ones(2), jnp.linspace(0, 1, 10), jnp.ones(4))
+    assert isinstance(small, diffode.ForwardSensitivity)
+    big = auto.choose(jnp.ones(64), jnp.linspace(0, 1, 10), jnp.ones(1000))
+    assert isinstance(big, diffode.InterpolatingAdjoint)
+    # Never the backsolve adjoint, whatever the sizes.
+    for n in (1, 8, 200):
+        assert not isinstance(auto.choose(jnp.ones(n), jnp.linspace(0, 1, 5), jnp.ones(n)), diffode.BacksolveAdjoint)
+
+
+def test_auto_gradient_matches_reference():
+    p = problems.lotka_volterra()
+    ts = p.ts(11)
+    g = jax.grad(lambda a: jnp.sum(diffode.solve(p.f, p.y0, ts, a, rtol=1e-10, atol=1e-10).ys ** 2))(p.args)
+    ys, _, dys_dp, _ = problems.lotka_volterra_sensitivities(np.asarray(ts))
+    ref = np.einsum("tj,tjk->k", 2 * ys, dys_dp)
+    np.testing.assert_allclose(g, ref, rtol=1e-6)
+
+
+def test_dense_with_reverse_mode_names_the_method():
+    p = problems.lotka_volterra()
+
+    def loss(a):
+        return jnp.sum(diffode.solve(p.f, p.y0, p.ts(5), a, dense=True, sensitivity=diffode.Direct()).ys)
+
+    with pytest.raises(ValueError, match="Direct"):
+        jax.grad(loss)(p.args)
+
+
+def test_not_a_sensitivity_method():
+    p = problems.lotka_volterra()
+    with pytest.raises(TypeError, match="sensitivity"):
+        diffode.solve(p.f, p.y0, p.ts(5), p.args, sensitivity="adjoint")
