@@ -9,7 +9,8 @@ with respect to the 4 parameters. Run from the repository root::
 Candidates, measured in the same run and interleaved (``benchmarks/_timing.py``):
 
 * diffode: ``Direct()`` (every step stored), ``Direct(checkpoints=16)``,
-  ``ForwardSensitivity()``, ``BacksolveAdjoint()``, ``InterpolatingAdjoint()``,
+  ``ForwardSensitivity()`` (with and without error control on the
+  sensitivities), ``BacksolveAdjoint()``, ``InterpolatingAdjoint()``,
   ``Auto()`` under ``jax.grad``, and plain ``jax.jacfwd`` through the solve;
 * diffrax: ``RecursiveCheckpointAdjoint`` (its default), ``BacksolveAdjoint``
   under ``jax.grad``, and ``ForwardMode`` under ``jax.jacfwd``.
@@ -79,6 +80,8 @@ def candidates(ts, f) -> dict[str, Callable]:
         "diffode Direct": diffode_grad(diffode.Direct(), ts, f),
         "diffode Direct(checkpoints=16)": diffode_grad(diffode.Direct(checkpoints=16), ts, f),
         "diffode ForwardSensitivity": diffode_grad(diffode.ForwardSensitivity(), ts, f),
+        "diffode ForwardSensitivity(error_control=False)": diffode_grad(
+            diffode.ForwardSensitivity(error_control=False), ts, f),
         "diffode BacksolveAdjoint": diffode_grad(diffode.BacksolveAdjoint(), ts, f),
         "diffode InterpolatingAdjoint": diffode_grad(diffode.InterpolatingAdjoint(), ts, f),
         "diffode Auto": diffode_grad(diffode.Auto(), ts, f),

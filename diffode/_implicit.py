@@ -12,6 +12,14 @@ All stages and all Newton iterations of a step run in a single
 the stage derivatives: ``f`` and the linear solve appear once in the traced
 graph whatever the number of stages, and under ``jax.vmap`` every batch member
 advances through its own stages independently.
+
+Derivatives: that loop is wrapped in ``lax.custom_root`` on the residual of all
+implicit stage derivatives at once, ``G(K)_i = k_i - f(t0 + c_i h, y0 + h
+sum_j a_ij k_j)``, so ``jax.jvp`` and ``jax.vjp`` of a step give the exact
+implicit-function-theorem derivative at the converged stages (the Newton
+iterations themselves are never differentiated; ``J`` is a ``stop_gradient``).
+Everything after the stages (``y1``, ``f1``, the error estimate, the dense
+data) is plain arithmetic of ``y0``, ``h``, ``f0`` and the stages.
 """
 
 from __future__ import annotations
@@ -19,13 +27,15 @@ from __future__ import annotations
 from typing import ClassVar, NamedTuple
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.scipy.sparse.linalg as jssl
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from ._explicit import hermite
-from ._linsolve import LU, AbstractLinearSolver
+from ._linsolve import GMRES, LU, AbstractLinearSolver
 from ._newton import CONVERGED, FAILED, RUNNING, effective_kappa, first_eta, newton_iteration
 from ._solver import AbstractSolver, StepResult
 from ._tableau import ButcherTableau
@@ -140,16 +150,73 @@ class SDIRK(AbstractSolver):
         a = tab.a
         first = 1 if a[0, 0] == 0 else 0
         dtype = y0.dtype
-        a_strict = jnp.asarray(np.tril(a, -1), dtype)
+        a_full = jnp.asarray(a, dtype)
         c = jnp.asarray(tab.c, dtype)
         gh = (self.gamma * h).astype(dtype)
         f0 = state.f0
 
+        # J and its factors only steer simplified Newton: the derivative of the
+        # step comes from the implicit function theorem below, not from them.
         cache, num_jac, num_lu = self.linear_solver.prepare(f, t0, y0, gh, state.cache, state.new_jac)
+        cache = lax.stop_gradient(cache)
         kappa = effective_kappa(self.kappa, tol, dtype)
         ks0 = jnp.zeros((s,) + y0.shape, dtype)
         if first == 1:
             ks0 = ks0.at[0].set(f0)
+
+        def all_ks(k_impl):
+            return jnp.concatenate([f0[None], k_impl]) if first == 1 else k_impl
+
+        def residual(k_impl):
+            # G(K)_i = k_i - f(t0 + c_i h, y0 + h sum_j a_ij k_j) over the
+            # implicit stages i (the explicit stage k_1 = f0 is known).
+            ys = y0 + h * (a_full[first:] @ all_ks(k_impl))
+            ts = t0 + c[first:] * h
+            return k_impl - jax.vmap(lambda t, y: f(t, y))(ts, ys)
+
+        def newton(_residual, _guess):
+            ks, eta, theta_max, iters, status = self._newton_stages(f, t0, y0, h, gh, ks0, cache, tol, kappa, state.eta)
+            # Integer aux outputs would get int tangents in custom_root's JVP
+            # rule (JAX wants float0): pass them as (exact) floats.
+            return ks[first:], (eta, theta_max, iters.astype(dtype), status.astype(dtype))
+
+        k_impl, (eta, theta_max, iters, status) = lax.custom_root(
+            residual, ks0[first:], newton, self._tangent_solve, has_aux=True
+        )
+        iters, status = iters.astype(jnp.int32), status.astype(jnp.int32)
+        ok = status == CONVERGED
+        ks = all_ks(k_impl)
+
+        # Stiffly accurate: y1 is the last stage value.
+        y1 = y0 + h * (a_full[s - 1] @ ks)
+        f1 = ks[s - 1]
+        y_error = h * (jnp.asarray(tab.b_error, dtype) @ ks) if tab.embedded else None
+
+        slow = theta_max > self.jac_theta
+        fresh = state.new_jac
+        accepted_state = SDIRKState(f1, slow, eta, cache)
+        # A rejected attempt restarts from the same (t0, y0): a J computed there
+        # is still exact, so only an older one is worth recomputing.
+        rejected_state = SDIRKState(
+            f0, (~ok | slow) & ~fresh, select(ok, eta, jnp.ones((), dtype)), cache
+        )
+        counts = dict(num_jac_evals=num_jac, num_lu_decomps=num_lu, num_newton_iters=iters)
+        return StepResult(y1, y_error, jnp.stack([f0, f1]), accepted_state, rejected_state, ok, iters, counts)
+
+    def _newton_stages(self, f, t0, y0, h, gh, ks0, cache, tol, kappa, eta0):
+        """All implicit stages by simplified Newton in one ``lax.while_loop``.
+
+        Returns ``(ks, eta, theta_max, iters, status)``; ``ks`` are the stage
+        derivatives ``k_i = z_i / (gamma h)``. Not differentiated (see ``step``).
+        """
+        tab = self.tableau
+        s = tab.num_stages
+        a = tab.a
+        first = 1 if a[0, 0] == 0 else 0
+        dtype = y0.dtype
+        a_strict = jnp.asarray(np.tril(a, -1), dtype)
+        c = jnp.asarray(tab.c, dtype)
+        f0 = ks0[0]
 
         # Starting values z_i^0 = Y_i^0 - base_i; an SDIRK's first stage starts
         # from y0 + c_1 h f0.
@@ -192,25 +259,34 @@ class SDIRK(AbstractSolver):
 
         i32 = lambda v: jnp.asarray(v, jnp.int32)
         zero = jnp.zeros((), dtype)
-        init = (i32(first), i32(0), z_init, ks0, zero, state.eta, zero, i32(0), i32(RUNNING))
-        _, _, z, ks, _, eta, theta_max, iters, status = lax.while_loop(cond, body, init)
-        ok = status == CONVERGED
+        init = (i32(first), i32(0), z_init, ks0, zero, eta0, zero, i32(0), i32(RUNNING))
+        _, _, _, ks, _, eta, theta_max, iters, status = lax.while_loop(cond, body, init)
+        return ks, eta, theta_max, iters, status
 
-        # Stiffly accurate: y1 is the last stage value, base + z.
-        y1 = y0 + h * (a_strict[s - 1] @ ks) + z
-        f1 = ks[s - 1]
-        y_error = h * (jnp.asarray(tab.b_error, dtype) @ ks) if tab.embedded else None
+    def _tangent_solve(self, g, b):
+        """Solve ``g(x) = b`` for the linearised stage residual ``g = dG/dK`` (``custom_root``).
 
-        slow = theta_max > self.jac_theta
-        fresh = state.new_jac
-        accepted_state = SDIRKState(f1, slow, eta, cache)
-        # A rejected attempt restarts from the same (t0, y0): a J computed there
-        # is still exact, so only an older one is worth recomputing.
-        rejected_state = SDIRKState(
-            f0, (~ok | slow) & ~fresh, select(ok, eta, jnp.ones((), dtype)), cache
-        )
-        counts = dict(num_jac_evals=num_jac, num_lu_decomps=num_lu, num_newton_iters=iters)
-        return StepResult(y1, y_error, jnp.stack([f0, f1]), accepted_state, rejected_state, ok, iters, counts)
+        With :class:`LU`, ``g`` is materialised as the ``(m n) x (m n)`` matrix
+        ``I - (J_i h a_ij)`` (``m`` implicit stages; block lower triangular) and
+        solved exactly, so derivatives are the exact implicit-function-theorem
+        derivatives at the converged stages. With :class:`GMRES` the solve stays
+        matrix-free (``jax.scipy.sparse.linalg.gmres`` on ``g`` with the linear
+        solver's ``rtol``), so derivatives are accurate to about that ``rtol``.
+        """
+        ls = self.linear_solver
+        if isinstance(ls, GMRES):
+            # jssl.gmres alone cannot be transposed when b is a linear input (its
+            # tolerance depends on ||b||): wrap it so reverse mode solves g^T.
+            def krylov(op, rhs):
+                x, _ = jssl.gmres(op, rhs, tol=ls.rtol, atol=0.0, restart=min(ls.restart, rhs.size),
+                                  maxiter=ls.maxiter, solve_method="incremental")
+                return x
+
+            return lax.custom_linear_solve(g, b, solve=krylov, transpose_solve=krylov)
+        mn = b.size
+        basis = jnp.eye(mn, dtype=b.dtype).reshape((mn,) + b.shape)
+        mat = jax.vmap(g)(basis).reshape(mn, mn).T  # column k is g(e_k)
+        return jnp.linalg.solve(mat, b.reshape(mn)).reshape(b.shape)
 
     def interpolate(self, h, y0, y1, dense, theta):
         """Cubic Hermite from the step's end values and slopes."""

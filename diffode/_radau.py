@@ -77,7 +77,8 @@ class RadauState(NamedTuple):
     and size (starting values by extrapolation). ``need_jac``: evaluate ``J`` at the
     start of the next step. ``fresh_start``: first step or after a rejection (HW's
     FIRST/REJECT, for the error estimate). ``faccon``: eta = theta/(1 - theta) from
-    the last Newton iteration.
+    the last Newton iteration. ``cold``: the state ``init`` built (no previous step):
+    Newton iterates to a tighter tolerance (see :class:`Radau5`).
     """
 
     f0: Array
@@ -87,11 +88,21 @@ class RadauState(NamedTuple):
     need_jac: Array
     fresh_start: Array
     faccon: Array
+    cold: Array
 
 
 def _matmul3(m: np.ndarray, x: Array) -> Array:
     """``m @ x`` for a constant 3x3 ``m`` and ``x`` of shape (3, n)."""
     return jnp.asarray(m, x.dtype) @ x
+
+
+def _dense_tangent_solve(g, b: Array) -> Array:
+    """Solve ``g(x) = b`` for the linear map ``g`` on stage arrays (3, n): its
+    3n x 3n matrix, built column by column, and a dense LU solve."""
+    m = b.size
+    basis = jnp.eye(m, dtype=b.dtype).reshape((m,) + b.shape)
+    cols = jax.vmap(g)(basis).reshape(m, m)  # row j is g(e_j), column j of the matrix
+    return lu_solve(lu_factor(cols.T), b.reshape(m)).reshape(b.shape)
 
 
 class Radau5(AbstractSolver):
@@ -130,6 +141,22 @@ class Radau5(AbstractSolver):
     The step-size controller uses ``error_order = 4``: the estimate is that of an
     embedded third-order formula, a local error of ``O(h^4)`` (measured slope 4.0
     in tests/test_radau.py; RADAU5 uses the exponent 1/4 too).
+
+    Differentiation: the stages are wrapped in ``jax.lax.custom_root``, so the
+    Newton ``while_loop`` is never differentiated. Their derivative is that of the
+    exact root by the implicit function theorem, ``dZ = -(dG/dZ)^-1 (dG/dp) dp`` for
+    ``G(Z) = Z - h (A (x) I) F(Z)``, with the exact ``3n x 3n`` Jacobian ``dG/dZ``
+    (formed column by column, dense LU) evaluated at the computed stages. ``y1``
+    and the dense coefficients are linear in ``Z``; a step is therefore
+    differentiable by ``jax.jvp`` and ``jax.vjp`` (the ``Direct`` sensitivity method
+    replays it). The error estimate ``y_error`` is not differentiated (the
+    controller stops its gradient). A step from the state ``init`` returns (the
+    first step of a solve, and every step ``Direct`` replays, which has no
+    previous step to extrapolate starting values from) iterates Newton further:
+    to ``max(kappa / 100, 10 eps / rtol)``, with up to ``3 max_iters`` iterations
+    and no early exit on slow convergence; it counts as converged once the
+    ``kappa`` test is met. The replayed stages are then the root to well within
+    the forward solve's Newton error.
     """
 
     max_iters: int = eqx.field(static=True, default=7)
@@ -176,6 +203,7 @@ class Radau5(AbstractSolver):
             need_jac=jnp.array(True),
             fresh_start=jnp.array(True),
             faccon=jnp.ones((), dtype),
+            cold=jnp.array(True),
         )
 
     def step(self, f, t0, y0, h, state: RadauState, tol):
@@ -199,7 +227,7 @@ class Radau5(AbstractSolver):
         # continued to the new nodes (zero on the first step, where dense = 0).
         theta_nodes = 1.0 + jnp.asarray(RADAU_C, dtype) * (h / state.h)
         powers = theta_nodes[:, None] ** jnp.arange(1, 4, dtype=dtype)[None, :] - 1.0
-        w0 = _matmul3(RADAU_TI, powers @ state.dense)
+        z0 = powers @ state.dense
 
         rtol = jnp.maximum(jnp.min(tol.rtol), 10 * eps)
         if self.newton_tol is None:
@@ -207,13 +235,22 @@ class Radau5(AbstractSolver):
         else:
             fnewt = jnp.asarray(self.newton_tol, dtype)
         t_nodes = t0 + jnp.asarray(RADAU_C, jnp.result_type(t0)) * h
-        lam1 = RADAU_GAMMA / h
-        lam2 = complex(RADAU_ALPHA, RADAU_BETA) / h
-        kmax = self.max_iters
+        lam1 = RADAU_GAMMA / hs
+        lam2 = complex(RADAU_ALPHA, RADAU_BETA) / hs
+        # From the init state (the first step, or a step that Direct replays in
+        # reverse mode) Newton polishes the root: a tighter tolerance (above
+        # rounding), more iterations, no early exit on slow convergence.
+        cold = state.cold
+        fnewt_stop = select(cold, jnp.maximum(0.01 * fnewt, 10 * eps / rtol), fnewt)
+        kmax = select(cold, 3 * self.max_iters, self.max_iters)
         f_nodes = jax.vmap(f)
 
+        def residual(z):
+            # The collocation equations G(Z) = Z - h (A (x) I) F(Z) = 0.
+            return z - h * _matmul3(RADAU_A, f_nodes(t_nodes, y0 + z))
+
         def cond(c):
-            return ~(c[6] | c[7])
+            return ~c[6]
 
         def body(c):
             k, w, dyno_old, thq_old, theta, faccon, _, _ = c
@@ -224,7 +261,7 @@ class Radau5(AbstractSolver):
             d1 = lu_solve(lu1, r1)
             d2 = lu_solve(lu2, r2.astype(cdtype))
             dw = jnp.stack([d1, jnp.real(d2), jnp.imag(d2)])
-            dyno = lax.stop_gradient(tol.scaled_norm(dw, y0))
+            dyno = tol.scaled_norm(dw, y0)
             k = k + 1
             # Convergence rate (HW IV.8, (8.23)): from the second iteration on;
             # the geometric mean of the last two ratios from the third on.
@@ -236,42 +273,64 @@ class Radau5(AbstractSolver):
             faccon = select(have & ~diverge, theta / (1.0 - theta), faccon)
             w = w + dw
             converged = faccon * dyno <= fnewt
+            finite = jnp.isfinite(dyno)
             # Predicted error after the remaining iterations still too large.
-            left = jnp.asarray(kmax - 1 - k, dtype)
-            slow = have & (k < kmax) & (faccon * dyno * theta**left >= fnewt)
-            failed = ~jnp.isfinite(dyno) | diverge | (~converged & (slow | (k >= kmax)))
-            return k, w, dyno, thq_old, theta, faccon, converged & ~failed, failed
+            left = (kmax - 1 - k).astype(dtype)
+            slow = ~cold & have & (k < kmax) & (faccon * dyno * theta**left >= fnewt)
+            stop = (faccon * dyno <= fnewt_stop) | ~finite | diverge | slow | (k >= kmax)
+            # Polishing stops when the rate stalls (at rounding level: 'diverge'),
+            # and the step is still ok if the kappa test holds.
+            ok = converged & finite & (cold | ~diverge)
+            return k, w, dyno, thq_old, theta, faccon, stop, ok
 
-        one = jnp.ones((), dtype)
-        carry0 = (
-            jnp.zeros((), jnp.int32), w0, one, one, jnp.asarray(self.jac_reuse_theta, dtype),
-            jnp.maximum(state.faccon, eps) ** 0.8, jnp.array(False), jnp.array(False),
-        )
-        iters, w, _, _, theta, faccon, ok, _ = lax.while_loop(cond, body, carry0)
+        def newton(_, z_start):
+            # Simplified Newton in the transformed variables W = (T^-1 (x) I) Z.
+            # custom_root does not differentiate it (the IFT rule below does).
+            one = jnp.ones((), dtype)
+            carry0 = (
+                jnp.zeros((), jnp.int32), _matmul3(RADAU_TI, z_start), one, one,
+                jnp.asarray(self.jac_reuse_theta, dtype), jnp.maximum(state.faccon, eps) ** 0.8,
+                jnp.array(False), jnp.array(False),
+            )
+            iters, w, _, _, theta, faccon, _, ok = lax.while_loop(cond, body, carry0)
+            # custom_root (jax 0.10) gives aux outputs tangents of their own
+            # dtype, which integer/bool outputs reject: pass them as floats.
+            return _matmul3(RADAU_T, w), jnp.stack([iters.astype(dtype), theta, faccon, ok.astype(dtype)])
 
-        z = _matmul3(RADAU_T, w)
+        # Derivatives of the stages by the implicit function theorem at the
+        # computed root: dZ = -(dG/dZ)^-1 (dG/dparams)[dparams], with the exact
+        # 3n x 3n Jacobian dG/dZ (not Newton's approximate J). Forward mode
+        # (jax.jvp through the loop) and reverse mode (jax.vjp of one step, as
+        # Direct does) both use it; the primal just runs `newton`.
+        z, aux = lax.custom_root(residual, z0, newton, _dense_tangent_solve, has_aux=True)
+        aux = lax.stop_gradient(aux)
+        iters, theta, faccon, ok = aux[0].astype(jnp.int32), aux[1], aux[2], aux[3] > 0.5
         y1 = y0 + z[2]
         dense = _matmul3(RADAU_VINV, z)
 
         # Error estimate (HW IV.8, (8.19)-(8.20)); on the first step and after a
         # rejection a large estimate is filtered once more through f (HW (8.21)).
-        v = jnp.asarray(RADAU_E[0], dtype) * z[0]
-        v = (v + jnp.asarray(RADAU_E[1], dtype) * z[1] + jnp.asarray(RADAU_E[2], dtype) * z[2]) / h
-        err = lu_solve(lu1, state.f0 + v)
-        big = tol.scaled_norm(err, jnp.maximum(jnp.abs(y0), jnp.abs(y1))) >= 1.0
-        redo = lax.stop_gradient(state.fresh_start & ok & big)
-        err = lax.cond(redo, lambda: lu_solve(lu1, f(t0, y0 + err) + v), lambda: err)
+        # Not differentiated: the controller stops its gradient anyway, and
+        # sensitivity methods differentiate y1 and dense only.
+        zs, f0s, t0s, y0s, y1s = lax.stop_gradient((z, state.f0, t0, y0, y1))
+        v = jnp.asarray(RADAU_E[0], dtype) * zs[0]
+        v = (v + jnp.asarray(RADAU_E[1], dtype) * zs[1] + jnp.asarray(RADAU_E[2], dtype) * zs[2]) / hs
+        err = lu_solve(lu1, f0s + v)
+        big = tol.scaled_norm(err, jnp.maximum(jnp.abs(y0s), jnp.abs(y1s))) >= 1.0
+        redo = state.fresh_start & ok & big
+        err = lax.cond(redo, lambda: lu_solve(lu1, f(t0s, y0s + err) + v), lambda: err)
+        err = lax.stop_gradient(err)
 
         f1 = f(t0 + h, y1)
         i32 = lambda x: jnp.asarray(x, jnp.int32)
         accepted = RadauState(
             f0=f1, jac=jac, dense=dense, h=h, need_jac=theta > self.jac_reuse_theta,
-            fresh_start=jnp.array(False), faccon=faccon,
+            fresh_start=jnp.array(False), faccon=faccon, cold=jnp.array(False),
         )
         # After a rejection J is re-evaluated at y0 unless it already was (HW).
         rejected = RadauState(
             f0=state.f0, jac=jac, dense=state.dense, h=state.h, need_jac=~need_jac,
-            fresh_start=jnp.array(True), faccon=faccon,
+            fresh_start=jnp.array(True), faccon=faccon, cold=jnp.array(False),
         )
         counts = {
             "num_jac_evals": i32(need_jac),

@@ -21,6 +21,8 @@ import jax.tree_util as jtu
 from jax import lax
 
 from .._explicit import ExplicitRK
+from .._implicit import SDIRK
+from .._radau import Radau5
 from .._rosenbrock import Rosenbrock
 from .._solution import Status
 from .._solve import integrate
@@ -81,8 +83,10 @@ class _Recorder:
 
 def _memoryless(solver) -> bool:
     """Whether one step is a function of ``(t, y, h)`` alone that ``jax.vjp`` can differentiate:
-    the state ``init`` builds from ``f(t, y)`` is what the loop carries, and no Newton loop."""
-    return isinstance(solver, (ExplicitRK, Rosenbrock))
+    the state ``init`` builds from ``f(t, y)`` is what the loop carries (up to what only steers a
+    Newton iteration: its Jacobian and starting values), and no Newton ``while_loop`` is
+    differentiated (``Radau5`` differentiates its stages by the implicit function theorem)."""
+    return isinstance(solver, (ExplicitRK, Rosenbrock, Radau5, SDIRK))
 
 
 class Direct(AbstractSensitivity):
@@ -110,9 +114,11 @@ class Direct(AbstractSensitivity):
             step per step. Step times and sizes (two scalars per step) are always
             stored.
 
-    Supported solvers: explicit Runge-Kutta methods and Rosenbrock methods
-    (:class:`diffode.Rodas5P`...). Newton-based implicit solvers (``Radau5``,
-    ``Kvaerno5``, ``SDIRK``) raise ``NotImplementedError`` in reverse mode.
+    Supported solvers: every built-in one. Explicit Runge-Kutta and Rosenbrock
+    steps are differentiated as they are; for ``Radau5`` and the SDIRK family the
+    Newton-solved stages are differentiated by the implicit function theorem
+    (``lax.custom_root``), the exact derivative at the computed stages. Other
+    solvers raise ``NotImplementedError`` in reverse mode.
     Forward mode (``jax.jvp``/``jax.jacfwd``) goes through the loop directly.
     """
 
@@ -130,9 +136,9 @@ class Direct(AbstractSensitivity):
         if not _memoryless(opts.solver):
             raise NotImplementedError(
                 f"Direct: reverse-mode differentiation is not implemented for "
-                f"{type(opts.solver).__name__} (its steps solve Newton iterations in a while_loop). "
-                "Use an explicit or Rosenbrock solver (e.g. Rodas5P), forward mode "
-                "(jax.jvp/jax.jacfwd with sensitivity=None), or another sensitivity method."
+                f"{type(opts.solver).__name__}: it can replay explicit Runge-Kutta, Rosenbrock, "
+                "Radau5 and SDIRK steps only. Use forward mode (jax.jvp/jax.jacfwd) or another "
+                "sensitivity method."
             )
         if opts.dense:
             raise ValueError("Direct: dense output is not supported")
