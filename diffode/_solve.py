@@ -162,8 +162,8 @@ def solve(
     tdtype = jnp.result_type(dtype, ts.dtype) if jnp.issubdtype(ts.dtype, jnp.floating) else dtype
     ts_t = ts.astype(tdtype)
 
-    # The first evaluation of f doubles as the (trace-time) structure check.
-    out0 = f(ts_t[0], y0, args)
+    # f's output structure is checked at trace time (abstractly: no evaluation).
+    out0 = jax.eval_shape(f, ts_t[0], y0, args)
     problem = _rhs_structure_problem(out0, y0)
     if problem is not None:
         if throw:
@@ -194,7 +194,6 @@ def solve(
         solver=solver, controller=controller, rtol=rtol, atol=atol, dt0=dt0, fixed=fixed,
         max_steps=max_steps, dense=dense, jac=jac_flat,
     )
-    f0 = flatten(out0)
     method = Auto() if sensitivity is None else sensitivity
     if dense or (isinstance(method, Auto) and forward_mode_active(y_flat, ts_t, args)):
         # The plain loop: forward mode differentiates through its steps.
@@ -203,7 +202,7 @@ def solve(
                 f"dense=True works only with the default sensitivity and without reverse-mode "
                 f"differentiation; got sensitivity={method!r}"
             )
-        ys, counters, pieces = integrate(f_flat, y_flat, ts_t, args, opts, f0=f0)
+        ys, counters, pieces = integrate(f_flat, y_flat, ts_t, args, opts)
     else:
         # The method's derivative rules are part of the traced program, so they
         # also apply when differentiation happens outside an enclosing jit.
