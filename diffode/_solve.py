@@ -163,7 +163,7 @@ def solve(
     ts_t = ts.astype(tdtype)
 
     # f's output structure is checked at trace time (abstractly: no evaluation).
-    out0 = jax.eval_shape(f, ts_t[0], y0, args)
+    out0 = eqx.filter_eval_shape(f, ts_t[0], y0, args)
     problem = _rhs_structure_problem(out0, y0)
     if problem is not None:
         if throw:
