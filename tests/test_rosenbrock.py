@@ -316,7 +316,7 @@ def _rob_f32_solve(ts_dtype):
 
 
 def test_float32_robertson():
-    # float32 state with float64 times (see the xfail below for float32 times).
+    # float32 state with float64 times (float32 times: the next test).
     sol = _rob_f32_solve(np.float64)
     assert sol.status == diffode.Status.SUCCESS and sol.ys.dtype == jnp.float32
     ref = _radau_reference("robertson")
