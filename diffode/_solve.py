@@ -208,7 +208,7 @@ def solve(
         # also apply when differentiation happens outside an enclosing jit.
         ys, counters = method.integrate(f_flat, y_flat, ts_t, args, opts)
         pieces = None
-    direction = jnp.where(ts_t[-1] < ts_t[0], -1, 1).astype(tdtype)
+    direction = time_direction(ts_t)
     stat_names = _COUNTERS + solver.stat_names
     status = counters[0]
     if throw:
@@ -222,6 +222,36 @@ def solve(
         direction=direction,
         unravel=unravel,
     )
+
+
+def time_direction(ts: Array) -> Array:
+    """``-1`` for decreasing ``ts`` (backwards integration), else ``1``, in the dtype of ``ts``.
+
+    The loop runs in internal time ``s = direction * t``, which always increases.
+    """
+    return jnp.where(ts[-1] < ts[0], -1, 1).astype(ts.dtype)
+
+
+def internal_rhs(f: Callable, args: PyTree, direction: Array, dtype, jac: Callable | None = None) -> FlatRHS:
+    """``f(t, y, args)`` as the steppers see it: a :class:`FlatRHS` in internal time.
+
+    The right-hand side is one jitted closure, so ``f`` is traced and lowered once
+    however many stages call it (``args`` may hold non-array leaves, so it is
+    closed over, not passed).
+    """
+    dir_y = direction.astype(dtype)
+
+    @jax.jit
+    def rhs_fn(s, y):
+        return dir_y * f(direction * s, y, args)
+
+    jac_fn = None
+    if jac is not None:
+
+        def jac_fn(s, y):
+            return dir_y * jac(direction * s, y, args)
+
+    return FlatRHS(rhs_fn, jac_fn)
 
 
 class IntegrateOptions(NamedTuple):
@@ -263,22 +293,9 @@ def integrate(
     i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
     rtol = jnp.asarray(opts.rtol, dtype)
     atol = jnp.asarray(opts.atol, dtype)
-    direction = jnp.where(ts_t[-1] < ts_t[0], -1, 1).astype(tdtype)
+    direction = time_direction(ts_t)
     s_ts = direction * ts_t  # internal time always increases
-
-    # One jitted closure: f is traced and lowered once however many stages call
-    # it (args may hold non-array leaves, so it is closed over, not passed).
-    @jax.jit
-    def rhs_fn(s, y):
-        return direction.astype(dtype) * f(direction * s, y, args)
-
-    jac_fn = None
-    if opts.jac is not None:
-
-        def jac_fn(s, y):
-            return direction.astype(dtype) * opts.jac(direction * s, y, args)
-
-    rhs = FlatRHS(rhs_fn, jac_fn)
+    rhs = internal_rhs(f, args, direction, dtype, opts.jac)
 
     t0, t_end = s_ts[0], s_ts[-1]
     tol = Tolerances(rtol, atol, controller.norm)

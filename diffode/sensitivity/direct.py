@@ -25,8 +25,8 @@ from .._implicit import SDIRK
 from .._radau import Radau5
 from .._rosenbrock import Rosenbrock
 from .._solution import Status
-from .._solve import integrate
-from .._solver import FlatRHS, Tolerances
+from .._solve import integrate, internal_rhs, time_direction
+from .._solver import Tolerances
 from .._util import select
 from ._base import AbstractSensitivity, forward_mode_active, split_args
 
@@ -188,24 +188,15 @@ def _direct_bwd(residuals, grad_obj, perturbed, vjp_arg, static, method, f, opts
     stride, _ = _layout(method, opts.max_steps)
     dtype, tdtype = y0.dtype, ts.dtype
     n_ts = ts.shape[0]
-    direction = jnp.where(ts[-1] < ts[0], -1, 1).astype(tdtype)
+    direction = time_direction(ts)
     s_ts = direction * ts
-    dir_y = direction.astype(dtype)
     tol = Tolerances(jnp.asarray(opts.rtol, dtype), jnp.asarray(opts.atol, dtype), opts.controller.norm)
     num = counters[2]  # accepted steps
     fixed = opts.fixed
 
-    # The right-hand side in internal (increasing) time, as the loop builds it;
-    # jitted so that f is traced once however many stages call it.
-    @jax.jit
-    def rhs_fn(s, y, a):
-        return dir_y * f(direction * s, y, eqx.combine(a, static))
-
     def step_map(t, y, h, a):
-        jac_fn = None
-        if opts.jac is not None:
-            jac_fn = lambda s, z: dir_y * opts.jac(direction * s, z, eqx.combine(a, static))
-        rhs = FlatRHS(lambda s, z: rhs_fn(s, z, a), jac_fn)
+        # The right-hand side exactly as the loop builds it.
+        rhs = internal_rhs(f, eqx.combine(a, static), direction, dtype, opts.jac)
         state = solver.init(rhs, t, y, rhs(t, y))
         res = solver.step(rhs, t, y, h.astype(dtype), state, tol)
         return res.y1, res.dense

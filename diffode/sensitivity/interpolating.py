@@ -10,7 +10,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array
 
 from .._solution import DenseOutput, Status
-from .._solve import integrate
+from .._solve import integrate, time_direction
 from ._adjoint_common import AbstractAdjoint, adjoint_opts, rhs_vjp
 
 
@@ -98,7 +98,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
         n = y0.shape[0]
         mu0 = ravel_pytree(diff)[0].astype(y0.dtype)
         aug_opts = adjoint_opts(opts)
-        direction = jnp.where(ts[-1] < ts[0], -1, 1).astype(ts.dtype)
+        direction = time_direction(ts)
 
         def adjoint_over(dense: DenseOutput, i_hi, i_lo, carry):
             """Adjoint from ts[i_hi] down to ts[i_lo], reading y from ``dense``.
