@@ -29,6 +29,16 @@ from ._solution import MESSAGES, Solution, Stats, Status
 from ._solve import solve
 from ._solver import AbstractSolver, FlatRHS, StepResult, Tolerances
 from ._tableau import ButcherTableau
+from .steady import (
+    STEADY_STATE_MESSAGES,
+    AbstractSteadyStateMethod,
+    IntegrateToSteady,
+    Newton,
+    PseudoTransient,
+    SteadyState,
+    SteadyStateStatus,
+    steady_state,
+)
 
 __version__ = "0.1.0"
 
@@ -36,6 +46,7 @@ __all__ = [
     "AbstractLinearSolver",
     "AbstractSensitivity",
     "AbstractSolver",
+    "AbstractSteadyStateMethod",
     "Auto",
     "BacksolveAdjoint",
     "Bosh3",
@@ -50,6 +61,7 @@ __all__ = [
     "GMRES",
     "Heun",
     "ImplicitEuler",
+    "IntegrateToSteady",
     "InterpolatingAdjoint",
     "Kvaerno3",
     "Kvaerno5",
@@ -57,7 +69,9 @@ __all__ = [
     "max_norm",
     "MESSAGES",
     "Midpoint",
+    "Newton",
     "PIDController",
+    "PseudoTransient",
     "Radau5",
     "Ralston",
     "RK4",
@@ -71,6 +85,10 @@ __all__ = [
     "solve",
     "Stats",
     "Status",
+    "STEADY_STATE_MESSAGES",
+    "steady_state",
+    "SteadyState",
+    "SteadyStateStatus",
     "StepResult",
     "Tolerances",
     "Tsit5",

@@ -17,13 +17,27 @@ factorisation):
 3. ``x = linsolve.solve(f, cache, b)``: as often as needed (every Newton
    iteration, every Rosenbrock stage).
 
+Steady states (:func:`diffode.steady_state`) need solves with general square
+operators instead (``J``, or ``I/dt - J`` in pseudo-transient continuation), and
+with their transposes for reverse-mode derivatives. For those a linear solver
+offers a second, two-call protocol:
+
+1. ``factors = linsolve.factor(matvec, matrix)``: ``matvec(v)`` applies the
+   operator and ``matrix()`` builds it densely (only called by solvers that
+   factorise). The result is a pytree that may be reused for any number of
+   solves.
+2. ``x, ok = linsolve.solve_factored(factors, matvec, b, transpose)``: solves
+   ``A x = b``, or ``A^T x = b`` when ``transpose`` is true (then ``matvec`` must
+   apply ``A^T``). ``ok`` is false when the operator is numerically singular or
+   an iterative solve did not converge.
+
 Under ``jax.vmap`` the conditional work in :meth:`prepare` becomes a select
 (both branches run), but the returned counts stay per batch member.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import equinox as eqx
 import jax.lax as lax
@@ -50,6 +64,16 @@ class AbstractLinearSolver(eqx.Module):
 
     def solve(self, f: FlatRHS, cache: Any, b: Float[Array, " n"]) -> Float[Array, " n"]:
         """``x`` with ``(I - gamma_h J) x = b`` for the ``gamma_h`` and ``J`` of the last :meth:`prepare`."""
+        raise NotImplementedError
+
+    def factor(self, matvec: Callable[[Array], Array], matrix: Callable[[], Array]) -> Any:
+        """Prepare solves with the square operator ``matvec`` (dense form: ``matrix()``)."""
+        raise NotImplementedError
+
+    def solve_factored(
+        self, factors: Any, matvec: Callable[[Array], Array], b: Float[Array, " n"], transpose: bool = False
+    ) -> tuple[Float[Array, " n"], Bool[Array, ""]]:
+        """``(x, ok)`` with ``A x = b`` (``A^T x = b`` if ``transpose``) for the operator of :meth:`factor`."""
         raise NotImplementedError
 
 
@@ -92,6 +116,29 @@ class LU(AbstractLinearSolver):
 
     def solve(self, f, cache, b):
         return jsl.lu_solve((cache.lu, cache.piv), b)
+
+    def factor(self, matvec, matrix):
+        a = matrix()
+        lu, piv = jsl.lu_factor(a)
+        # Numerically singular: a pivot below n eps times the largest one (the
+        # rank cut-off of numpy.linalg.matrix_rank, applied to U's diagonal).
+        d = jnp.abs(jnp.diagonal(lu))
+        big = jnp.max(d)
+        tiny = a.shape[0] * jnp.finfo(a.dtype).eps * big
+        singular = (big == 0) | (jnp.min(d) <= tiny) | ~jnp.isfinite(big)
+        return LUFactors(lu, piv.astype(jnp.int32), singular)
+
+    def solve_factored(self, factors, matvec, b, transpose=False):
+        x = jsl.lu_solve((factors.lu, factors.piv), b, trans=1 if transpose else 0)
+        return x, ~factors.singular & jnp.all(jnp.isfinite(x))
+
+
+class LUFactors(eqx.Module):
+    """LU factors of a square operator and whether it is numerically singular."""
+
+    lu: Float[Array, "n n"]
+    piv: Array
+    singular: Bool[Array, ""]
 
 
 class GMRESCache(eqx.Module):
@@ -143,7 +190,24 @@ class GMRES(AbstractLinearSolver):
         def matvec(v):
             return v - gh * f.jvp(t, y, v)
 
-        x, _ = jssl.gmres(matvec, b, tol=self.rtol, atol=0.0, restart=self.restart, maxiter=self.maxiter,
-                          solve_method="incremental")
-        return x
+        return self._gmres(matvec, b)
 
+    def _gmres(self, matvec, b):
+        # jax.scipy's GMRES treats residual norms below machine epsilon as zero
+        # (an absolute floor), so it solves for b / |b| and scales back.
+        nb = jnp.linalg.norm(b)
+        scale = jnp.where(nb > 0, nb, 1)
+        x, _ = jssl.gmres(matvec, b / scale, tol=self.rtol, atol=0.0, restart=self.restart,
+                          maxiter=self.maxiter, solve_method="incremental")
+        return x * scale
+
+    def factor(self, matvec, matrix):
+        return None  # matrix-free: nothing to prepare
+
+    def solve_factored(self, factors, matvec, b, transpose=False):
+        x = self._gmres(matvec, b)
+        # GMRES reports no convergence flag: check the true residual (one more
+        # product). A factor of 10 allows for the recursive residual's drift.
+        res = jnp.linalg.norm(b - matvec(x))
+        ok = jnp.all(jnp.isfinite(x)) & (res <= 10 * self.rtol * jnp.linalg.norm(b))
+        return x, ok

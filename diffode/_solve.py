@@ -19,7 +19,7 @@ from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Stats, Sta
 from ._solver import AbstractSolver, FlatRHS, Tolerances
 from .sensitivity._base import AbstractSensitivity, forward_mode_active, reverse_mode_active
 from .sensitivity.auto import Auto
-from ._util import select, tree_select
+from ._util import raise_on_failure, select, tree_select
 
 _COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
 
@@ -45,21 +45,6 @@ def _rhs_structure_problem(out, y0) -> str | None:
         if jnp.shape(a) != jnp.shape(b):
             return f"f returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
     return None
-
-
-@jax.custom_jvp
-def _raise_on_failure(ys: Array, status: Array) -> Array:
-    """``ys``, raising the message of ``status`` when it is not SUCCESS (also under jit)."""
-    return eqx.branched_error_if(ys, status != Status.SUCCESS, status, MESSAGE_LIST)
-
-
-@_raise_on_failure.defjvp
-def _raise_on_failure_jvp(primals, tangents):
-    # Checked on the derivative too: under jit, a program that only uses
-    # derivatives of ys would otherwise drop the check as dead code.
-    ys, status = primals
-    dys = eqx.branched_error_if(tangents[0], status != Status.SUCCESS, status, MESSAGE_LIST)
-    return _raise_on_failure(ys, status), dys
 
 
 def _placeholder(spec) -> Array:
@@ -212,7 +197,7 @@ def solve(
     stat_names = _COUNTERS + solver.stat_names
     status = counters[0]
     if throw:
-        ys = _raise_on_failure(ys, status)
+        ys = raise_on_failure(ys, status, MESSAGE_LIST)
     return Solution(
         ts=ts,
         ys=jax.vmap(unravel)(ys),

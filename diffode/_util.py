@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -33,3 +36,18 @@ def select(pred, on_true, on_false):
 
 def tree_select(pred, on_true, on_false):
     return jtu.tree_map(lambda a, b: select(pred, a, b), on_true, on_false)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def raise_on_failure(x, status, messages: tuple[str, ...]):
+    """``x``, raising ``messages[status]`` when ``status`` is not 0 (also under ``jit`` and ``vmap``)."""
+    return eqx.branched_error_if(x, status != 0, status, messages)
+
+
+@raise_on_failure.defjvp
+def _raise_on_failure_jvp(messages, primals, tangents):
+    # Checked on the derivative too: under jit, a program that only uses
+    # derivatives of x would otherwise drop the check as dead code.
+    x, status = primals
+    dx = eqx.branched_error_if(tangents[0], status != 0, status, messages)
+    return raise_on_failure(x, status, messages), dx

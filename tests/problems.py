@@ -25,6 +25,12 @@ import numpy as np
 
 __all__ = [
     "Problem",
+    "SteadyProblem",
+    "STEADY",
+    "cubic_relaxation",
+    "enzyme_chain",
+    "linear_steady",
+    "michaelis_menten_flow",
     "TESTSET",
     "TESTSET_ATOL_OVER_RTOL",
     "arenstorf",
@@ -646,3 +652,117 @@ TESTSET = (hires, rober, vdpol, orego, pollu)
 # species of interest lie above ~1e-6 (y16, the O1D radical, is a
 # quasi-steady-state value of 4e-17).
 TESTSET_ATOL_OVER_RTOL = {"hires": 1e-4, "rober": 1e-10, "vdpol": 1.0, "orego": 1.0, "pollu": 1e-6}
+
+
+
+# ----------------------------------------------------------------------------
+# Steady-state problems: f(t, y*, args) = 0 (diffode.steady_state).
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SteadyProblem:
+    """A steady-state problem ``f(t, y*, args) = 0`` with initial guess ``y0``.
+
+    ``exact(args)`` is the closed-form steady state as a JAX function of
+    ``args`` (so its derivatives of every order come from JAX), or ``None``.
+    The steady state is stable: integrating ``f`` from ``y0`` reaches it.
+    """
+
+    name: str
+    f: Callable[[Any, Any, Any], Any]
+    y0: Any
+    args: Any
+    exact: Optional[Callable[[Any], Any]] = None
+    dtype: Any = np.float64
+
+
+def linear_steady_rhs(t, y, args):
+    """``y' = A y + B p`` with ``args = (A, p)`` and the fixed ``B`` of :data:`LINEAR_STEADY_B`."""
+    a, p = args
+    return a @ y + jnp.asarray(LINEAR_STEADY_B, y.dtype) @ p
+
+
+# A non-normal upper-triangular matrix (eigenvalues -1, -2, -3) and an input map.
+LINEAR_STEADY_A = ((-1.0, 2.0, 0.5), (0.0, -2.0, 1.0), (0.0, 0.0, -3.0))
+LINEAR_STEADY_B = ((1.0, 0.0), (0.5, 1.0), (0.0, 2.0))
+
+
+def linear_steady(dtype=np.float64) -> SteadyProblem:
+    """``y' = A y + B p``, stable ``A``: ``y* = -A^{-1} B p``, differentiable in ``A`` and ``p``."""
+    dtype = _check_dtype(dtype)
+    args = (jnp.asarray(LINEAR_STEADY_A, dtype), jnp.asarray([1.0, -2.0], dtype))
+
+    def exact(args):
+        a, p = args
+        return -jnp.linalg.solve(a, jnp.asarray(LINEAR_STEADY_B, a.dtype) @ p)
+
+    return SteadyProblem("linear_steady", linear_steady_rhs, jnp.zeros(3, dtype), args, exact, dtype)
+
+
+def cubic_relaxation_rhs(t, y, args):
+    """``y' = p - y**3`` componentwise."""
+    return args - y**3
+
+
+def cubic_relaxation(dtype=np.float64) -> SteadyProblem:
+    """``y' = p - y**3`` with ``p = (0.5, 2, 8)``: ``y* = p**(1/3)`` (stable: ``df/dy = -3 y**2 < 0``)."""
+    dtype = _check_dtype(dtype)
+    return SteadyProblem(
+        "cubic_relaxation", cubic_relaxation_rhs, jnp.ones(3, dtype), jnp.asarray([0.5, 2.0, 8.0], dtype),
+        lambda p: jnp.cbrt(p), dtype,
+    )
+
+
+def michaelis_menten_flow_rhs(t, y, args):
+    """Substrate fed at ``k_in`` and converted (Michaelis-Menten, ``V``, ``K``) into a product
+    cleared at ``k_out``; a dict state ``{"S", "P"}`` and a dict of parameters."""
+    rate = args["V"] * y["S"] / (args["K"] + y["S"])
+    return {"S": args["k_in"] - rate, "P": rate - args["k_out"] * y["P"]}
+
+
+def michaelis_menten_flow(dtype=np.float64) -> SteadyProblem:
+    """Michaelis-Menten inflow and outflow: ``S* = K k_in / (V - k_in)``, ``P* = k_in / k_out``
+    (for ``V > k_in``)."""
+    dtype = _check_dtype(dtype)
+    args = {k: jnp.asarray(v, dtype) for k, v in dict(k_in=1.0, V=3.0, K=0.5, k_out=0.4).items()}
+
+    def exact(a):
+        return {"S": a["K"] * a["k_in"] / (a["V"] - a["k_in"]), "P": a["k_in"] / a["k_out"]}
+
+    y0 = {"S": jnp.asarray(0.1, dtype), "P": jnp.asarray(0.0, dtype)}
+    return SteadyProblem("michaelis_menten_flow", michaelis_menten_flow_rhs, y0, args, exact, dtype)
+
+
+def enzyme_chain_rhs(t, y, args):
+    """A linear pathway ``y_0 -> y_1 -> ... -> y_{n-1}``: inflow ``k_in`` into ``y_0``,
+    Michaelis-Menten forward steps ``V_i y_i / (K_i + y_i)``, mass-action back
+    steps ``b_i y_{i+1}`` and first-order degradation ``d_i y_i``."""
+    fwd = args["V"] * y[:-1] / (args["K"] + y[:-1]) - args["b"] * y[1:]  # net flux of step i
+    inflow = jnp.concatenate([args["k_in"][None], fwd])
+    outflow = jnp.concatenate([fwd, jnp.zeros((1,), y.dtype)])
+    return inflow - outflow - args["d"] * y
+
+
+def enzyme_chain(n: int = 64, dtype=np.float64) -> SteadyProblem:
+    """:func:`enzyme_chain_rhs` with ``n`` species and ``4 n - 2`` parameters drawn once from
+    fixed ranges (seeded): ``V in [1, 2]``, ``K in [0.5, 1.5]``, ``b in [0.1, 0.5]``,
+    ``d in [0.05, 0.2]``, ``k_in = 1``. Its Jacobian is tridiagonal, and each
+    column sums to ``-d_j < 0`` with a negative diagonal, so it is strictly
+    column diagonally dominant: by Gershgorin's theorem every eigenvalue has a
+    negative real part, so the steady state is stable. No closed form; the
+    benchmark model for steady-state gradients."""
+    dtype = _check_dtype(dtype)
+    rng = np.random.RandomState(0)
+    args = dict(
+        k_in=jnp.asarray(1.0, dtype),
+        V=jnp.asarray(rng.uniform(1.0, 2.0, n - 1), dtype),
+        K=jnp.asarray(rng.uniform(0.5, 1.5, n - 1), dtype),
+        b=jnp.asarray(rng.uniform(0.1, 0.5, n - 1), dtype),
+        d=jnp.asarray(rng.uniform(0.05, 0.2, n), dtype),
+    )
+    return SteadyProblem(f"enzyme_chain_{n}", enzyme_chain_rhs, jnp.ones(n, dtype), args, None, dtype)
+
+
+#: The steady-state problems with closed forms.
+STEADY = (linear_steady, cubic_relaxation, michaelis_menten_flow)

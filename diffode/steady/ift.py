@@ -1,0 +1,93 @@
+"""Derivatives of a steady state by the implicit function theorem.
+
+At a regular root ``f(y*(p), p) = 0``, differentiating gives
+``J dy* + (df/dp) dp = 0`` with ``J = df/dy`` at ``(y*, p)``, so
+
+    dy* = -J^{-1} (df/dp) dp
+
+(Krantz and Parks, "The Implicit Function Theorem", 2002, Theorem 3.3.1). The
+root finder's iterations are never differentiated: its result enters only as the
+point where the linear system is built.
+
+The rule is a JVP, linear in ``dp``, whose linear solve is a
+``jax.lax.custom_linear_solve``. JAX transposes it for reverse mode (the solve
+with ``J^T``), differentiates it again for second derivatives, and batches it
+under ``vmap``. Every solve, including those of second derivatives, reuses one
+factorisation of ``J`` at ``(y*, p)``: ``custom_linear_solve`` differentiates
+only the operator (``J v`` by ``jax.jvp``), never the solver, which is the
+single-factorisation Hessian of the F-1 method (Pasquier and Primeau, "The F-1
+algorithm for efficient computation of the Hessian matrix of an objective
+function defined implicitly by the solution of a steady-state problem", SIAM
+J. Sci. Comput. 41(3), 2019).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from .._linsolve import AbstractLinearSolver
+from ._base import AbstractSteadyStateMethod, jacobian_operator
+from ._result import SINGULAR_DERIVATIVE_MESSAGE
+
+#: ``g(y, theta, other)``: the right-hand side on flat states; ``theta`` holds the
+#: differentiated inputs, ``other`` the rest.
+Residual = Callable[[Float[Array, " n"], Any, Any], Float[Array, " n"]]
+
+
+def ift_tangent(
+    g: Residual, linear_solver: AbstractLinearSolver, y: Array, theta: Any, other: Any, dtheta: Any, throw: bool
+) -> Array:
+    """``dy* = -J^{-1} (dg/dtheta) dtheta`` at the root ``y`` (see the module docstring)."""
+    rhs = jax.jvp(lambda th: g(y, th, other), (theta,), (dtheta,))[1]
+    matvec, _ = jacobian_operator(lambda v: g(v, theta, other), y)
+    # The factorisation is built from constants, so no derivative of it is ever
+    # formed; it only has to invert the operator that matvec applies.
+    y0, theta0 = lax.stop_gradient((y, theta))
+    factors = linear_solver.factor(*jacobian_operator(lambda v: g(v, theta0, other), y0))
+
+    def checked(x, ok):
+        x = jnp.where(ok, x, jnp.nan)
+        return eqx.error_if(x, ~ok, SINGULAR_DERIVATIVE_MESSAGE) if throw else x
+
+    def solve(mv, b):
+        return checked(*linear_solver.solve_factored(factors, mv, b))
+
+    def transpose_solve(mv_t, b):
+        return checked(*linear_solver.solve_factored(factors, mv_t, b, transpose=True))
+
+    return lax.custom_linear_solve(matvec, -rhs, solve, transpose_solve)
+
+
+def _float0_zeros(x):
+    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
+
+
+def implicit_root(
+    method: AbstractSteadyStateMethod, g: Residual, y0: Array, theta: Any, other: Any, tol: Array,
+    max_steps: int, throw: bool,
+) -> tuple[Array, Array, Array]:
+    """``(y*, status, counters)`` from ``method.find``, differentiable in ``theta`` by :func:`ift_tangent`.
+
+    ``y*`` does not depend on ``y0`` (an isolated root does not move when the
+    initial guess does), so ``y0`` gets no derivative.
+    """
+
+    @jax.custom_jvp
+    def root(y0, theta, other, tol):
+        return method.find(lambda y: g(y, theta, other), y0, tol, max_steps)
+
+    @root.defjvp
+    def root_jvp(primals, tangents):
+        y0, theta, other, tol = primals
+        y, status, cnt = root(y0, theta, other, tol)
+        dy = ift_tangent(g, method.linear_solver, y, theta, other, tangents[1], throw)
+        return (y, status, cnt), (dy, _float0_zeros(status), _float0_zeros(cnt))
+
+    return root(lax.stop_gradient(y0), theta, other, tol)
