@@ -159,3 +159,38 @@ def test_newton_under_vmap_counts_per_member():
         np.testing.assert_allclose(np.asarray(z), np.asarray(z1), rtol=1e-13)
     # Harder problems (larger base, stronger nonlinearity) need more iterations.
     assert int(iters[0]) < int(iters[2])
+
+
+# ---------------------------------------------------------- general square operators
+
+
+@pytest.mark.parametrize("linsolve", [LU(), GMRES(rtol=1e-12)], ids=["LU", "GMRES"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_factored_solve_with_an_operator(linsolve, transpose):
+    """factor/solve_factored solve A x = b (or A^T x = b) for a general matrix A."""
+    a = jnp.asarray(J_MAT)
+    op = a.T if transpose else a
+    factors = linsolve.factor(lambda v: a @ v, lambda: a)
+    b = jnp.asarray(RNG.standard_normal(N))
+    x, ok = linsolve.solve_factored(factors, lambda v: op @ v, b, transpose=transpose)
+    assert bool(ok)
+    np.testing.assert_allclose(x, np.linalg.solve(np.asarray(op), np.asarray(b)), rtol=1e-10, atol=1e-12)
+
+
+def test_gmres_is_scale_invariant():
+    """A right-hand side of norm 1e-12 is solved to the same relative accuracy: jax's
+    GMRES alone treats residuals below machine epsilon as zero and would stop early."""
+    a = jnp.asarray(J_MAT)
+    b = 1e-12 * jnp.asarray(RNG.standard_normal(N))
+    x, ok = GMRES(rtol=1e-12).solve_factored(None, lambda v: a @ v, b)
+    assert bool(ok)
+    np.testing.assert_allclose(x, np.linalg.solve(J_MAT, np.asarray(b)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("linsolve", [LU(), GMRES()], ids=["LU", "GMRES"])
+def test_singular_operator_is_reported(linsolve):
+    a = jnp.asarray([[1.0, 2.0, 0.0], [2.0, 4.0, 0.0], [0.0, 0.0, 1.0]])  # rank 2
+    b = jnp.asarray([1.0, 0.0, 1.0])  # not in the range of a
+    factors = linsolve.factor(lambda v: a @ v, lambda: a)
+    _, ok = linsolve.solve_factored(factors, lambda v: a @ v, b)
+    assert not bool(ok)

@@ -39,10 +39,11 @@ STEADY_STATE_MESSAGES: dict[int, str] = {
         "conserved quantities from the state, or use PseudoTransient)."
     ),
     SteadyStateStatus.NO_PROGRESS: (
-        "The line search could not reduce |f|: the iterate is at a local minimum of |f| that is "
-        "not a root, so there may be no steady state near y0 (for example y' = 1 + y**2), or tol "
-        "is below the rounding error of f (loosen tol). PseudoTransient or IntegrateToSteady "
-        "may get further."
+        "The iteration stopped making progress (Newton's line search could not reduce |f|, or "
+        "pseudo-time steps became too small to move y). The iterate may be at a local minimum of "
+        "|f| that is not a root, so there may be no steady state near y0 (for example "
+        "y' = 1 + y**2), or tol is below the rounding error of f (loosen tol). PseudoTransient "
+        "or IntegrateToSteady may get further than Newton."
     ),
     SteadyStateStatus.NONFINITE_RHS: (
         "f returned NaN or inf at the iterate (or at every trial point near it), and smaller "

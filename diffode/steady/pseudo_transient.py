@@ -30,7 +30,8 @@ class PseudoTransient(AbstractSteadyStateMethod):
 
     A step whose linear solve or new residual is not finite is retried with
     ``dt / 4``; residual growth is allowed (the transient may overshoot), with
-    ``dt`` shrinking by at most 10x per step.
+    ``dt`` shrinking by at most 10x per step. The iteration stops when ``dt``
+    becomes too small to move ``y``.
 
     Args:
         linear_solver: :class:`diffode.LU` or :class:`diffode.GMRES`.
@@ -68,32 +69,35 @@ class PseudoTransient(AbstractSteadyStateMethod):
         dt0 = jnp.minimum(dt0, self.dt_max).astype(dtype)
         dt_floor = jnp.finfo(dtype).eps * dt0
         status0 = select(~jnp.isfinite(r0), S.NONFINITE_RHS, select(r0 <= tol, S.SUCCESS, -1))
-        # carry: iteration, y, f(y), |f(y)|_2, dt, status (-1: running), counters
-        init = (jnp.asarray(0, jnp.int32), y0, f0, jnp.linalg.norm(f0), dt0, status0.astype(jnp.int32),
-                counters(num_fevals=1))
+        # carry: iteration, y, f(y), |f(y)|_2, dt, last rejection was non-finite, status (-1: running), counters
+        init = (jnp.asarray(0, jnp.int32), y0, f0, jnp.linalg.norm(f0), dt0, jnp.asarray(False),
+                status0.astype(jnp.int32), counters(num_fevals=1))
 
         def body(c):
-            k, y, fy, nf, dt, _, cnt = c
+            k, y, fy, nf, dt, saw_nan, _, cnt = c
             matvec, matrix = jacobian_operator(g, y, 1 / dt)
             delta, solved = ls.solve_factored(ls.factor(matvec, matrix), matvec, fy)
             y_t = y + delta
             f_t = g(y_t)
             nf_t = jnp.linalg.norm(f_t)
-            ok = solved & jnp.isfinite(nf_t)
+            finite = jnp.isfinite(nf_t)
+            ok = solved & finite
             ratio = jnp.clip(nf / jnp.maximum(nf_t, tiny), 0.1, jnp.inf)
             dt_new = jnp.minimum(select(ok, dt * ratio, dt / 4), self.dt_max)
+            # Stuck: the step no longer moves y (dt too small), or dt has collapsed.
+            stuck = (ok & jnp.all(y_t == y)) | (dt_new < dt_floor)
+            saw_nan = select(ok, saw_nan, solved & ~finite)
             y, fy, nf = select(ok, y_t, y), select(ok, f_t, fy), select(ok, nf_t, nf)
             r = max_abs(fy)
             k1 = k + 1
-            collapsed = dt_new < dt_floor
+            why_stuck = select(saw_nan, S.NONFINITE_RHS, select(solved, S.NO_PROGRESS, S.SINGULAR_JACOBIAN))
             status = select(
                 ok & (r <= tol), S.SUCCESS,
-                select(collapsed, select(solved, S.NONFINITE_RHS, S.SINGULAR_JACOBIAN),
-                       select(k1 >= max_steps, S.MAX_STEPS_REACHED, -1)),
+                select(stuck, why_stuck, select(k1 >= max_steps, S.MAX_STEPS_REACHED, -1)),
             ).astype(jnp.int32)
             cnt = cnt + counters(num_iterations=1, num_fevals=1, num_jac_evals=jac_per_iter, num_linear_solves=1,
                                  num_rejected=select(ok, 0, 1))
-            return k1, y, fy, nf, dt_new, status, cnt
+            return k1, y, fy, nf, dt_new, saw_nan, status, cnt
 
-        _, y, _, _, _, status, cnt = lax.while_loop(lambda c: c[5] < 0, body, init)
+        _, y, _, _, _, _, status, cnt = lax.while_loop(lambda c: c[6] < 0, body, init)
         return y, status, cnt
