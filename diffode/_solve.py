@@ -177,7 +177,7 @@ def solve(
 
     opts = IntegrateOptions(
         solver=solver, controller=controller, rtol=rtol, atol=atol, dt0=dt0, fixed=fixed,
-        max_steps=max_steps, dense=dense, jac=jac_flat,
+        max_steps=max_steps, dense=dense, jac=jac_flat, throw=throw,
     )
     method = Auto() if sensitivity is None else sensitivity
     if dense or (isinstance(method, Auto) and forward_mode_active(y_flat, ts_t, args)):
@@ -252,6 +252,7 @@ class IntegrateOptions(NamedTuple):
     dense: bool = False
     jac: Callable | None = None  # jac(t, y_flat, args) -> (n, n)
     return_state: bool = False  # also return the solver state after the last step
+    throw: bool = True  # sensitivity methods: raise when a backward solve fails (else NaN)
 
 
 def integrate(

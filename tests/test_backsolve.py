@@ -172,21 +172,41 @@ def test_memory_does_not_grow_with_max_steps():
     assert large <= small, (small, large)
 
 
-def test_failed_backward_solve_gives_nan_not_a_wrong_gradient():
+def test_failed_backward_solve_raises_or_gives_nan():
     # f's value is exact, but its VJP is NaN (the gradient of a norm at 0): the
-    # backward solve fails at once, and every cotangent must say so.
+    # backward solve fails at once. throw=True raises an error naming the method
+    # and the failure; throw=False makes every cotangent NaN.
     def f(t, y, k):
         return -k * y + jnp.linalg.norm(y - y)
 
     p = problems.exponential_decay()
 
-    def loss(y0, k):
-        return jnp.sum(diffode.solve(f, y0, jnp.asarray([0.0, 1.0]), k, sensitivity=BacksolveAdjoint()).ys)
+    def loss(y0, k, throw):
+        sol = diffode.solve(f, y0, jnp.asarray([0.0, 1.0]), k, sensitivity=BacksolveAdjoint(), throw=throw)
+        return jnp.sum(sol.ys)
 
-    value = loss(p.y0, p.args)
-    assert np.isfinite(value)
-    g_y0, g_k = jax.grad(loss, argnums=(0, 1))(p.y0, p.args)
+    assert np.isfinite(loss(p.y0, p.args, True))
+    with pytest.raises(eqx.EquinoxRuntimeError) as info:
+        jax.grad(loss, argnums=(0, 1))(p.y0, p.args, True)
+    assert "BacksolveAdjoint: the backward (adjoint) solve failed. " + diffode.MESSAGES[
+        diffode.Status.NONFINITE_RHS] in str(info.value)
+    g_y0, g_k = jax.grad(loss, argnums=(0, 1))(p.y0, p.args, False)
     assert np.all(np.isnan(g_y0)) and np.all(np.isnan(g_k))
+
+
+def test_stiff_backward_solve_failure_is_an_error():
+    """Robertson: the backward re-solve of y cannot follow the decaying fast modes
+    (they grow backwards in time); the gradient raises instead of returning NaN."""
+    p = problems.robertson()
+    ts = jnp.asarray([0.0, 1e-3, 0.1, 1.0, 10.0, 100.0])
+
+    def loss(k):
+        ys = diffode.solve(p.f, p.y0, ts, k, solver=diffode.Radau5(), rtol=1e-8, atol=1e-12,
+                           sensitivity=BacksolveAdjoint(), max_steps=5000).ys
+        return jnp.sum(ys @ jnp.asarray([1.0, 1e4, 1.0]))
+
+    with pytest.raises(eqx.EquinoxRuntimeError, match="BacksolveAdjoint: the backward .* InterpolatingAdjoint"):
+        jax.block_until_ready(eqx.filter_jit(jax.grad(loss))(p.args))
 
 
 def test_bad_requests():

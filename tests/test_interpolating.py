@@ -22,10 +22,10 @@ TS_LV = np.array([0.0, 1.3, 2.9, 5.0, 7.7, 10.0])
 W_LV = np.random.default_rng(0).normal(size=(len(TS_LV), 2))
 
 
-def lv_grad(sens, solver=None, tol=1e-10, ts=TS_LV):
+def lv_grad(sens, solver=None, tol=1e-10, ts=TS_LV, throw=True):
     def loss(y0, ts, args):
         sol = diffode.solve(problems.lotka_volterra_rhs, y0, ts, args, solver=solver, rtol=tol, atol=tol,
-                            sensitivity=sens, max_steps=20_000)
+                            sensitivity=sens, max_steps=20_000, throw=throw)
         return jnp.sum(jnp.asarray(W_LV) * sol.ys)
 
     p = problems.lotka_volterra()
@@ -163,8 +163,8 @@ def robertson_reference() -> np.ndarray:
 def test_stiff_robertson_rate_constants():
     # Radau5 at rtol 1e-8: measured relative errors 1e-10 to 1e-9 per rate
     # constant (Rodas5P: ~2e-8). BacksolveAdjoint on the same problem fails its
-    # backward solve (the decaying fast modes explode backwards in time) and
-    # returns NaN; that is not asserted here.
+    # backward solve (the decaying fast modes explode backwards in time): see
+    # tests/test_backsolve.py.
     p = problems.robertson()
 
     def loss(k):
@@ -194,11 +194,15 @@ def test_checkpoint_memory_is_bounded():
     assert temp_bytes(InterpolatingAdjoint(), 100_000) > 10 * temp_bytes(InterpolatingAdjoint(), 1000)
 
 
-def test_checkpoint_budget_too_small_gives_nan():
-    # A re-solve that runs out of steps must not pass for a gradient.
+def test_checkpoint_budget_too_small_raises_or_gives_nan():
+    # A re-solve that runs out of steps must not pass for a gradient: an error that
+    # names the method and the failure (throw=True), or NaN (throw=False).
     sens = InterpolatingAdjoint(checkpoints=1, checkpoint_max_steps=5)
-    got = lv_grad(sens, tol=1e-8)
-    for g in got:
+    with pytest.raises((eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)) as info:
+        jax.block_until_ready(lv_grad(sens, tol=1e-8))
+    assert "InterpolatingAdjoint: the backward (adjoint) solve failed. " + diffode.MESSAGES[
+        diffode.Status.MAX_STEPS_REACHED] in str(info.value)
+    for g in lv_grad(sens, tol=1e-8, throw=False):
         assert np.all(np.isnan(g))
 
 

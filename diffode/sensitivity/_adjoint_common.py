@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
-from .._solution import Status
+from .._solution import MESSAGES, Status
 from .._solve import IntegrateOptions, integrate
 from ._base import AbstractSensitivity, forward_mode_active, split_args
 
@@ -97,6 +97,9 @@ class AbstractAdjoint(AbstractSensitivity):
 
         return _adjoint_solve((y0, ts, (diff, list(consts))), self, f_hoisted, opts)
 
+    #: Appended to the error raised when the backward solve fails.
+    failure_hint: ClassVar[str] = ""
+
     def _forward(self, f, y0, ts, args, opts) -> tuple[Array, Array, Any]:
         """``(ys, counters, residual)``."""
         raise NotImplementedError
@@ -138,7 +141,14 @@ def _adjoint_bwd(residuals, grad_obj, perturbed, vjp_arg, method: AbstractAdjoin
         status = jnp.asarray(Status.SUCCESS, jnp.int32)
     else:
         lam, mu, status = method._sweep(residual, ys, ys_bar, f, y0, ts, diff, static, opts)
-    # A failed forward or backward solve must not pass for a gradient.
+    # A failed forward or backward solve must not pass for a gradient: it raises
+    # (throw=True; a failed forward solve already raised in the forward pass) or
+    # gives NaN cotangents.
+    if opts.throw:
+        name = type(method).__name__
+        messages = tuple(f"{name}: the backward (adjoint) solve failed. {MESSAGES[s]}{method.failure_hint}"
+                         for s in Status)
+        lam, mu = eqx.branched_error_if((lam, mu), status != Status.SUCCESS, status, messages)
     bad = (status != Status.SUCCESS) | (counters[0] != Status.SUCCESS)
 
     y0_bar = _nan_like(lam + ys_bar[0], bad) if p_y0 else None

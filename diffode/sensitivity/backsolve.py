@@ -41,6 +41,10 @@ class BacksolveAdjoint(AbstractAdjoint):
     """
 
     seminorm: bool = False
+    failure_hint = (
+        " Re-solving y backwards is unstable on stiff problems (decaying modes grow backwards in time): "
+        "InterpolatingAdjoint or ForwardSensitivity avoid it."
+    )
 
     def _forward(self, f, y0, ts, args, opts):
         ys, counters, _ = integrate(f, y0, ts, args, opts._replace(dense=False))

@@ -74,6 +74,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
 
     checkpoints: int | None = None
     checkpoint_max_steps: int | None = None
+    failure_hint = " With checkpoints, the re-solves between them may need a larger checkpoint_max_steps."
 
     def __check_init__(self):
         if self.checkpoints is not None and (not isinstance(self.checkpoints, int) or self.checkpoints < 1):

@@ -9,7 +9,7 @@ from ._result import STEADY_STATE_MESSAGES, SteadyState, SteadyStateStatus
 from .integrate import IntegrateToSteady
 from .newton import Newton
 from .pseudo_transient import PseudoTransient
-from .steady_state import steady_state
+from ._steady_state import steady_state
 
 __all__ = [
     "AbstractSteadyStateMethod",
