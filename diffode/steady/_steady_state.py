@@ -12,6 +12,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
 from .._solution import Stats
+from .._solve import _rhs_structure_problem
 from .._util import raise_on_failure, select
 from ._base import AbstractSteadyStateMethod, max_abs
 from ._result import STAT_NAMES, STEADY_STATE_MESSAGE_LIST, STEADY_STATE_MESSAGES, SteadyState
@@ -28,16 +29,6 @@ def _check_y0(y0) -> None:
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"y0{jtu.keystr(path)} must be a real floating-point array, got {leaf!r}")
-
-
-def _structure_problem(out, y0) -> str | None:
-    want, got = jtu.tree_structure(y0), jtu.tree_structure(out)
-    if want != got:
-        return f"f returned structure {got}, but y0 has structure {want}."
-    for (path, a), b in zip(jtu.tree_leaves_with_path(y0), jtu.tree_leaves(out)):
-        if jnp.shape(a) != jnp.shape(b):
-            return f"f returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
-    return None
 
 
 def steady_state(
@@ -100,7 +91,7 @@ def steady_state(
         raise ValueError(f"tol must be a scalar, got shape {tol.shape}")
 
     out = eqx.filter_eval_shape(f, t, y0, args)
-    problem = _structure_problem(out, y0)
+    problem = _rhs_structure_problem(out, y0)
     if problem is not None:
         if throw:
             raise ValueError(f"{STEADY_STATE_MESSAGES[S.RHS_STRUCTURE_MISMATCH]} {problem}")

@@ -88,7 +88,7 @@ class Newton(AbstractSteadyStateMethod):
             if not self.linesearch:
                 c = body(c)
                 return c[1], c[2], c[3], c[5], c[5], c[6], jnp.asarray(0, jnp.int32)
-            lam, y_t, f_t, phi_t, ok, any_finite, nev = lax.while_loop(cond, body, c)
+            _, y_t, f_t, phi_t, ok, any_finite, nev = lax.while_loop(cond, body, c)
             return y_t, f_t, phi_t, ok, any_finite, nev, nev - 1
 
         def body(c):
