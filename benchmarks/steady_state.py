@@ -41,6 +41,12 @@ inside loop bodies), as are the LAPACK ``getrf`` calls left in the compiled
 Compile time is the median first call after ``jax.clear_caches()``; run time
 the median per-call time; all candidates of a part are interleaved
 (``benchmarks/_timing.py``). Targets are reported, not asserted.
+
+Time it on a quiet machine: on the 2-core CI machine, with other jobs running,
+single calls of the long solve took up to 70x and of the Hessians up to 90x
+longer than on the quiet machine. ``XLA_FLAGS``, the load average at the start
+and the end, and the cores that other processes kept busy during the run (from
+``/proc/stat``) are recorded with the results.
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ jax.config.update("jax_enable_x64", True)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
@@ -73,6 +81,7 @@ LONG_RTOL, LONG_ATOL = 1e-10, 1e-12
 NEWTON_UNROLL = 10  # full Newton steps from y0 reach max|f| ~ 1e-16 after 8
 HESS_PARAM = "V"
 BASELINE = "diffode long solve + Direct"
+DIFFRAX = "diffrax Event(steady_state_event) + ImplicitAdjoint (Tsit5)"
 F1 = "F-1 (diffode)"
 
 
@@ -128,7 +137,7 @@ def gradient_candidates(f, y0) -> dict[str, Callable]:
         "diffode steady_state PseudoTransient": steady_grad(f, y0, diffode.PseudoTransient()),
         "diffode steady_state IntegrateToSteady": steady_grad(f, y0, diffode.IntegrateToSteady()),
         BASELINE: long_solve_grad(f, y0),
-        "diffrax Event(steady_state_event) + ImplicitAdjoint (Tsit5)": diffrax_grad(f, y0),
+        DIFFRAX: diffrax_grad(f, y0),
     }
 
 
@@ -152,11 +161,11 @@ def gradient_diagnostics(f, y0, args) -> dict[str, dict[str, Any]]:
     out[BASELINE] = dict(max_abs_f=resid(sol.ys[-1]), T=T_LONG, stats=_stats_dict(sol.stats))
     try:
         dsol = jax.jit(lambda a: diffrax_solve(f, y0, a))(args)
-        out["diffrax Event(steady_state_event) + ImplicitAdjoint (Tsit5)"] = dict(
+        out[DIFFRAX] = dict(
             max_abs_f=resid(dsol.ys[-1]), t_event=float(dsol.ts[-1]),
             stats=_stats_dict(dsol.stats))
     except Exception as e:  # reported, not hidden
-        out["diffrax Event(steady_state_event) + ImplicitAdjoint (Tsit5)"] = dict(error=f"{type(e).__name__}: {e}")
+        out[DIFFRAX] = dict(error=f"{type(e).__name__}: {e}")
     return out
 
 
@@ -326,8 +335,31 @@ def _time(pairs, quick: bool, label: str):
     return ctimes, rtimes
 
 
+def _cpu_clock() -> tuple[float, float] | None:
+    """(busy seconds of all processes, wall seconds) from ``/proc/stat``; None where it is missing."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [float(x) for x in fh.readline().split()[1:]]
+    except OSError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - fields[3] - fields[4]) / hz, time.monotonic()
+
+
+def other_cpu_load(start) -> float | None:
+    """Cores kept busy by other processes since ``start`` (``_cpu_clock()``), on average."""
+    end = _cpu_clock()
+    if start is None or end is None:
+        return None
+    own = time.process_time() - start[2]
+    return max(0.0, (end[0] - start[0] - own) / (end[1] - start[1]))
+
+
 def run(quick: bool = False) -> dict[str, Any]:
+    clock = _cpu_clock()
+    clock = None if clock is None else (*clock, time.process_time())
     env = environment()
+    env["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     p = problem()
     f, y0, args = p.f, p.y0, p.args
     n_params = int(ravel_pytree(args)[0].size)
@@ -363,6 +395,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     counts = {n: lu_counts(h, v) for n, h in hessian_candidates(f, y0, args).items()}
     hctimes, hrtimes = _time({n: (fn, (v,)) for n, fn in hfns.items()}, quick, "Hessians")
     hess = {n: np.asarray(fn(v)) for n, fn in hfns.items()}
+    env["load_avg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    env["other_processes_cores_busy"] = other_cpu_load(clock)
     yu = unrolled_newton(f, y0, args, v)
     unrolled_residual = float(jnp.max(jnp.abs(f(0.0, yu, args))))
     hc1, hr1 = hctimes[F1].median, hrtimes[F1].median
@@ -387,8 +421,13 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 def report(out: dict[str, Any]) -> str:
     g, d, h = out["gradients"], out["gradient_diagnostics"], out["hessians"]
-    pr = out["problem"]
+    pr, env = out["problem"], out["environment"]
     lines = [
+        f"XLA_FLAGS: {env.get('xla_flags') or '(none)'}; load average (1 min) "
+        f"{env.get('load_avg_1min')} at the start, {env.get('load_avg_1min_end')} "
+        f"at the end; other processes kept {env.get('other_processes_cores_busy') or 0:.2f} "
+        "cores busy on average",
+        "",
         f"Gradient of sum(y*^2) w.r.t. all {pr['n_params']} parameters ({pr['name']}); "
         f"ratios against '{BASELINE}'.",
         "",
@@ -409,7 +448,7 @@ def report(out: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Hessian of sum(y*^2) w.r.t. {pr['hessian_wrt']} ({pr['hessian_shape'][0]}x{pr['hessian_shape'][1]}); "
+        f"Hessian of sum(y*^2) w.r.t. {pr['hessian_wrt']} ({'x'.join(map(str, pr['hessian_shape']))}); "
         f"ratios against '{F1}'. lu: primitives in the jaxpr (top level + in loop bodies), "
         "getrf: LAPACK LU calls left in the optimised HLO (after XLA's CSE). Loop-body counts run once per "
         "iteration of the root finder (Newton).",
@@ -441,7 +480,8 @@ def report(out: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.steady_state", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.steady_state",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args(argv)
