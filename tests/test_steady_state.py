@@ -57,7 +57,8 @@ def test_value_and_derivatives_match_closed_form(make, method):
     def everything(args):  # one compilation for the value and all four derivatives
         sol = diffode.steady_state(p.f, p.y0, args, method=method)
         scalar = lambda a: loss(y_star(a))  # noqa: E731
-        return sol, jax.grad(scalar)(args), jax.jacfwd(y_star)(args), jax.jacrev(y_star)(args), jax.hessian(scalar)(args)
+        derivatives = (jax.grad(scalar), jax.jacfwd(y_star), jax.jacrev(y_star), jax.hessian(scalar))
+        return (sol, *(d(args) for d in derivatives))
 
     sol, grad, jac_fwd, jac_rev, hess = jax.jit(everything)(p.args)
     assert int(sol.status) == 0 and float(sol.residual) <= 2e-12

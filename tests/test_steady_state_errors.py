@@ -52,7 +52,8 @@ def test_no_steady_state_newton_reports_singular_jacobian():
 
 
 def test_no_steady_state_newton_with_gmres():
-    expect(S.SINGULAR_JACOBIAN, constant, jnp.array([0.0, 1.0]), method=diffode.Newton(linear_solver=diffode.GMRES()))
+    gmres = diffode.Newton(linear_solver=diffode.GMRES())
+    expect(S.SINGULAR_JACOBIAN, constant, jnp.array([0.0, 1.0]), method=gmres)
 
 
 def test_no_real_root_stalls_the_line_search():
@@ -61,9 +62,11 @@ def test_no_real_root_stalls_the_line_search():
     assert abs(float(sol.y)) < 1e-3 and abs(float(sol.residual) - 1) < 1e-6
 
 
-@pytest.mark.parametrize("method", [diffode.PseudoTransient(), diffode.IntegrateToSteady()], ids=["ptc", "integrate"])
+@pytest.mark.parametrize("method", [diffode.PseudoTransient(), diffode.IntegrateToSteady()],
+                         ids=["ptc", "integrate"])
 def test_no_steady_state_dynamic_methods_run_out_of_steps(method):
-    sol = expect(S.MAX_STEPS_REACHED, constant, jnp.array(0.0), method=method, max_steps=6, match="no steady state")
+    sol = expect(S.MAX_STEPS_REACHED, constant, jnp.array(0.0), method=method, max_steps=6,
+                 match="no steady state")
     assert int(sol.stats["num_iterations"]) == 6 and float(sol.residual) == 1.0
 
 

@@ -47,13 +47,17 @@ class IntegrateToSteady(AbstractSteadyStateMethod):
 
     def __check_init__(self):
         if not isinstance(self.solver, AbstractSolver) or not self.solver.embedded:
-            raise TypeError(f"IntegrateToSteady: solver must be a diffode solver with an error estimate, got {self.solver!r}")
+            raise TypeError(
+                f"IntegrateToSteady: solver must be a diffode solver with an error estimate, got {self.solver!r}"
+            )
         if not (self.rtol >= 0 and self.atol >= 0 and self.rtol + self.atol > 0):
             raise ValueError(f"IntegrateToSteady: bad tolerances rtol={self.rtol}, atol={self.atol}")
         if not 0 < self.t1 < float("inf"):
             raise ValueError(f"IntegrateToSteady: t1 must be positive and finite, got {self.t1}")
         if not isinstance(self.max_ode_steps, int) or self.max_ode_steps < 1:
-            raise ValueError(f"IntegrateToSteady: max_ode_steps must be a positive integer, got {self.max_ode_steps}")
+            raise ValueError(
+                f"IntegrateToSteady: max_ode_steps must be a positive integer, got {self.max_ode_steps}"
+            )
 
     def find(self, g, y0, tol, max_steps):
         dtype = y0.dtype
@@ -85,7 +89,8 @@ class IntegrateToSteady(AbstractSteadyStateMethod):
                 failed, S.ODE_FAILED,
                 select(r <= tol, S.SUCCESS, select(k1 >= max_steps, S.MAX_STEPS_REACHED, -1)),
             ).astype(jnp.int32)
-            cnt = cnt + counters(num_iterations=1, num_fevals=ode[4] + 2, num_rejected=ode[3], num_ode_steps=ode[1])
+            cnt = cnt + counters(num_iterations=1, num_fevals=ode[4] + 2, num_rejected=ode[3],
+                                 num_ode_steps=ode[1])
             cnt = cnt.at[at["ode_status"]].set(ode[0])
             return k1, select(failed, y, y_end), 4 * span, status, cnt
 

@@ -84,7 +84,8 @@ class Newton(AbstractSteadyStateMethod):
                 lam_next = jnp.clip(lam_q, 0.1 * lam, 0.5 * lam)
                 return (select(ok, lam, lam_next), y_t, f_t, phi_t, ok, any_finite | finite, nev + 1)
 
-            c = (lam0.astype(dtype), y, jnp.zeros_like(y), phi, jnp.asarray(False), jnp.asarray(False), jnp.asarray(0, jnp.int32))
+            no = jnp.asarray(False)
+            c = (lam0.astype(dtype), y, jnp.zeros_like(y), phi, no, no, jnp.asarray(0, jnp.int32))
             if not self.linesearch:
                 c = body(c)
                 return c[1], c[2], c[3], c[5], c[5], c[6], jnp.asarray(0, jnp.int32)
