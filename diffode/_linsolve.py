@@ -161,7 +161,8 @@ class GMRES(AbstractLinearSolver):
     residual is small enough.
 
     Args:
-        rtol: stop when ``||b - W x|| <= rtol ||b||`` (2-norm).
+        rtol: stop when ``||b - W x|| <= rtol ||b||`` (2-norm); floored at 10 machine
+            epsilons of the state's dtype.
         restart: Krylov subspace dimension before a restart (capped at ``n``).
         maxiter: maximum number of restarts (``None``: ``10 n``, as in
             ``jax.scipy.sparse.linalg.gmres``).
@@ -192,12 +193,16 @@ class GMRES(AbstractLinearSolver):
 
         return self._gmres(matvec, b)
 
+    def _tol(self, dtype) -> float:
+        """``rtol``, floored at ``10 eps`` of ``dtype`` (a tighter residual is not attainable)."""
+        return max(self.rtol, 10 * float(jnp.finfo(dtype).eps))
+
     def _gmres(self, matvec, b):
         # jax.scipy's GMRES treats residual norms below machine epsilon as zero
         # (an absolute floor), so it solves for b / |b| and scales back.
         nb = jnp.linalg.norm(b)
         scale = jnp.where(nb > 0, nb, 1)
-        x, _ = jssl.gmres(matvec, b / scale, tol=self.rtol, atol=0.0, restart=self.restart,
+        x, _ = jssl.gmres(matvec, b / scale, tol=self._tol(b.dtype), atol=0.0, restart=self.restart,
                           maxiter=self.maxiter, solve_method="incremental")
         return x * scale
 
@@ -209,5 +214,5 @@ class GMRES(AbstractLinearSolver):
         # GMRES reports no convergence flag: check the true residual (one more
         # product). A factor of 10 allows for the recursive residual's drift.
         res = jnp.linalg.norm(b - matvec(x))
-        ok = jnp.all(jnp.isfinite(x)) & (res <= 10 * self.rtol * jnp.linalg.norm(b))
+        ok = jnp.all(jnp.isfinite(x)) & (res <= 10 * self._tol(b.dtype) * jnp.linalg.norm(b))
         return x, ok
