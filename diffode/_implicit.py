@@ -30,7 +30,6 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-import jax.scipy.sparse.linalg as jssl
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
@@ -278,9 +277,7 @@ class SDIRK(AbstractSolver):
             # jssl.gmres alone cannot be transposed when b is a linear input (its
             # tolerance depends on ||b||): wrap it so reverse mode solves g^T.
             def krylov(op, rhs):
-                x, _ = jssl.gmres(op, rhs, tol=ls.rtol, atol=0.0, restart=min(ls.restart, rhs.size),
-                                  maxiter=ls.maxiter, solve_method="incremental")
-                return x
+                return ls._gmres(op, rhs, restart=min(ls.restart, rhs.size))
 
             return lax.custom_linear_solve(g, b, solve=krylov, transpose_solve=krylov)
         mn = b.size

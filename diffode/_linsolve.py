@@ -197,12 +197,13 @@ class GMRES(AbstractLinearSolver):
         """``rtol``, floored at ``10 eps`` of ``dtype`` (a tighter residual is not attainable)."""
         return max(self.rtol, 10 * float(jnp.finfo(dtype).eps))
 
-    def _gmres(self, matvec, b):
+    def _gmres(self, matvec, b, restart: int | None = None):
         # jax.scipy's GMRES treats residual norms below machine epsilon as zero
         # (an absolute floor), so it solves for b / |b| and scales back.
         nb = jnp.linalg.norm(b)
         scale = jnp.where(nb > 0, nb, 1)
-        x, _ = jssl.gmres(matvec, b / scale, tol=self._tol(b.dtype), atol=0.0, restart=self.restart,
+        restart = self.restart if restart is None else restart
+        x, _ = jssl.gmres(matvec, b / scale, tol=self._tol(b.dtype), atol=0.0, restart=restart,
                           maxiter=self.maxiter, solve_method="incremental")
         return x * scale
 
