@@ -83,10 +83,14 @@ class PIDController(eqx.Module):
         err = self.norm(ratio)
         return select(jnp.isfinite(err), err, jnp.inf)
 
-    def init(self, dtype) -> tuple[Array, Array]:
-        """Controller memory: the previous two inverse errors."""
-        one = jnp.ones((), dtype)
-        return one, one
+    def init(self, dtype) -> tuple[Array, ...]:
+        """Controller memory: the previous inverse errors, as many as the gains use.
+
+        Two with ``dcoeff``, one with only ``pcoeff``, none for an I controller:
+        every carried scalar is one more kernel for XLA to compile.
+        """
+        num = 2 if self.dcoeff != 0 else int(self.pcoeff != 0)
+        return (jnp.ones((), dtype),) * num
 
     def adapt(self, h, err, order: int, memory):
         """Accept or reject a step of size ``h`` with scaled error ``err``.
@@ -97,15 +101,13 @@ class PIDController(eqx.Module):
         err = lax.stop_gradient(err)
         accept = err <= 1.0
         inv = 1.0 / jnp.maximum(err, 1e-10)
-        prev1, prev2 = memory
         b1 = (self.icoeff + self.pcoeff + self.dcoeff) / order
         b2 = -(self.pcoeff + 2 * self.dcoeff) / order
         b3 = self.dcoeff / order
         factor = self.safety * inv**b1
-        if b2 != 0:
-            factor = factor * prev1**b2
-        if b3 != 0:
-            factor = factor * prev2**b3
+        # memory holds exactly the previous inverse errors that a nonzero b2, b3 use.
+        for b, prev in zip((b2, b3), memory):
+            factor = factor * prev**b
         # After an accepted step never shrink; after a rejection always shrink.
         lo = select(accept, 1.0, self.factormin)
         hi = select(accept, self.factormax, self.safety)
@@ -117,7 +119,7 @@ class PIDController(eqx.Module):
             h_next = jnp.maximum(h_next, self.dtmin)
         # A failed step (err = inf) says nothing about smoothness: keep the memory.
         keep = accept & jnp.isfinite(err)
-        memory = (select(keep, inv, prev1), select(keep, prev1, prev2))
+        memory = tuple(select(keep, new, old) for new, old in zip((inv,) + memory[:-1], memory))
         return accept, h_next, memory
 
 
@@ -127,8 +129,10 @@ def initial_step(f, t0, y0, f0, order: int, rtol, atol, norm) -> tuple[Array, in
     Uses one extra evaluation of ``f``; returns ``(h0, num_fevals)``.
     """
     scale = atol + jnp.abs(y0) * rtol
-    # Both norms in one (batched) reduction: one kernel instead of two.
-    d0, d1 = jax.vmap(norm)(jnp.stack([y0, f0]) / scale)
+    # Both norms in one (batched) reduction: one kernel instead of two. Each row
+    # is divided by scale before stacking: dividing the stack by a broadcast
+    # scale is rewritten by XLA into a reciprocal, a kernel of its own.
+    d0, d1 = jax.vmap(norm)(jnp.stack([y0 / scale, f0 / scale]))
     small = (d0 < 1e-5) | (d1 < 1e-5)
     h0 = select(small, 1e-6, 0.01 * d0 / jnp.maximum(d1, 1e-5))
     f1 = f(t0 + h0, y0 + h0 * f0)

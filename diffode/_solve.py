@@ -58,6 +58,44 @@ def _placeholder(spec) -> Array:
     return jnp.zeros(spec.shape, spec.dtype)
 
 
+def _stack(xs, dtype) -> Array:
+    """``jnp.stack(xs)`` (of equal shapes) in a form that XLA fuses into one kernel.
+
+    XLA splits a stack of scalars into one kernel per entry, and it keeps the
+    operands of a stack in kernels of their own when they have other readers.
+    Here each operand is padded to the full length along a new first axis (a
+    pad uses each element once, so XLA fuses even costly producers such as
+    ``pow`` into it; a broadcast would repeat them) and a constant mask picks
+    its row.
+    """
+    k = len(xs)
+    zero = jnp.zeros((), dtype)
+    out = None
+    for i, x in enumerate(xs):
+        x = jnp.asarray(x, dtype)[None]
+        x = lax.pad(x, zero, [(i, k - 1 - i, 0)] + [(0, 0, 0)] * (x.ndim - 1))
+        mask = (np.arange(k) == i).reshape((k,) + (1,) * (x.ndim - 1))
+        out = x if out is None else lax.select(np.broadcast_to(mask, x.shape), x, out)
+    return out
+
+
+def _unstack(v) -> list[Array]:
+    """The rows of ``v`` (static slices, which XLA fuses into their readers)."""
+    return [lax.index_in_dim(v, i, keepdims=False) for i in range(v.shape[0])]
+
+
+class _Scalars(NamedTuple):
+    """The scalar state of the solve loop, carried as one vector (see ``_stack``)."""
+
+    t: Array
+    h: Array  # the next step to attempt (landed on t_end when adaptive)
+    p_t: Array  # start of the last attempted step
+    p_h: Array  # its size
+    p_h_inv: Array  # 1 / p_h (1 when p_h is 0); computed by pack
+    h_prop: Array  # the controller's last proposal before landing (for the underflow test)
+    memory: Any  # the controller's memory (scalars)
+
+
 def _failed(ts, y0, status: Status) -> Solution:
     """A solution that records a failure detected before any step (throw=False)."""
     ys = jtu.tree_map(lambda x: jnp.full((ts.shape[0],) + jnp.shape(x), jnp.nan, jnp.result_type(x)), y0)
@@ -289,6 +327,22 @@ def integrate(
     dt0_value = jnp.asarray(1.0 if dt0 is None else dt0, tdtype)
     # Inputs are checked at run time so that jit and throw=False work alike.
     f0 = direction.astype(dtype) * (f(ts_t[0], y_flat, args) if f0 is None else f0)
+    state0 = solver.init(rhs, t0, y_flat, f0)
+    # Replaced by the first accepted step before any interpolation reads it.
+    dense0 = _placeholder(jax.eval_shape(solver.dense_zeros, y_flat))
+
+    # A solver state that is one array shaped like y (explicit Runge-Kutta
+    # methods: the FSAL derivative) travels stacked with y as one (2, n) array,
+    # so that one select per step accepts or rejects both: one kernel, where
+    # separate arrays cost two.
+    stacked = isinstance(state0, jax.Array) and state0.shape == y_flat.shape and state0.dtype == dtype
+    if stacked:
+        pair0 = _stack([y_flat, state0], dtype)
+        if state0 is f0:
+            # Read f0 back from the pair, so that f's kernel writes the pair
+            # itself (with f0's other readers, the pair would be one more kernel).
+            f0 = state0 = pair0[1]
+
     # The first failing check decides the status (nested selects: one fused kernel).
     checks = [
         (jnp.all(jnp.isfinite(ts_t)) & jnp.all(s_ts[1:] > s_ts[:-1]), Status.TS_NOT_MONOTONIC),
@@ -320,9 +374,29 @@ def integrate(
     tiny_scale = 8 * eps * eps * jnp.abs(t_end - t0)
     land_tol = 16 * eps
     order = solver.error_order
-    state0 = solver.init(rhs, t0, y_flat, f0)
-    # Replaced by the first accepted step before any interpolation reads it.
-    dense0 = _placeholder(jax.eval_shape(solver.dense_zeros, y_flat))
+
+    def land(t, h, stop):
+        """The step from t: h, or all of the rest up to stop when h would leave only a rounding-error remainder."""
+        lands = h >= (stop - t) - land_tol * jnp.maximum(jnp.abs(t), jnp.abs(stop))
+        return select(lands, stop - t, h)
+
+    # The scalar loop state travels as one vector (see _Scalars): one kernel
+    # per step writes it, where separate scalars cost one kernel each.
+    memory0 = controller.init(dtype)
+    memory_def = jtu.tree_structure(memory0)
+    memory_dtypes = [x.dtype for x in jtu.tree_leaves(memory0)]
+
+    def pack(s: _Scalars) -> Array:
+        return _stack([s.t, s.h, s.p_t, s.p_h, 1 / select(s.p_h == 0, 1, s.p_h), s.h_prop,
+                       *jtu.tree_leaves(s.memory)], tdtype)
+
+    def unpack(v: Array) -> _Scalars:
+        t, h, p_t, p_h, p_h_inv, h_prop, *memory = _unstack(v)
+        memory = [m.astype(d) for m, d in zip(memory, memory_dtypes)]
+        return _Scalars(t, h, p_t, p_h, p_h_inv, h_prop, jtu.tree_unflatten(memory_def, memory))
+
+    def y_state(c):
+        return (c["y"][0], c["y"][1]) if stacked else (c["y"], c["state"])
 
     # Two nested loops. The outer one walks the save times; the inner one takes
     # steps until the last accepted step (the "piece" [p_t, p_t + p_h] with
@@ -330,10 +404,23 @@ def integrate(
     # inner loop never touches the (large) save buffer: XLA's CPU runtime runs a
     # loop body sequentially, without thread-pool overhead per kernel, only
     # while its buffers are small, and that decides speed on small problems.
+    zero_t = jnp.zeros((), tdtype)
     carry = dict(
-        t=t0, y=y_flat, h=h0, state=state0, memory=controller.init(dtype), counters=counters,
-        p_t=t0, p_h=jnp.zeros((), tdtype), p_y=y_flat, p_dense=dense0, target=t0,
+        # Adaptive steps land on t_end: each step is landed as soon as it is
+        # proposed, in the kernel that packs the scalars (landing it at the start
+        # of a step would be a kernel of its own). Fixed steps land on the save
+        # times, which change between save points: they are landed at the start.
+        # p_h = 0: no step yet (the save at ts[0] is y0 itself). h_prop is
+        # written by every step before it is read.
+        scalars=pack(_Scalars(t0, h0 if fixed else land(t0, h0, t_end), t0, zero_t, None, zero_t, memory0)),
+        counters=counters,
+        target=t0,
+        p_dense=dense0,
+        **(dict(y=pair0) if stacked else dict(y=y_flat, state=state0)),
     )
+    # p_y is the whole pair when stacked: copying it is free, where slicing out
+    # y would be a kernel.
+    carry["p_y"] = carry["y"]
     if dense:
         carry["pieces"] = DenseOutput(
             # Row 0 starts as a zero-length piece at t0, so that evaluate works
@@ -349,33 +436,41 @@ def integrate(
 
     def step_cond(c):
         n = c["counters"]
-        return (c["t"] < c["target"]) & (n[0] == Status.SUCCESS) & (n[1] < max_steps)
+        return (unpack(c["scalars"]).t < c["target"]) & (n[0] == Status.SUCCESS) & (n[1] < max_steps)
 
     def step_body(c):
-        t, y, h = c["t"], c["y"], c["h"]
+        s = unpack(c["scalars"])
+        t, memory = s.t, s.memory
+        y, state = y_state(c)
         stop = c["target"] if fixed else t_end
-        # Land on `stop` when the step would leave only a rounding-error remainder.
-        lands = h >= (stop - t) - land_tol * jnp.maximum(jnp.abs(t), jnp.abs(stop))
-        h_try = select(lands, stop - t, h)
-        res = solver.step(rhs, t, y, h_try.astype(dtype), c["state"], tol)
+        h_try = land(t, s.h, stop) if fixed else s.h
+        res = solver.step(rhs, t, y, h_try.astype(dtype), state, tol)
         ok = jnp.asarray(res.ok, bool)
         if fixed:
             finite = jnp.all(jnp.isfinite(res.y1)) & ok
-            accept, h_next, memory = finite, h, c["memory"]
+            accept, h_prop = finite, s.h
         else:
             err = controller.error_ratio(y, res.y1, res.y_error, rtol, atol)
             # error_ratio is already inf when y1 or the estimate is not finite.
             err = select(ok, err, jnp.inf)
             finite = jnp.isfinite(err)
-            accept, h_next, memory = controller.adapt(h_try, err, order, c["memory"])
-        t1 = select(lands, stop, t + h_try)
+            accept, h_prop, memory = controller.adapt(h_try, err, order, memory)
+        # The step landed on stop exactly when h_try == stop - t (else h_try < stop - t).
+        t_new = select(accept, select(h_try == stop - t, stop, t + h_try), t)
+        h_next = h_prop if fixed else land(t_new, h_prop, t_end)
+        # The last attempted step is p_t, p_h; the inner loop only ends on an
+        # accepted step, so outside it this is the last accepted one.
+        scalars = pack(_Scalars(t_new, h_next, t, h_try, None, h_prop, memory))
+        # The status reads t_new and h_prop back from the vector: using the values
+        # themselves a second time would make each a kernel of its own.
+        s_new = unpack(scalars)
 
         status = c["counters"][0]
         if fixed:
             newton = ~ok & jnp.all(jnp.isfinite(res.y1))
             status = select(finite, status, select(newton, Status.NEWTON_FAILED, Status.NONFINITE_RHS))
         else:
-            too_small = ~accept & (h_next <= tiny_scale + 8 * eps * jnp.abs(t))
+            too_small = ~accept & (s_new.h_prop <= tiny_scale + 8 * eps * jnp.abs(t))
             # Non-finite values are blamed first (an implicit solver fails its
             # Newton iteration on them too), then Newton, then plain underflow.
             why = select(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS)  # finite implies ok
@@ -385,32 +480,27 @@ def integrate(
             if controller.dtmin is not None:
                 at_min = ~accept & (h_try <= controller.dtmin)
                 status = select(at_min & (status == Status.SUCCESS), Status.DT_MIN_REACHED, status)
-        t_new = select(accept, t1, t)
-        out_of_steps = (c["counters"][1] + 1 >= max_steps) & (t_new < t_end) & (status == Status.SUCCESS)
+        out_of_steps = (c["counters"][1] + 1 >= max_steps) & (s_new.t < t_end) & (status == Status.SUCCESS)
         status = select(out_of_steps, Status.MAX_STEPS_REACHED, status)
 
-        new = dict(
-            t=t_new,
-            y=select(accept, res.y1, y),
-            h=h_next,
-            state=tree_select(accept, res.state, res.rejected_state),
-            memory=memory,
+        if stacked:
+            new = dict(y=select(accept, jnp.stack([res.y1, res.state]), jnp.stack([y, res.rejected_state])))
+        else:
+            new = dict(y=select(accept, res.y1, y), state=tree_select(accept, res.state, res.rejected_state))
+        new.update(
+            scalars=scalars,
             counters=c["counters"].at[0].set(jnp.asarray(status, jnp.int32)) + jnp.stack(
                 [i32(0), i32(1), accept.astype(jnp.int32), (~accept).astype(jnp.int32), i32(res.num_fevals)]
                 + [i32(res.counts[k]) for k in solver.stat_names]
             ),
-            # The last attempted step; the inner loop only ends on an
-            # accepted step, so outside it this is the last accepted one.
-            p_t=t,
-            p_h=h_try,
-            p_y=y,
+            p_y=c["y"],
             p_dense=res.dense,
             target=c["target"],
         )
         if dense:
             p = c["pieces"]
             row = select(accept, c["counters"][2], max_steps)
-            put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, row, 0)
+            put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, row, 0)  # noqa: E731
             new["pieces"] = DenseOutput(
                 t_start=put(p.t_start, select(accept, t, jnp.inf)), h=put(p.h, h_try),
                 y0=put(p.y0, y), y1=put(p.y1, res.y1), data=put(p.data, res.dense),
@@ -423,21 +513,29 @@ def integrate(
 
     def save_body(oc):
         i, ys, c = oc
-        target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False)
+        # i is never negative: skipping the wrap-around of negative indices saves a kernel.
+        target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False, allow_negative_indices=False)
         c = lax.while_loop(step_cond, step_body, dict(c, target=target))
-        h = c["p_h"]
-        theta = ((target - c["p_t"]) / select(h == 0, 1, h)).astype(dtype)
-        val = solver.interpolate(h.astype(dtype), c["p_y"], c["y"], c["p_dense"], theta)
-        val = select(target == c["t"], c["y"], val)
-        val = select(c["t"] >= target, val, jnp.nan)  # not reached after a failure
-        return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0), c
+        s = unpack(c["scalars"])
+        # Times 1 / p_h rather than divided by p_h: a division here would be a
+        # kernel of its own (XLA does not repeat costly scalar work per element).
+        theta = ((target - s.p_t) * s.p_h_inv).astype(dtype)
+        y = y_state(c)[0]
+        p_y = c["p_y"][0] if stacked else c["p_y"]
+        val = solver.interpolate(s.p_h.astype(dtype), p_y, y, c["p_dense"], theta)
+        val = select(target == s.t, y, val)
+        val = select(s.t >= target, val, jnp.nan)  # not reached after a failure
+        return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0, allow_negative_indices=False), c
 
-    ys0 = jnp.zeros((n_ts,) + y_flat.shape, dtype).at[0].set(y_flat)
-    _, ys, out = lax.while_loop(save_cond, save_body, (i32(1), ys0, carry))
+    # The save loop starts at ts[0] itself: there the step loop takes no step and
+    # the save is y0, so the buffer's initial value is never read and can be a
+    # literal placeholder (writing y0 into zeros would be a kernel to compile).
+    ys0 = _placeholder(jax.ShapeDtypeStruct((n_ts,) + y_flat.shape, dtype))
+    _, ys, out = lax.while_loop(save_cond, save_body, (i32(0), ys0, carry))
     pieces = None
     if dense:
         p = out["pieces"]
         pieces = DenseOutput(p.t_start[:-1], p.h[:-1], p.y0[:-1], p.y1[:-1], p.data[:-1], p.num_pieces, p.interpolate)
     if opts.return_state:
-        return ys, out["counters"], pieces, out["state"]
+        return ys, out["counters"], pieces, y_state(out)[1]
     return ys, out["counters"], pieces
