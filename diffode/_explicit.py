@@ -6,7 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ._solver import AbstractSolver, StepResult
+from ._solver import AbstractTableauSolver, StepResult
 from ._tableau import ButcherTableau
 
 
@@ -32,7 +32,7 @@ def hermite(theta, h, y0, y1, f0, f1):
     return y0 + theta * (hf0 + theta * ((3 * dy - 2 * hf0 - h * f1) + theta * (hf0 + h * f1 - 2 * dy)))
 
 
-class ExplicitRK(AbstractSolver):
+class ExplicitRK(AbstractTableauSolver):
     """Generic explicit Runge-Kutta stepper driven by a :class:`ButcherTableau`.
 
     Every step ends with ``f(t1, y1)``: for FSAL tableaus it is the last stage,
@@ -46,14 +46,6 @@ class ExplicitRK(AbstractSolver):
     def __check_init__(self):
         if not self.tableau.explicit:
             raise ValueError(f"{self.tableau.name}: ExplicitRK needs a strictly lower-triangular a")
-
-    @property
-    def order(self) -> int:
-        return self.tableau.order
-
-    @property
-    def embedded(self) -> bool:
-        return self.tableau.embedded
 
     def init(self, f, t0, y0, f0):
         return f0

@@ -36,7 +36,7 @@ from jaxtyping import Array, Bool, Float
 from ._explicit import hermite
 from ._linsolve import GMRES, LU, AbstractLinearSolver
 from ._newton import CONVERGED, FAILED, RUNNING, effective_kappa, first_eta, newton_iteration
-from ._solver import AbstractSolver, StepResult
+from ._solver import AbstractTableauSolver, StepResult
 from ._tableau import ButcherTableau
 from ._util import select
 
@@ -56,7 +56,7 @@ class SDIRKState(NamedTuple):
     cache: object
 
 
-class SDIRK(AbstractSolver):
+class SDIRK(AbstractTableauSolver):
     """Generic SDIRK/ESDIRK stepper with simplified Newton and Jacobian reuse.
 
     Requirements on the tableau: lower-triangular ``a`` with the same positive
@@ -119,14 +119,6 @@ class SDIRK(AbstractSolver):
             raise ValueError(f"kappa must be positive, got {self.kappa!r}")
         if not isinstance(self.linear_solver, AbstractLinearSolver):
             raise TypeError(f"linear_solver must be LU() or GMRES(...), got {self.linear_solver!r}")
-
-    @property
-    def order(self) -> int:
-        return self.tableau.order
-
-    @property
-    def embedded(self) -> bool:
-        return self.tableau.embedded
 
     @property
     def implicit(self) -> bool:

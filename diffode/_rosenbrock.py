@@ -29,7 +29,7 @@ import numpy as np
 from jaxtyping import Array
 
 from ._explicit import _lincomb
-from ._solver import AbstractSolver, FlatRHS, StepResult, Tolerances
+from ._solver import AbstractTableauSolver, FlatRHS, StepResult, Tolerances
 
 # ----------------------------------------------------------------------------
 # The linear algebra: every use of W = I - gamma h J goes through these two
@@ -292,7 +292,7 @@ def _is_increment_of_previous(a: np.ndarray, i: int) -> bool:
     return i >= 2 and a[i, i - 1] == 1.0 and np.array_equal(a[i, : i - 1], a[i - 1, : i - 1])
 
 
-class Rosenbrock(AbstractSolver):
+class Rosenbrock(AbstractTableauSolver):
     """Generic Rosenbrock stepper driven by a :class:`RosenbrockTableau`.
 
     Per step: one Jacobian ``f.jac(t0, y0)``, one ``df/dt`` (a ``jvp``), one LU
@@ -311,20 +311,12 @@ class Rosenbrock(AbstractSolver):
     stat_names = ("num_jac_evals", "num_lu_decomps", "num_newton_iters")
 
     @property
-    def order(self) -> int:
-        return self.tableau.order
-
-    @property
     def error_order(self) -> int:
         """``embedded_order + 1``: the estimate ``y1 - y1_hat`` is ``O(h^(q+1))``
         for an embedded order ``q`` (4 for Rodas5/5P, exponent ``1/5``, the same
         convention as the explicit 5(4) pairs)."""
         eo = self.tableau.embedded_order
         return self.tableau.order if eo is None else eo + 1
-
-    @property
-    def embedded(self) -> bool:
-        return self.tableau.embedded
 
     @property
     def implicit(self) -> bool:

@@ -59,6 +59,14 @@ MESSAGES: dict[int, str] = {
     Status.BAD_DT0: "dt0 must be finite and non-zero.",
 }
 
+def status_message(status, messages: dict[int, str]) -> str | list:
+    """``messages[status]`` (outside ``jit`` only); a nested list when ``status`` is batched."""
+    codes = np.asarray(status)
+    if codes.ndim == 0:
+        return messages[int(codes)]
+    return np.vectorize(lambda c: messages[int(c)], otypes=[object])(codes).tolist()
+
+
 #: Messages in code order, for ``equinox.branched_error_if``.
 MESSAGE_LIST: tuple[str, ...] = tuple(MESSAGES[s] for s in Status)
 
@@ -145,10 +153,7 @@ class Solution(eqx.Module):
     @property
     def message(self) -> str | list:
         """Human-readable status (outside ``jit`` only); a nested list when batched."""
-        codes = np.asarray(self.status)
-        if codes.ndim == 0:
-            return MESSAGES[int(codes)]
-        return np.vectorize(lambda c: MESSAGES[int(c)], otypes=[object])(codes).tolist()
+        return status_message(self.status, MESSAGES)
 
     def evaluate(self, t) -> PyTree:
         """State at time(s) ``t`` from the solver's own interpolant (``dense=True``)."""

@@ -36,6 +36,18 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def check_y0(y0) -> None:
+    """Raise unless ``y0`` is a non-empty pytree of real floating-point arrays (at trace time)."""
+    for path, leaf in jtu.tree_leaves_with_path(y0):
+        if not _is_inexact(leaf) or jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+            raise TypeError(
+                f"y0{jtu.keystr(path)} must be a real floating-point array (complex states are "
+                f"not supported: split them into real and imaginary parts), got {leaf!r}"
+            )
+    if not jtu.tree_leaves(y0):
+        raise ValueError("y0 has no array leaves")
+
+
 def _rhs_structure_problem(out, y0) -> str | None:
     """Compare ``f``'s output with ``y0`` (at trace time); describe any mismatch."""
     want, got = jtu.tree_structure(y0), jtu.tree_structure(out)
@@ -165,14 +177,7 @@ def solve(
     ts = jnp.asarray(ts)
     if ts.ndim != 1 or ts.shape[0] == 0:
         raise ValueError(f"ts must be a non-empty 1-D array, got shape {ts.shape}")
-    for path, leaf in jtu.tree_leaves_with_path(y0):
-        if not _is_inexact(leaf) or jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
-            raise TypeError(
-                f"y0{jtu.keystr(path)} must be a real floating-point array (complex states are "
-                f"not supported: split them into real and imaginary parts), got {leaf!r}"
-            )
-    if not jtu.tree_leaves(y0):
-        raise ValueError("y0 has no array leaves")
+    check_y0(y0)
     y0 = jtu.tree_map(jnp.asarray, y0)
 
     fixed = (not adaptive) or (not solver.embedded)

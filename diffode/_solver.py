@@ -114,3 +114,18 @@ class AbstractSolver(eqx.Module):
     def interpolate(self, h: Array, y0: Array, y1: Array, dense: Array, theta: Array) -> Array:
         """State at ``t0 + theta * h`` within a step, from its ``StepResult.dense``."""
         raise NotImplementedError
+
+
+class AbstractTableauSolver(AbstractSolver):
+    """A solver driven by a tableau (Butcher or Rosenbrock): its order and whether it
+    has an error estimate are the tableau's."""
+
+    tableau: eqx.AbstractVar[Any]
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def embedded(self) -> bool:
+        return self.tableau.embedded

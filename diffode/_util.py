@@ -9,6 +9,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 
 def select(pred, on_true, on_false):
@@ -36,6 +37,12 @@ def select(pred, on_true, on_false):
 
 def tree_select(pred, on_true, on_false):
     return jtu.tree_map(lambda a, b: select(pred, a, b), on_true, on_false)
+
+
+
+def float0_zeros(x) -> np.ndarray:
+    """The zero tangent of an integer output of a custom JVP rule (dtype ``float0``)."""
+    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

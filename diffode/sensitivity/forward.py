@@ -34,12 +34,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
 from .._solve import IntegrateOptions, integrate
+from .._util import float0_zeros
 from ._base import AbstractSensitivity, forward_mode_active
 
 
@@ -84,10 +84,6 @@ def _is_zero(t) -> bool:
 
 def _instantiate(t):
     return jnp.zeros(t.aval.shape, t.aval.dtype) if isinstance(t, SymbolicZero) else t
-
-
-def _float0_zeros(x):
-    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
 
 
 class ForwardSensitivity(AbstractSensitivity):
@@ -206,7 +202,7 @@ class ForwardSensitivity(AbstractSensitivity):
             ys, counters = self.integrate(f, y0, ts, args, with_consts(opts, consts))
             zs, _ = self.integrate(aug_f, jnp.concatenate([y0, s0.astype(y0.dtype)]), ts, (args, dp), o)
             ys_dot = add_time_shift(zs[:, n:], ys, ts, args, dts)
-            return (ys, counters), (ys_dot, _float0_zeros(counters))
+            return (ys, counters), (ys_dot, float0_zeros(counters))
 
         def reverse_rule(primals, tangents):
             # Full sensitivity matrix: z = [y, S (k, n)] for k directions, then a
@@ -239,7 +235,7 @@ class ForwardSensitivity(AbstractSensitivity):
                 coeffs.append(ravel_pytree(dp_tan)[0].astype(dtype))
             if not s0_blocks:
                 ys, counters = self.integrate(f, y0, ts, args, with_consts(opts, consts))
-                return (ys, counters), (jnp.zeros_like(ys), _float0_zeros(counters))
+                return (ys, counters), (jnp.zeros_like(ys), float0_zeros(counters))
             S0 = jnp.concatenate(s0_blocks).astype(dtype)
             k = S0.shape[0]
             DP = jnp.concatenate(dp_blocks) if not p_zero else None
@@ -263,7 +259,7 @@ class ForwardSensitivity(AbstractSensitivity):
             c = jnp.concatenate(coeffs)
             ys_dot = jnp.einsum("tkn,k->tn", S, c)
             ys_dot = add_time_shift(ys_dot, ys, ts, args, dts)
-            return (ys, counters), (ys_dot, _float0_zeros(counters))
+            return (ys, counters), (ys_dot, float0_zeros(counters))
 
         core.defjvp(forward_rule if forward else reverse_rule, symbolic_zeros=True)
         return core(y0, ts, diff, other, consts)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import enum
 
 import equinox as eqx
-import numpy as np
 from jaxtyping import Array, Int, PyTree
 
-from .._solution import Stats
+from .._solution import Stats, status_message
 
 
 class SteadyStateStatus(enum.IntEnum):
@@ -107,7 +106,4 @@ class SteadyState(eqx.Module):
     @property
     def message(self) -> str | list:
         """Human-readable status (outside ``jit`` only); a nested list when batched."""
-        codes = np.asarray(self.status)
-        if codes.ndim == 0:
-            return STEADY_STATE_MESSAGES[int(codes)]
-        return np.vectorize(lambda c: STEADY_STATE_MESSAGES[int(c)], otypes=[object])(codes).tolist()
+        return status_message(self.status, STEADY_STATE_MESSAGES)

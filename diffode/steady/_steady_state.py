@@ -12,23 +12,13 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
 from .._solution import Stats
-from .._solve import _rhs_structure_problem
+from .._solve import _all_finite, _rhs_structure_problem, check_y0
 from .._util import raise_on_failure, select
 from ._base import AbstractSteadyStateMethod, max_abs
 from ._result import STAT_NAMES, STEADY_STATE_MESSAGE_LIST, STEADY_STATE_MESSAGES, SteadyState
 from ._result import SteadyStateStatus as S
 from .ift import implicit_root
 from .newton import Newton
-
-
-def _check_y0(y0) -> None:
-    leaves = jtu.tree_leaves_with_path(y0)
-    if not leaves:
-        raise ValueError("y0 has no array leaves")
-    for path, leaf in leaves:
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"y0{jtu.keystr(path)} must be a real floating-point array, got {leaf!r}")
 
 
 def steady_state(
@@ -79,7 +69,7 @@ def steady_state(
         max_steps = method.default_max_steps
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-    _check_y0(y0)
+    check_y0(y0)
     y0 = jtu.tree_map(jnp.asarray, y0)
     y_flat, unravel = ravel_pytree(y0)
     dtype = y_flat.dtype
@@ -114,9 +104,7 @@ def steady_state(
         return f_conv(t, y, d, other, *cs)
 
     theta = (t, diff, consts)
-    finite_inputs = jnp.all(jnp.isfinite(y_flat)) & jnp.isfinite(t)
-    for leaf in jtu.tree_leaves((diff, consts)):
-        finite_inputs = finite_inputs & jnp.all(jnp.isfinite(leaf))
+    finite_inputs = _all_finite((y_flat, t, diff, consts))
     good_tol = jnp.isfinite(tol) & (tol > 0)
     # Bad input: the method starts converged (tol = inf) and the status says why.
     bad = select(~finite_inputs, S.NONFINITE_INPUT, select(~good_tol, S.BAD_TOLERANCE, 0)).astype(jnp.int32)

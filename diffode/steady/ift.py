@@ -29,10 +29,10 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
 from .._linsolve import AbstractLinearSolver
+from .._util import float0_zeros
 from ._base import AbstractSteadyStateMethod, jacobian_operator
 from ._result import SINGULAR_DERIVATIVE_MESSAGE
 
@@ -65,10 +65,6 @@ def ift_tangent(
     return lax.custom_linear_solve(matvec, -rhs, solve, transpose_solve)
 
 
-def _float0_zeros(x):
-    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
-
-
 def implicit_root(
     method: AbstractSteadyStateMethod, g: Residual, y0: Array, theta: Any, other: Any, tol: Array,
     max_steps: int, throw: bool,
@@ -88,6 +84,6 @@ def implicit_root(
         y0, theta, other, tol = primals
         y, status, cnt = root(y0, theta, other, tol)
         dy = ift_tangent(g, method.linear_solver, y, theta, other, tangents[1], throw)
-        return (y, status, cnt), (dy, _float0_zeros(status), _float0_zeros(cnt))
+        return (y, status, cnt), (dy, float0_zeros(status), float0_zeros(cnt))
 
     return root(lax.stop_gradient(y0), theta, other, tol)
