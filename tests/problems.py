@@ -37,10 +37,12 @@ __all__ = [
     "cos_linear",
     "exponential_decay",
     "hires",
+    "linear_solution",
     "linear_system",
     "lotka_volterra",
     "lotka_volterra_reference",
     "lotka_volterra_sensitivities",
+    "lotka_volterra_weighted_gradient",
     "orego",
     "pollu",
     "rescaled_kepler",
@@ -190,6 +192,13 @@ def lotka_volterra_sensitivities(ts, y0=(1.0, 1.0), params=LV_PARAMS):
     return _lv_sensitivities_cached(ts, tuple(map(float, y0)), tuple(map(float, params)))
 
 
+def lotka_volterra_weighted_gradient(ts, w):
+    """Reference gradient of ``sum(w * ys)`` (``w`` of shape ``(len(ts), 2)``) with respect to
+    ``(y0, ts, params)``, contracted from :func:`lotka_volterra_sensitivities`."""
+    _, s_y0, s_p, s_ts = lotka_volterra_sensitivities(ts)
+    return tuple(np.einsum("ij,ijk->k", w, s) for s in (s_y0, s_ts, s_p))
+
+
 # ----------------------------------------------------------------------------
 # Exponential decay.
 # ----------------------------------------------------------------------------
@@ -248,6 +257,12 @@ def linear_system(dtype=np.float64) -> Problem:
     return Problem(
         name="linear_system", f=linear_rhs, y0=y0, t0=0.0, t1=10.0, args=a, exact=exact, dtype=dtype
     )
+
+
+def linear_solution(a, y0, ts):
+    """``y(ts[i]) = expm(a (ts[i] - ts[0])) y0`` for ``y' = a y``, ``y(ts[0]) = y0``: the
+    exact saved states, differentiable by JAX in ``a``, ``y0`` and ``ts``."""
+    return jax.vmap(lambda t: jax.scipy.linalg.expm(a * (t - ts[0])) @ y0)(ts)
 
 
 # ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """BacksolveAdjoint: continuous adjoint with a backward re-solve of the state.
 
 References: hand-written forward sensitivity equations solved by SciPy
-(``problems.lotka_volterra_sensitivities``), ``jax.scipy.linalg.expm`` and closed forms.
+(``problems.lotka_volterra_sensitivities``) and closed forms (the expm check of the linear
+system is in test_sensitivity_agreement.py, shared with InterpolatingAdjoint).
 """
 
 import equinox as eqx
@@ -30,9 +31,7 @@ def lv_loss(sens, solver=None, tol=1e-10):
 
 
 def lv_reference():
-    _, s_y0, s_p, s_ts = problems.lotka_volterra_sensitivities(TS_LV)
-    return (np.einsum("ij,ijk->k", W_LV, s_y0), np.einsum("ij,ijk->k", W_LV, s_ts),
-            np.einsum("ij,ijk->k", W_LV, s_p))
+    return problems.lotka_volterra_weighted_gradient(TS_LV, W_LV)
 
 
 def assert_close_relative(got, want, rel):
@@ -62,26 +61,6 @@ def test_lotka_volterra_implicit_solver():
     loss = jax.jit(jax.grad(lv_loss(BacksolveAdjoint(), solver=diffode.Kvaerno5(), tol=1e-9), argnums=(0, 1, 2)))
     got = loss(p.y0, jnp.asarray(TS_LV), p.args)
     assert_close_relative(got, lv_reference(), 1e-5)
-
-
-def test_linear_system_matches_expm():
-    p = problems.linear_system()
-    ts = jnp.asarray([0.5, 4.5])
-    w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4)))
-
-    def loss_ode(a, y0, ts):
-        ys = diffode.solve(problems.linear_rhs, y0, ts, a, rtol=1e-10, atol=1e-10,
-                           sensitivity=BacksolveAdjoint()).ys
-        return jnp.sum(w * ys)
-
-    def loss_exact(a, y0, ts):
-        ys = jax.vmap(lambda t: jax.scipy.linalg.expm(a * (t - ts[0])) @ y0)(ts)
-        return jnp.sum(w * ys)
-
-    got = jax.grad(loss_ode, argnums=(0, 1, 2))(p.args, p.y0, ts)
-    want = jax.grad(loss_exact, argnums=(0, 1, 2))(p.args, p.y0, ts)
-    for g, r in zip(got, want):
-        np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-7 * float(jnp.max(jnp.abs(r))))
 
 
 def exact_decay_loss(y0, ts, k):
@@ -216,16 +195,17 @@ def test_bad_requests():
 
 
 
+def closed_over_decay_loss(k, y0, ts):
+    """``exact_decay_loss`` through a solve whose f captures k instead of taking it in args."""
+    return jnp.sum(diffode.solve(lambda t, y, a: -k * y, y0, ts, rtol=1e-10, atol=1e-10,
+                                 sensitivity=BacksolveAdjoint()).ys ** 2)
+
+
 def test_value_closed_over_by_f_is_differentiated():
     # A parameter captured by f instead of passed in args still gets its gradient.
     p = problems.exponential_decay()
     ts = jnp.asarray([0.0, 1.0])
-
-    def loss(k):
-        return jnp.sum(diffode.solve(lambda t, y, a: -k * y, p.y0, ts, rtol=1e-10, atol=1e-10,
-                                     sensitivity=BacksolveAdjoint()).ys ** 2)
-
-    got = jax.grad(loss)(p.args)
+    got = jax.grad(closed_over_decay_loss)(p.args, p.y0, ts)
     want = jax.grad(lambda k: exact_decay_loss(p.y0, ts, k))(p.args)
     np.testing.assert_allclose(got, want, rtol=1e-7)
 
@@ -233,12 +213,7 @@ def test_value_closed_over_by_f_is_differentiated():
 def test_forward_mode_through_a_closed_over_value():
     p = problems.exponential_decay()
     ts = jnp.asarray([0.0, 1.0])
-
-    def loss(k):
-        return jnp.sum(diffode.solve(lambda t, y, a: -k * y, p.y0, ts, rtol=1e-10, atol=1e-10,
-                                     sensitivity=BacksolveAdjoint()).ys ** 2)
-
     v = jnp.asarray([1.0, -2.0, 0.5])
-    _, got = jax.jvp(loss, (p.args,), (v,))
+    _, got = jax.jvp(lambda k: closed_over_decay_loss(k, p.y0, ts), (p.args,), (v,))
     want = jnp.dot(jax.grad(lambda k: exact_decay_loss(p.y0, ts, k))(p.args), v)
     np.testing.assert_allclose(got, want, rtol=1e-7)

@@ -71,7 +71,7 @@ def test_linear_system_against_expm(mode):
     ts = jnp.linspace(0.0, 3.0, 4)
 
     def exact(a, y0, t1):
-        return jax.scipy.linalg.expm(a * t1) @ y0
+        return problems.linear_solution(a, y0, ts.at[-1].set(t1))[-1]
 
     def ours(a, y0, t1):
         return _ys(p.f, y0, ts.at[-1].set(t1), a)[-1]

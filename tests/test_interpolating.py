@@ -1,7 +1,8 @@
 """InterpolatingAdjoint: continuous adjoint reading y(t) from the forward dense output.
 
 References: hand-written forward sensitivity equations solved by SciPy (Lotka-Volterra
-from ``problems``; Robertson written out below), ``jax.scipy.linalg.expm`` and closed forms.
+from ``problems``; Robertson written out below) and closed forms (the expm check of the
+linear system is in test_sensitivity_agreement.py, shared with BacksolveAdjoint).
 """
 
 import functools
@@ -33,9 +34,7 @@ def lv_grad(sens, solver=None, tol=1e-10, ts=TS_LV, throw=True):
 
 
 def lv_reference():
-    _, s_y0, s_p, s_ts = problems.lotka_volterra_sensitivities(TS_LV)
-    return (np.einsum("ij,ijk->k", W_LV, s_y0), np.einsum("ij,ijk->k", W_LV, s_ts),
-            np.einsum("ij,ijk->k", W_LV, s_p))
+    return problems.lotka_volterra_weighted_gradient(TS_LV, W_LV)
 
 
 def assert_close_relative(got, want, rel):
@@ -75,26 +74,6 @@ def test_lotka_volterra_decreasing_ts():
     ys_ref = problems.lotka_volterra_reference(TS_LV)
     f_end = problems._lotka_volterra_rhs_numpy(0.0, ys_ref[0], problems.LV_PARAMS)
     np.testing.assert_allclose(got[-1], W_LV[0] @ f_end, rtol=1e-6)
-
-
-def test_linear_system_matches_expm():
-    p = problems.linear_system()
-    ts = jnp.asarray([0.5, 4.5])
-    w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4)))
-
-    def loss_ode(a, y0, ts):
-        ys = diffode.solve(problems.linear_rhs, y0, ts, a, rtol=1e-10, atol=1e-10,
-                           sensitivity=InterpolatingAdjoint()).ys
-        return jnp.sum(w * ys)
-
-    def loss_exact(a, y0, ts):
-        ys = jax.vmap(lambda t: jax.scipy.linalg.expm(a * (t - ts[0])) @ y0)(ts)
-        return jnp.sum(w * ys)
-
-    got = jax.grad(loss_ode, argnums=(0, 1, 2))(p.args, p.y0, ts)
-    want = jax.grad(loss_exact, argnums=(0, 1, 2))(p.args, p.y0, ts)
-    for g, r in zip(got, want):
-        np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-7 * float(jnp.max(jnp.abs(r))))
 
 
 def test_exponential_decay_closed_form_under_vmap():

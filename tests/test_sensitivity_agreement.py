@@ -1,8 +1,9 @@
 """The sensitivity methods against each other: on a neural ODE (equinox MLP
-parameters) every method gives the same gradient, and ``Auto`` chooses as
-documented. Each method's own accuracy against analytic and independent
-references is tested in its own file (test_direct.py, test_forward_sensitivity.py,
-test_backsolve.py, test_interpolating.py)."""
+parameters) every method gives the same gradient, the two continuous adjoints
+match the expm solution of a linear system, and ``Auto`` chooses as documented.
+Each method's other checks against analytic and independent references are in
+its own file (test_direct.py, test_forward_sensitivity.py, test_backsolve.py,
+test_interpolating.py)."""
 
 import equinox as eqx
 import jax
@@ -73,6 +74,29 @@ def test_all_methods_agree_on_a_neural_ode(name, neural_ode, reference):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * scale)
     np.testing.assert_allclose(g_y0, ref_y0, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(g_ts, ref_ts, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", [diffode.BacksolveAdjoint(), diffode.InterpolatingAdjoint()],
+                         ids=["BacksolveAdjoint", "InterpolatingAdjoint"])
+def test_continuous_adjoints_match_expm(method):
+    # Gradients w.r.t. A, y0 and both save times of y' = A y, against JAX's
+    # derivatives of expm (rtol 1e-10 solves; 1e-7 leaves room for the
+    # tolerance-level error of both the forward and the backward solve).
+    p = problems.linear_system()
+    ts = jnp.asarray([0.5, 4.5])
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4)))
+
+    def loss_ode(a, y0, ts):
+        ys = diffode.solve(problems.linear_rhs, y0, ts, a, rtol=1e-10, atol=1e-10, sensitivity=method).ys
+        return jnp.sum(w * ys)
+
+    def loss_exact(a, y0, ts):
+        return jnp.sum(w * problems.linear_solution(a, y0, ts))
+
+    got = jax.grad(loss_ode, argnums=(0, 1, 2))(p.args, p.y0, ts)
+    want = jax.grad(loss_exact, argnums=(0, 1, 2))(p.args, p.y0, ts)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-7 * float(jnp.max(jnp.abs(r))))
 
 
 def test_auto_choice():
