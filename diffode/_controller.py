@@ -84,7 +84,7 @@ class PIDController(eqx.Module):
         return select(jnp.isfinite(err), err, jnp.inf)
 
     def init(self, dtype) -> tuple[Array, ...]:
-        """Controller memory: the previous inverse errors, as many as the gains use.
+        """Controller memory: the previous errors, as many as the gains use.
 
         Two with ``dcoeff``, one with only ``pcoeff``, none for an I controller:
         every carried scalar is one more kernel for XLA to compile.
@@ -100,14 +100,16 @@ class PIDController(eqx.Module):
         """
         err = lax.stop_gradient(err)
         accept = err <= 1.0
-        inv = 1.0 / jnp.maximum(err, 1e-10)
+        clamped = jnp.maximum(err, 1e-10)
         b1 = (self.icoeff + self.pcoeff + self.dcoeff) / order
         b2 = -(self.pcoeff + 2 * self.dcoeff) / order
         b3 = self.dcoeff / order
-        factor = self.safety * inv**b1
-        # memory holds exactly the previous inverse errors that a nonzero b2, b3 use.
+        # Negative powers of the errors rather than powers of their inverses: an
+        # inverse read twice (here and by the memory) would be a kernel of its own.
+        factor = self.safety * clamped ** (-b1)
+        # memory holds exactly the previous errors that a nonzero b2, b3 use.
         for b, prev in zip((b2, b3), memory):
-            factor = factor * prev**b
+            factor = factor * prev ** (-b)
         # After an accepted step never shrink; after a rejection always shrink.
         lo = select(accept, 1.0, self.factormin)
         hi = select(accept, self.factormax, self.safety)
@@ -119,7 +121,7 @@ class PIDController(eqx.Module):
             h_next = jnp.maximum(h_next, self.dtmin)
         # A failed step (err = inf) says nothing about smoothness: keep the memory.
         keep = accept & jnp.isfinite(err)
-        memory = tuple(select(keep, new, old) for new, old in zip((inv,) + memory[:-1], memory))
+        memory = tuple(select(keep, new, old) for new, old in zip((clamped,) + memory[:-1], memory))
         return accept, h_next, memory
 
 

@@ -77,16 +77,19 @@ class ExplicitRK(AbstractTableauSolver):
         bi = self.tableau.b_interp
         if bi is None:
             return hermite(theta, h, y0, y1, dense[0], dense[-1])
-        # b_i(theta) by Horner's rule with literal coefficients: elementwise
-        # work only, which XLA fuses into a single kernel.
-        acc = None
-        for i, row in enumerate(bi):
-            if not np.any(row):
-                continue
-            w = 0.0
-            for coef in row[::-1]:
-                w = (w + float(coef)) * theta
-            acc = w * dense[i] if acc is None else acc + w * dense[i]
+        # w_i = sum_j bi[i, j] theta^(j+1): a few powers of theta, one weighted
+        # sum of constant columns, then one reduction over the stages. Far fewer
+        # operations to trace and compile than a polynomial per stage.
+        bi = np.asarray(bi)
+        power, w = theta, None
+        for j in range(bi.shape[1]):
+            if j:
+                power = power * theta
+            if np.any(bi[:, j]):
+                term = jnp.asarray(bi[:, j], dense.dtype) * power
+                w = term if w is None else w + term
+        rows = dense[: bi.shape[0]]
+        acc = jnp.sum(w.reshape((-1,) + (1,) * (rows.ndim - 1)) * rows, axis=0)
         return y0 + h * acc
 
 

@@ -71,14 +71,16 @@ def _placeholder(spec) -> Array:
 
 
 def _stack(xs, dtype) -> Array:
-    """``jnp.stack(xs)`` (of equal shapes) in a form that XLA fuses into one kernel.
+    """``jnp.stack(xs)`` (of equal shapes) in a form that XLA fuses with its producers.
 
-    XLA splits a stack of scalars into one kernel per entry, and it keeps the
-    operands of a stack in kernels of their own when they have other readers.
-    Here each operand is padded to the full length along a new first axis (a
-    pad uses each element once, so XLA fuses even costly producers such as
-    ``pow`` into it; a broadcast would repeat them) and a constant mask picks
-    its row.
+    XLA keeps the operands of a stack in kernels of their own when they have
+    other readers. Here each operand is padded to the full length along a new
+    first axis (a pad uses each element once, so XLA fuses even costly
+    producers into it) and a constant mask picks its row. Used for the initial
+    ``(y0, f0)`` pair, so that ``f0`` is computed in the pair's kernel. (For the
+    scalar loop state the padded form compiles slower than a plain stack: the
+    compiler evaluates every row's expression for every entry before it can
+    simplify.)
     """
     k = len(xs)
     zero = jnp.zeros((), dtype)
@@ -97,14 +99,13 @@ def _unstack(v) -> list[Array]:
 
 
 class _Scalars(NamedTuple):
-    """The scalar state of the solve loop, carried as one vector (see ``_stack``)."""
+    """The scalar state of the solve loop, carried as one vector (a plain stack)."""
 
     t: Array
     h: Array  # the next step to attempt (landed on t_end when adaptive)
     p_t: Array  # start of the last attempted step
     p_h: Array  # its size
     p_h_inv: Array  # 1 / p_h (1 when p_h is 0); computed by pack
-    h_prop: Array  # the controller's last proposal before landing (for the underflow test)
     memory: Any  # the controller's memory (scalars)
 
 
@@ -252,32 +253,49 @@ def solve(
     )
 
 
-def time_direction(ts: Array) -> Array:
+def known_value(x) -> np.ndarray | None:
+    """``x`` as a NumPy array when its value is known at trace time (not a tracer), else ``None``."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def time_direction(ts: Array) -> Array | float:
     """``-1`` for decreasing ``ts`` (backwards integration), else ``1``, in the dtype of ``ts``.
 
     The loop runs in internal time ``s = direction * t``, which always increases.
+    When ``ts`` is known at trace time (closed over rather than traced) the
+    direction is a Python float, and the program has nothing to compute for it.
     """
+    known = known_value(ts)
+    if known is not None:
+        return -1.0 if known[-1] < known[0] else 1.0
     return jnp.where(ts[-1] < ts[0], -1, 1).astype(ts.dtype)
 
 
-def internal_rhs(f: Callable, args: PyTree, direction: Array, dtype, jac: Callable | None = None) -> FlatRHS:
+def internal_rhs(f: Callable, args: PyTree, direction: Array | float, dtype, jac: Callable | None = None) -> FlatRHS:
     """``f(t, y, args)`` as the steppers see it: a :class:`FlatRHS` in internal time.
 
     The right-hand side is one jitted closure, so ``f`` is traced and lowered once
     however many stages call it (``args`` may hold non-array leaves, so it is
     closed over, not passed).
     """
-    dir_y = direction.astype(dtype)
+    if isinstance(direction, float):
+        # Known at trace time: forwards needs no sign changes at all.
+        sign = (lambda x: x) if direction > 0 else (lambda x: -x)  # noqa: E731
+    else:
+        dir_y = direction.astype(dtype)
+
+        def sign(x):
+            return (dir_y if x.dtype == dtype else direction.astype(x.dtype)) * x
 
     @jax.jit
     def rhs_fn(s, y):
-        return dir_y * f(direction * s, y, args)
+        return sign(f(sign(s), y, args))
 
     jac_fn = None
     if jac is not None:
 
         def jac_fn(s, y):
-            return dir_y * jac(direction * s, y, args)
+            return sign(jac(sign(s), y, args))
 
     return FlatRHS(rhs_fn, jac_fn)
 
@@ -323,7 +341,16 @@ def integrate(
     rtol = jnp.asarray(opts.rtol, dtype)
     atol = jnp.asarray(opts.atol, dtype)
     direction = time_direction(ts_t)
-    s_ts = direction * ts_t  # internal time always increases
+    known_ts = known_value(ts_t)
+    if known_ts is not None:
+        # Save times known at trace time are checked and converted here, in
+        # NumPy, rather than by the compiled program.
+        s_ts = direction * known_ts
+        ts_ok = bool(np.all(np.isfinite(known_ts)) and np.all(s_ts[1:] > s_ts[:-1]))
+        s_ts = jnp.asarray(s_ts, tdtype)
+    else:
+        s_ts = direction * ts_t  # internal time always increases
+        ts_ok = jnp.all(jnp.isfinite(ts_t)) & jnp.all(s_ts[1:] > s_ts[:-1])
     rhs = internal_rhs(f, args, direction, dtype, opts.jac)
 
     t0, t_end = s_ts[0], s_ts[-1]
@@ -331,7 +358,10 @@ def integrate(
 
     dt0_value = jnp.asarray(1.0 if dt0 is None else dt0, tdtype)
     # Inputs are checked at run time so that jit and throw=False work alike.
-    f0 = direction.astype(dtype) * (f(ts_t[0], y_flat, args) if f0 is None else f0)
+    if f0 is None:
+        f0 = rhs(t0, y_flat)
+    else:
+        f0 = f0 if isinstance(direction, float) and direction > 0 else direction * f0
     state0 = solver.init(rhs, t0, y_flat, f0)
     # Replaced by the first accepted step before any interpolation reads it.
     dense0 = _placeholder(jax.eval_shape(solver.dense_zeros, y_flat))
@@ -350,7 +380,7 @@ def integrate(
 
     # The first failing check decides the status (nested selects: one fused kernel).
     checks = [
-        (jnp.all(jnp.isfinite(ts_t)) & jnp.all(s_ts[1:] > s_ts[:-1]), Status.TS_NOT_MONOTONIC),
+        (ts_ok, Status.TS_NOT_MONOTONIC),
         (jnp.all(jnp.isfinite(y_flat)) & _all_finite(args), Status.NONFINITE_INPUT),
         (jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0)),
          Status.BAD_TOLERANCE),
@@ -359,7 +389,8 @@ def integrate(
     ]
     status = jnp.asarray(Status.SUCCESS, jnp.int32)
     for passed, code in reversed(checks):
-        status = select(passed, status, jnp.asarray(code, jnp.int32))
+        if passed is not True:  # a check decided at trace time costs nothing when it passes
+            status = select(passed, status, jnp.asarray(code, jnp.int32))
 
     nfev0 = 1
     if dt0 is not None:
@@ -382,8 +413,11 @@ def integrate(
 
     def land(t, h, stop):
         """The step from t: h, or all of the rest up to stop when h would leave only a rounding-error remainder."""
-        lands = h >= (stop - t) - land_tol * jnp.maximum(jnp.abs(t), jnp.abs(stop))
-        return select(lands, stop - t, h)
+        # h is read once (by the minimum): XLA then fuses even a costly h, such
+        # as the controller's proposal, into the kernel that reads the step.
+        rest = stop - t
+        h = jnp.minimum(h, rest)
+        return select(h >= rest - land_tol * jnp.maximum(jnp.abs(t), jnp.abs(stop)), rest, h)
 
     # The scalar loop state travels as one vector (see _Scalars): one kernel
     # per step writes it, where separate scalars cost one kernel each.
@@ -392,13 +426,13 @@ def integrate(
     memory_dtypes = [x.dtype for x in jtu.tree_leaves(memory0)]
 
     def pack(s: _Scalars) -> Array:
-        return _stack([s.t, s.h, s.p_t, s.p_h, 1 / select(s.p_h == 0, 1, s.p_h), s.h_prop,
-                       *jtu.tree_leaves(s.memory)], tdtype)
+        entries = [s.t, s.h, s.p_t, s.p_h, 1 / select(s.p_h == 0, 1, s.p_h), *jtu.tree_leaves(s.memory)]
+        return jnp.stack([jnp.asarray(x, tdtype) for x in entries])
 
     def unpack(v: Array) -> _Scalars:
-        t, h, p_t, p_h, p_h_inv, h_prop, *memory = _unstack(v)
+        t, h, p_t, p_h, p_h_inv, *memory = _unstack(v)
         memory = [m.astype(d) for m, d in zip(memory, memory_dtypes)]
-        return _Scalars(t, h, p_t, p_h, p_h_inv, h_prop, jtu.tree_unflatten(memory_def, memory))
+        return _Scalars(t, h, p_t, p_h, p_h_inv, jtu.tree_unflatten(memory_def, memory))
 
     def y_state(c):
         return (c["y"][0], c["y"][1]) if stacked else (c["y"], c["state"])
@@ -415,11 +449,10 @@ def integrate(
         # proposed, in the kernel that packs the scalars (landing it at the start
         # of a step would be a kernel of its own). Fixed steps land on the save
         # times, which change between save points: they are landed at the start.
-        # p_h = 0: no step yet (the save at ts[0] is y0 itself). h_prop is
-        # written by every step before it is read.
-        scalars=pack(_Scalars(t0, h0 if fixed else land(t0, h0, t_end), t0, zero_t, None, zero_t, memory0)),
+        # p_h = 0: no step yet (the save at ts[0] is y0 itself).
+        scalars=pack(_Scalars(t0, h0 if fixed else land(t0, h0, t_end), t0, zero_t, None, memory0)),
         counters=counters,
-        target=t0,
+        i=i32(0),
         p_dense=dense0,
         **(dict(y=pair0) if stacked else dict(y=y_flat, state=state0)),
     )
@@ -439,15 +472,20 @@ def integrate(
             interpolate=solver.interpolate,
         )
 
+    def target_of(i):
+        # ts[i] is read where it is used: XLA fuses the read into each reader,
+        # where a read of its own would be a kernel.
+        return lax.dynamic_index_in_dim(s_ts, i, keepdims=False, allow_negative_indices=False)
+
     def step_cond(c):
         n = c["counters"]
-        return (unpack(c["scalars"]).t < c["target"]) & (n[0] == Status.SUCCESS) & (n[1] < max_steps)
+        return (unpack(c["scalars"]).t < target_of(c["i"])) & (n[0] == Status.SUCCESS) & (n[1] < max_steps)
 
     def step_body(c):
         s = unpack(c["scalars"])
         t, memory = s.t, s.memory
         y, state = y_state(c)
-        stop = c["target"] if fixed else t_end
+        stop = target_of(c["i"]) if fixed else t_end
         h_try = land(t, s.h, stop) if fixed else s.h
         res = solver.step(rhs, t, y, h_try.astype(dtype), state, tol)
         ok = jnp.asarray(res.ok, bool)
@@ -465,17 +503,21 @@ def integrate(
         h_next = h_prop if fixed else land(t_new, h_prop, t_end)
         # The last attempted step is p_t, p_h; the inner loop only ends on an
         # accepted step, so outside it this is the last accepted one.
-        scalars = pack(_Scalars(t_new, h_next, t, h_try, None, h_prop, memory))
-        # The status reads t_new and h_prop back from the vector: using the values
-        # themselves a second time would make each a kernel of its own.
-        s_new = unpack(scalars)
+        scalars = pack(_Scalars(t_new, h_next, t, h_try, None, memory))
+        # The status reads t_new and the next step back from the vector: using
+        # the values themselves a second time would make each a kernel of its own.
+        # (The barrier keeps XLA from folding the reads back into those values.)
+        s_new = unpack(lax.optimization_barrier(scalars))
 
         status = c["counters"][0]
         if fixed:
             newton = ~ok & jnp.all(jnp.isfinite(res.y1))
             status = select(finite, status, select(newton, Status.NEWTON_FAILED, Status.NONFINITE_RHS))
         else:
-            too_small = ~accept & (s_new.h_prop <= tiny_scale + 8 * eps * jnp.abs(t))
+            # After a rejection the next step is the shrunk proposal, or the rest
+            # of the span when that is shorter; the rest is never tiny (a step
+            # that would leave a tiny rest is landed on t_end instead).
+            too_small = ~accept & (s_new.h <= tiny_scale + 8 * eps * jnp.abs(t))
             # Non-finite values are blamed first (an implicit solver fails its
             # Newton iteration on them too), then Newton, then plain underflow.
             why = select(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS)  # finite implies ok
@@ -500,7 +542,7 @@ def integrate(
             ),
             p_y=c["y"],
             p_dense=res.dense,
-            target=c["target"],
+            i=c["i"],
         )
         if dense:
             p = c["pieces"]
@@ -518,9 +560,8 @@ def integrate(
 
     def save_body(oc):
         i, ys, c = oc
-        # i is never negative: skipping the wrap-around of negative indices saves a kernel.
-        target = lax.dynamic_index_in_dim(s_ts, i, keepdims=False, allow_negative_indices=False)
-        c = lax.while_loop(step_cond, step_body, dict(c, target=target))
+        c = lax.while_loop(step_cond, step_body, dict(c, i=i))
+        target = target_of(i)
         s = unpack(c["scalars"])
         # Times 1 / p_h rather than divided by p_h: a division here would be a
         # kernel of its own (XLA does not repeat costly scalar work per element).

@@ -345,3 +345,26 @@ def test_no_global_jax_config_change():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+# Save times closed over by the jitted function are known at trace time: the solve
+# checks them and fixes the direction of time in NumPy. Same statuses and values
+# as traced save times.
+@pytest.mark.parametrize("bad", [[0.0, 0.5, 0.25, 1.0], [0.0, 0.5, NAN, 1.0], [0.0, 0.5, 0.5, 1.0]])
+def test_known_bad_ts_gives_the_traced_status(bad):
+    ts = jnp.asarray(bad)
+    known = jax.jit(lambda y0: diffode.solve(decay, y0, ts, ARGS, throw=False).status)(Y0)
+    traced = jax.jit(lambda y0, t: diffode.solve(decay, y0, t, ARGS, throw=False).status)(Y0, ts)
+    assert int(known) == int(traced) == Status.TS_NOT_MONOTONIC
+    with raises_solve_error("strictly", Status.TS_NOT_MONOTONIC):
+        eqx.filter_jit(lambda y0: diffode.solve(decay, y0, ts, ARGS).ys)(Y0)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_known_and_traced_ts_agree(reverse):
+    ts = jnp.linspace(0.0, 1.0, 5)[:: -1 if reverse else 1]
+    known = jax.jit(lambda y0: diffode.solve(decay, y0, ts, ARGS, rtol=1e-10, atol=1e-12).ys)(Y0)
+    traced = jax.jit(lambda y0, t: diffode.solve(decay, y0, t, ARGS, rtol=1e-10, atol=1e-12).ys)(Y0, ts)
+    exact = np.exp(-0.5 * (np.asarray(ts) - float(ts[0])))[:, None] * np.asarray(Y0)
+    np.testing.assert_allclose(np.asarray(known), np.asarray(traced), rtol=1e-13, atol=0)
+    np.testing.assert_allclose(np.asarray(known), exact, rtol=1e-8)

@@ -153,8 +153,14 @@ class ForwardSensitivity(AbstractSensitivity):
         def full_args(d, o):
             return eqx.combine(d, o, statics)
 
+        # Save times known at trace time reach the solve loop as they are (a
+        # custom_jvp argument would be a tracer), so that it can check them and
+        # fix the direction of time without compiled work.
+        known_ts = None if isinstance(ts, jax.core.Tracer) else ts
+
         @jax.custom_jvp
         def core(y0, ts, diff, other, consts):
+            ts = ts if known_ts is None else known_ts
             ys, counters, _ = integrate(f, y0, ts, full_args(diff, other), with_consts(opts._replace(dense=False), consts))
             return ys, counters
 
