@@ -179,3 +179,22 @@ def run_times(
         for n, (fn, args) in candidates.items()
     }
     return {n: Timing(tuple(s), numbers[n]) for n, s in interleave(samplers, repeats).items()}
+
+
+def quick_json_main(prog: str, doc: str, run, report, argv=None) -> None:
+    """The command line shared by benchmarks whose only options are ``--quick`` and ``--json``:
+    ``report(run(quick=...))`` is printed and, with ``--json PATH``, the results are saved."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", metavar="PATH")
+    a = ap.parse_args(argv)
+    out = run(quick=a.quick)
+    print(report(out))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+        print(f"# wrote {a.json}", file=sys.stderr)

@@ -55,8 +55,6 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -480,17 +478,7 @@ def report(out: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.steady_state",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", metavar="PATH")
-    a = ap.parse_args(argv)
-    out = run(quick=a.quick)
-    print(report(out))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1)
-        print(f"# wrote {a.json}", file=sys.stderr)
+    _timing.quick_json_main("python -m benchmarks.steady_state", __doc__, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
-from .._solve import IntegrateOptions, integrate
+from .._solve import IntegrateOptions, integrate, known_value
 from .._util import float0_zeros
 from ._base import AbstractSensitivity, forward_mode_active
 
@@ -156,7 +156,7 @@ class ForwardSensitivity(AbstractSensitivity):
         # Save times known at trace time reach the solve loop as they are (a
         # custom_jvp argument would be a tracer), so that it can check them and
         # fix the direction of time without compiled work.
-        known_ts = None if isinstance(ts, jax.core.Tracer) else ts
+        known_ts = known_value(ts)
 
         @jax.custom_jvp
         def core(y0, ts, diff, other, consts):
