@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import equinox as eqx
+import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 
 from ._solver import AbstractTableauSolver, StepResult
 from ._tableau import ButcherTableau
+from ._util import finite_filler
 
 
 def _lincomb(coeffs, ks):
@@ -39,9 +42,19 @@ class ExplicitRK(AbstractTableauSolver):
     otherwise one extra evaluation that the next step reuses as its first stage,
     so the count per step is unchanged and every method gets (at least) cubic
     Hermite dense output. The step's dense data are its stage derivatives.
+
+    Args:
+        tableau: the method's coefficients.
+        stage_loop: evaluate the stages after the first in one ``lax.fori_loop``
+            (the default), so that ``f`` is compiled once per step rather than
+            once per stage: much faster compilation, for a small loop overhead
+            per stage at run time. ``False`` unrolls the stages, which runs
+            faster when ``f`` is cheap and the solve is compiled once and run
+            many times.
     """
 
     tableau: ButcherTableau = eqx.field(static=True)
+    stage_loop: bool = eqx.field(static=True, default=True, kw_only=True)
 
     def __check_init__(self):
         if not self.tableau.explicit:
@@ -56,21 +69,45 @@ class ExplicitRK(AbstractTableauSolver):
 
     def step(self, f, t0, y0, h, f0, tol=None):
         tab = self.tableau
-        a, c = tab.a, tab.c
-        ks = [f0]
-        yi = y0
-        for i in range(1, tab.num_stages):
-            yi = y0 + h * _lincomb(a[i, :i], ks)
-            ks.append(f(t0 + float(c[i]) * h, yi))
-        if tab.fsal:
-            y1, f1, nfev = yi, ks[-1], tab.num_stages - 1
+        a, c, b, b_error = tab.a, tab.c, tab.b, tab.b_error
+        if not tab.fsal:
+            # One more row: the final evaluation f(t0 + h, y1), with weights b.
+            s = tab.num_stages
+            a = np.block([[a, np.zeros((s, 1))], [b, 0.0]])
+            c, b = np.append(c, 1.0), np.append(b, 0.0)
+            b_error = None if b_error is None else np.append(b_error, 0.0)
+        m = a.shape[0]  # evaluations per step, counting the one reused from the last step
+        if self.stage_loop:
+            dense = self._stages_looped(f, t0, y0, h, f0, a, c)
+            stages = [f0] + [dense[i] for i in range(1, m)]
         else:
-            y1 = y0 + h * _lincomb(tab.b, ks)
-            f1 = f(t0 + h, y1)
-            ks.append(f1)
-            nfev = tab.num_stages
-        y_error = h * _lincomb(tab.b_error, ks) if tab.embedded else None
-        return StepResult(y1, y_error, jnp.stack(ks), f1, f0, True, nfev, {})
+            stages = [f0]
+            for i in range(1, m):
+                stages.append(f(t0 + float(c[i]) * h, y0 + h * _lincomb(a[i, :i], stages)))
+            dense = jnp.stack(stages)
+        y1 = y0 + h * _lincomb(b, stages)
+        y_error = None if b_error is None else h * _lincomb(b_error, stages)
+        return StepResult(y1, y_error, dense, stages[-1], f0, True, m - 1, {})
+
+    @staticmethod
+    def _stages_looped(f, t0, y0, h, f0, a, c):
+        """All ``m`` stage derivatives as an ``(m, n)`` array: row 0 is ``f0``, rows 1 to
+        ``m - 1`` are evaluated in one ``fori_loop``.
+
+        Stage ``i`` combines the stored stages with row ``i`` of ``a`` (zero on and
+        above the diagonal), so rows not yet written, which hold finite filler,
+        meet zero coefficients.
+        """
+        m, dtype = a.shape[0], y0.dtype
+        a_all = jnp.asarray(a, dtype)
+        nodes = jnp.asarray(c, dtype)
+
+        def stage(i, ks):
+            yi = y0 + h * jnp.sum(a_all[i][:, None] * ks, axis=0)
+            return lax.dynamic_update_index_in_dim(ks, f(t0 + nodes[i] * h, yi), i, 0)
+
+        filler = finite_filler(jax.ShapeDtypeStruct((m - 1,) + y0.shape, dtype))
+        return lax.fori_loop(1, m, stage, jnp.concatenate([f0[None], filler]))
 
     def interpolate(self, h, y0, y1, dense, theta):
         """The tableau's continuous extension, or cubic Hermite without one."""

@@ -67,7 +67,7 @@ def status_message(status, messages: dict[int, str]) -> str | list:
     return np.vectorize(lambda c: messages[int(c)], otypes=[object])(codes).tolist()
 
 
-#: Messages in code order, for ``equinox.branched_error_if``.
+#: Messages in code order, indexed by the status code when raising.
 MESSAGE_LIST: tuple[str, ...] = tuple(MESSAGES[s] for s in Status)
 
 

@@ -19,7 +19,7 @@ from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Stats, Sta
 from ._solver import AbstractSolver, FlatRHS, Tolerances
 from .sensitivity._base import AbstractSensitivity, forward_mode_active, reverse_mode_active
 from .sensitivity.auto import Auto
-from ._util import raise_on_failure, select, tree_select
+from ._util import finite_filler, raise_on_failure, select, tree_select
 
 _COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
 
@@ -57,17 +57,6 @@ def _rhs_structure_problem(out, y0) -> str | None:
         if jnp.shape(a) != jnp.shape(b):
             return f"f returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
     return None
-
-
-def _placeholder(spec) -> Array:
-    """Finite filler for a loop carry whose initial value is never read.
-
-    Small ones are non-uniform literal constants, which cost XLA no kernel (zeros
-    would be turned into a broadcast, one more kernel to compile).
-    """
-    if spec.size * np.dtype(spec.dtype).itemsize <= 4096:
-        return jnp.asarray(np.arange(spec.size, dtype=spec.dtype).reshape(spec.shape))
-    return jnp.zeros(spec.shape, spec.dtype)
 
 
 def _stack(xs, dtype) -> Array:
@@ -364,7 +353,7 @@ def integrate(
         f0 = f0 if isinstance(direction, float) and direction > 0 else direction * f0
     state0 = solver.init(rhs, t0, y_flat, f0)
     # Replaced by the first accepted step before any interpolation reads it.
-    dense0 = _placeholder(jax.eval_shape(solver.dense_zeros, y_flat))
+    dense0 = finite_filler(jax.eval_shape(solver.dense_zeros, y_flat))
 
     # A solver state that is one array shaped like y (explicit Runge-Kutta
     # methods: the FSAL derivative) travels stacked with y as one (2, n) array,
@@ -576,7 +565,7 @@ def integrate(
     # The save loop starts at ts[0] itself: there the step loop takes no step and
     # the save is y0, so the buffer's initial value is never read and can be a
     # literal placeholder (writing y0 into zeros would be a kernel to compile).
-    ys0 = _placeholder(jax.ShapeDtypeStruct((n_ts,) + y_flat.shape, dtype))
+    ys0 = finite_filler(jax.ShapeDtypeStruct((n_ts,) + y_flat.shape, dtype))
     _, ys, out = lax.while_loop(save_cond, save_body, (i32(0), ys0, carry))
     pieces = None
     if dense:

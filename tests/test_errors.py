@@ -24,22 +24,27 @@ def decay(t, y, args):
     return -args * y
 
 
+#: What a failed solve raises: the error itself when run eagerly, or, under
+#: jit, JAX's runtime error quoting it.
+SOLVE_ERRORS = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)
+
+
 def own_message(exc) -> str:
-    """An error's own message. str() of an EquinoxRuntimeError also carries the
-    Python stack (with quoted source lines, which would let `match` succeed on
-    the test's own code), then "equinox.EquinoxRuntimeError: <message>"."""
+    """A solve error's own message. Under jit the JaxRuntimeError's text carries the
+    Python stack of the raising callback (with quoted source lines, which would
+    let `match` succeed on the test's own code), then "EquinoxRuntimeError: <message>"."""
     text = str(exc)
     key = "EquinoxRuntimeError: "
-    if isinstance(exc, eqx.EquinoxRuntimeError) and key in text:
-        return text[text.rindex(key) + len(key):].split("\n\n")[0]
+    if key in text:
+        return text[text.rindex(key) + len(key):].split("\n")[0]
     return text
 
 
 @contextlib.contextmanager
 def raises_solve_error(match, status=None):
-    """The solve raises an EquinoxRuntimeError whose message matches (and is
-    exactly MESSAGES[status] when a status is given)."""
-    with pytest.raises(eqx.EquinoxRuntimeError) as info:
+    """The solve raises an error whose message matches (and is exactly
+    MESSAGES[status] when a status is given)."""
+    with pytest.raises(SOLVE_ERRORS) as info:
         yield
     msg = own_message(info.value)
     assert re.search(match, msg), msg
@@ -298,7 +303,7 @@ def test_bad_dt0_is_reported(dt0, adaptive):
     # MAX_STEPS_REACHED ("increase max_steps or loosen the tolerances", wrong
     # advice), dt0 = NaN reports MAX_STEPS_REACHED (adaptive) or NONFINITE_RHS
     # (fixed). The error should name dt0.
-    with pytest.raises((ValueError, eqx.EquinoxRuntimeError)) as info:
+    with pytest.raises((ValueError,) + SOLVE_ERRORS) as info:
         jax.block_until_ready(diffode.solve(decay, Y0, TS, ARGS, dt0=dt0, adaptive=adaptive, max_steps=64).ys)
     assert "dt0" in own_message(info.value), own_message(info.value)
 
@@ -311,6 +316,20 @@ def test_status_per_batch_member():
     assert sol.message[1] == diffode.MESSAGES[Status.NONFINITE_INPUT]
     ys = np.asarray(sol.ys)
     assert np.isnan(ys[1, 1:]).all() and np.isfinite(ys[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_throw_under_vmap(jit):
+    # With throw=True a batch raises when any member fails, naming that failure,
+    # and runs without error (no failing branch taken) when every member succeeds.
+    def batch(args):
+        return jax.vmap(lambda a: diffode.solve(decay, Y0, TS, a).ys)(args)
+
+    batch = jax.jit(batch) if jit else batch
+    ys = batch(jnp.array([0.5, 1.0]))
+    np.testing.assert_allclose(ys[:, -1], np.exp(-np.array([0.5, 1.0]))[:, None] * np.asarray(Y0), rtol=1e-5)
+    with raises_solve_error("", status=Status.NONFINITE_INPUT):
+        jax.block_until_ready(batch(jnp.array([0.5, NAN, 1.0])))
 
 
 def test_bad_options():

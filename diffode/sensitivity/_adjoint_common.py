@@ -29,6 +29,7 @@ from jaxtyping import Array, PyTree
 
 from .._solution import MESSAGES, Status
 from .._solve import IntegrateOptions, integrate
+from .._util import raise_on_failure
 from ._base import AbstractSensitivity, forward_mode_active, split_args
 
 
@@ -148,7 +149,7 @@ def _adjoint_bwd(residuals, grad_obj, perturbed, vjp_arg, method: AbstractAdjoin
         name = type(method).__name__
         messages = tuple(f"{name}: the backward (adjoint) solve failed. {MESSAGES[s]}{method.failure_hint}"
                          for s in Status)
-        lam, mu = eqx.branched_error_if((lam, mu), status != Status.SUCCESS, status, messages)
+        lam, mu = raise_on_failure((lam, mu), status, messages)
     bad = (status != Status.SUCCESS) | (counters[0] != Status.SUCCESS)
 
     y0_bar = _nan_like(lam + ys_bar[0], bad) if p_y0 else None

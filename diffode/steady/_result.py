@@ -59,7 +59,7 @@ STEADY_STATE_MESSAGES: dict[int, str] = {
     ),
 }
 
-#: Messages in code order, for ``equinox.branched_error_if``.
+#: Messages in code order, indexed by the status code when raising.
 STEADY_STATE_MESSAGE_LIST: tuple[str, ...] = tuple(STEADY_STATE_MESSAGES[s] for s in SteadyStateStatus)
 
 #: Raised (or turned into NaN derivatives with ``throw=False``) when a derivative is
