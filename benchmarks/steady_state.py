@@ -324,6 +324,16 @@ def rel_diff(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def timing_entry(ctimes, rtimes, name: str, base: str, tag: str) -> dict[str, Any]:
+    """A candidate's compile and run times and their ratios to candidate ``base``
+    (keys ``compile_ratio_vs_<tag>`` and ``run_ratio_vs_<tag>``)."""
+    return {
+        "compile_s": ctimes[name].as_dict(), "run_s": rtimes[name].as_dict(),
+        f"compile_ratio_vs_{tag}": ctimes[name].median / ctimes[base].median,
+        f"run_ratio_vs_{tag}": rtimes[name].median / rtimes[base].median,
+    }
+
+
 def _time(pairs, quick: bool, label: str):
     reps_c, reps_r = (3, 5) if quick else (5, 7)
     print(f"# {label} compile: 1 + {reps_c} interleaved cold first calls each ...", file=sys.stderr)
@@ -375,12 +385,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     ctimes, rtimes = _time({n: (fn, (args,)) for n, fn in fns.items()}, quick, "gradients")
     grads = {n: np.asarray(ravel_pytree(fn(args))[0]) for n, fn in fns.items()}
     ref1, ref5 = grads["diffode steady_state Newton (LU)"], grads[BASELINE]
-    c5, r5 = ctimes[BASELINE].median, rtimes[BASELINE].median
     gres = {}
     for n in fns:
         gres[n] = dict(
-            compile_s=ctimes[n].as_dict(), run_s=rtimes[n].as_dict(),
-            compile_ratio_vs_baseline=ctimes[n].median / c5, run_ratio_vs_baseline=rtimes[n].median / r5,
+            timing_entry(ctimes, rtimes, n, BASELINE, "baseline"),
             rel_diff_vs_newton_lu=rel_diff(grads[n], ref1), rel_diff_vs_baseline=rel_diff(grads[n], ref5),
         )
     for n, msg in failed.items():
@@ -397,13 +405,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     env["other_processes_cores_busy"] = other_cpu_load(clock)
     yu = unrolled_newton(f, y0, args, v)
     unrolled_residual = float(jnp.max(jnp.abs(f(0.0, yu, args))))
-    hc1, hr1 = hctimes[F1].median, hrtimes[F1].median
     hres = {}
     for n in hfns:
         hres[n] = dict(
-            compile_s=hctimes[n].as_dict(), run_s=hrtimes[n].as_dict(),
-            compile_ratio_vs_f1=hctimes[n].median / hc1, run_ratio_vs_f1=hrtimes[n].median / hr1,
-            rel_diff_vs_f1=rel_diff(hess[n], hess[F1]), lu=counts[n],
+            timing_entry(hctimes, hrtimes, n, F1, "f1"), rel_diff_vs_f1=rel_diff(hess[n], hess[F1]), lu=counts[n],
         )
     h1 = hess[F1]
     return dict(
