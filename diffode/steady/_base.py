@@ -72,7 +72,3 @@ def counters(**values) -> Int[Array, " k"]:
     if unknown:
         raise KeyError(f"unknown counters {sorted(unknown)}")
     return jnp.stack([jnp.asarray(values.get(name, 0), jnp.int32) for name in STAT_NAMES])
-
-
-def default_linear_solver() -> AbstractLinearSolver:
-    return LU()
