@@ -1,101 +1,38 @@
-"""``solve``: input validation, the step loop, saving at ``ts`` and the Solution."""
+"""``solve``: the one entry point. Trace-time checks, flattening, closure conversion, and the
+hand-over of the loop to the sensitivity method."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._controller import PIDController, initial_step
+from ._controller import PIDController
 from ._explicit import Tsit5
-from ._solution import MESSAGE_LIST, MESSAGES, DenseOutput, Solution, Stats, Status
-from ._solver import AbstractSolver, FlatRHS, Tolerances
-from .sensitivity._base import AbstractSensitivity, forward_mode_active, reverse_mode_active
-from .sensitivity.auto import Auto
-from ._util import finite_filler, raise_on_failure, select, tree_select
+from ._integrate import IntegrateOptions, integrate, known_value, time_direction
+from ._solution import MESSAGE_LIST, MESSAGES, Solution, Stats, Status
+from ._solver import AbstractSolver
+from ._util import raise_on_failure
+from ._validate import check_y0, rhs_structure_problem
+from .sensitivity import AbstractSensitivity, Auto, Problem, split_args
 
 _COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
 
 
-def _is_inexact(x) -> bool:
-    """Floating or complex arrays and scalars (tracers included)."""
-    if isinstance(x, (bool, int)) or not isinstance(x, (jax.Array, np.ndarray, np.generic, float, complex)):
-        return False
-    return bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+def _strong(tree):
+    """``tree`` with every inexact array leaf of a strong (not weak) dtype.
 
-
-def _all_finite(tree) -> Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if _is_inexact(x)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def check_y0(y0) -> None:
-    """Raise unless ``y0`` is a non-empty pytree of real floating-point arrays (at trace time)."""
-    for path, leaf in jtu.tree_leaves_with_path(y0):
-        if not _is_inexact(leaf) or jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
-            raise TypeError(
-                f"y0{jtu.keystr(path)} must be a real floating-point array (complex states are "
-                f"not supported: split them into real and imaginary parts), got {leaf!r}"
-            )
-    if not jtu.tree_leaves(y0):
-        raise ValueError("y0 has no array leaves")
-
-
-def _rhs_structure_problem(out, y0) -> str | None:
-    """Compare ``f``'s output with ``y0`` (at trace time); describe any mismatch."""
-    want, got = jtu.tree_structure(y0), jtu.tree_structure(out)
-    if want != got:
-        return f"f returned structure {got}, but y0 has structure {want}."
-    for (path, a), b in zip(jtu.tree_leaves_with_path(y0), jtu.tree_leaves(out)):
-        if jnp.shape(a) != jnp.shape(b):
-            return f"f returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
-    return None
-
-
-def _stack(xs, dtype) -> Array:
-    """``jnp.stack(xs)`` (of equal shapes) in a form that XLA fuses with its producers.
-
-    XLA keeps the operands of a stack in kernels of their own when they have
-    other readers. Here each operand is padded to the full length along a new
-    first axis (a pad uses each element once, so XLA fuses even costly
-    producers into it) and a constant mask picks its row. Used for the initial
-    ``(y0, f0)`` pair, so that ``f0`` is computed in the pair's kernel. (For the
-    scalar loop state the padded form compiles slower than a plain stack: the
-    compiler evaluates every row's expression for every entry before it can
-    simplify.)
+    A Python float differentiated by ``jax.grad`` arrives as a weakly typed array;
+    the closure-converted ``f`` is called with exactly the types it was traced
+    with, and custom derivative rules may not preserve weakness.
     """
-    k = len(xs)
-    zero = jnp.zeros((), dtype)
-    out = None
-    for i, x in enumerate(xs):
-        x = jnp.asarray(x, dtype)[None]
-        x = lax.pad(x, zero, [(i, k - 1 - i, 0)] + [(0, 0, 0)] * (x.ndim - 1))
-        mask = (np.arange(k) == i).reshape((k,) + (1,) * (x.ndim - 1))
-        out = x if out is None else lax.select(np.broadcast_to(mask, x.shape), x, out)
-    return out
-
-
-def _unstack(v) -> list[Array]:
-    """The rows of ``v`` (static slices, which XLA fuses into their readers)."""
-    return [lax.index_in_dim(v, i, keepdims=False) for i in range(v.shape[0])]
-
-
-class _Scalars(NamedTuple):
-    """The scalar state of the solve loop, carried as one vector (a plain stack)."""
-
-    t: Array
-    h: Array  # the next step to attempt (landed on t_end when adaptive)
-    p_t: Array  # start of the last attempted step
-    p_h: Array  # its size
-    p_h_inv: Array  # 1 / p_h (1 when p_h is 0); computed by pack
-    memory: Any  # the controller's memory (scalars)
+    return jtu.tree_map(lambda x: lax.convert_element_type(x, x.dtype) if eqx.is_inexact_array(x) else x, tree)
 
 
 def _failed(ts, y0, status: Status) -> Solution:
@@ -182,49 +119,53 @@ def solve(
 
     # f's output structure is checked at trace time (abstractly: no evaluation).
     out0 = eqx.filter_eval_shape(f, ts_t[0], y0, args)
-    problem = _rhs_structure_problem(out0, y0)
+    problem = rhs_structure_problem(out0, y0)
     if problem is not None:
         if throw:
             raise ValueError(f"{MESSAGES[Status.RHS_STRUCTURE_MISMATCH]} {problem}")
         return _failed(ts, y0, Status.RHS_STRUCTURE_MISMATCH)
 
-    def flatten(out):
-        return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
-
-    def f_flat(t, y, args):
-        return flatten(f(t, unravel(y), args))
-
-    jac_flat = None
+    # f (a function, a closure or an equinox Module) and jac become pytrees whose
+    # arrays, closed-over values included, are explicit inputs: every one of them
+    # is differentiated, and none leaks out of a custom derivative rule.
+    args = _strong(args)
+    t_ex = ts_t[0]
+    fc = eqx.filter_closure_convert(f, t_ex, y0, args)
+    jc = None
+    n = y_flat.shape[0]
     if jac is not None:
-
-        def jac_flat(t, y, args):
-            return jnp.asarray(jac(t, unravel(y), args), dtype)
-
-        n = y_flat.shape[0]
-        jac_shape = jax.eval_shape(jac_flat, ts_t[0], y_flat, args).shape
+        jc = eqx.filter_closure_convert(jac, t_ex, y0, args)
+        jac_shape = jnp.shape(jax.eval_shape(jc, t_ex, y0, args))
         if jac_shape != (n, n):
             raise ValueError(
                 f"jac returned shape {jac_shape}, but the state has {n} components, so the Jacobian "
                 f"must be ({n}, {n}) over the raveled state"
             )
 
+    def flatten(out):
+        return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
+
+    def f_flat(t, y, a):
+        fc, _, args = a
+        return flatten(fc(lax.convert_element_type(t, tdtype), unravel(y), args))
+
+    def jac_flat(t, y, a):
+        _, jc, args = a
+        return jnp.asarray(jc(lax.convert_element_type(t, tdtype), unravel(y), args), dtype)
+
     opts = IntegrateOptions(
         solver=solver, controller=controller, rtol=rtol, atol=atol, dt0=dt0, fixed=fixed,
-        max_steps=max_steps, dense=dense, jac=jac_flat, throw=throw,
+        max_steps=max_steps, dense=dense, jac=None if jac is None else jac_flat, throw=throw,
     )
     method = Auto() if sensitivity is None else sensitivity
-    if dense or (isinstance(method, Auto) and forward_mode_active(y_flat, ts_t, args)):
-        # The plain loop: forward mode differentiates through its steps.
-        if dense and (sensitivity is not None or reverse_mode_active(y_flat, ts_t, args)):
-            raise ValueError(
-                f"dense=True works only with the default sensitivity and without reverse-mode "
-                f"differentiation; got sensitivity={method!r}"
-            )
-        ys, counters, pieces = integrate(f_flat, y_flat, ts_t, args, opts)
+    params, static = split_args((fc, jc, args))
+    known_ts = known_value(ts_t)
+    prob = Problem(f_flat, static, opts, known_ts)
+    if dense:
+        # Dense output is differentiated through the loop itself (forward mode).
+        ys, counters, pieces = integrate(f_flat, y_flat, ts_t, (fc, jc, args), opts)
     else:
-        # The method's derivative rules are part of the traced program, so they
-        # also apply when differentiation happens outside an enclosing jit.
-        ys, counters = method.integrate(f_flat, y_flat, ts_t, args, opts)
+        ys, counters = method.apply(integrate, prob, y_flat, None if known_ts is not None else ts_t, params)
         pieces = None
     direction = time_direction(ts_t)
     stat_names = _COUNTERS + solver.stat_names
@@ -241,336 +182,3 @@ def solve(
         unravel=unravel,
     )
 
-
-def known_value(x) -> np.ndarray | None:
-    """``x`` as a NumPy array when its value is known at trace time (not a tracer), else ``None``."""
-    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
-
-
-def time_direction(ts: Array) -> Array | float:
-    """``-1`` for decreasing ``ts`` (backwards integration), else ``1``, in the dtype of ``ts``.
-
-    The loop runs in internal time ``s = direction * t``, which always increases.
-    When ``ts`` is known at trace time (closed over rather than traced) the
-    direction is a Python float, and the program has nothing to compute for it.
-    """
-    known = known_value(ts)
-    if known is not None:
-        return -1.0 if known[-1] < known[0] else 1.0
-    return jnp.where(ts[-1] < ts[0], -1, 1).astype(ts.dtype)
-
-
-def internal_rhs(f: Callable, args: PyTree, direction: Array | float, dtype, jac: Callable | None = None) -> FlatRHS:
-    """``f(t, y, args)`` as the steppers see it: a :class:`FlatRHS` in internal time.
-
-    The right-hand side is one jitted closure, so ``f`` is traced and lowered once
-    however many stages call it (``args`` may hold non-array leaves, so it is
-    closed over, not passed).
-    """
-    if isinstance(direction, float):
-        # Known at trace time: forwards needs no sign changes at all.
-        sign = (lambda x: x) if direction > 0 else (lambda x: -x)  # noqa: E731
-    else:
-        dir_y = direction.astype(dtype)
-
-        def sign(x):
-            return (dir_y if x.dtype == dtype else direction.astype(x.dtype)) * x
-
-    @jax.jit
-    def rhs_fn(s, y):
-        return sign(f(sign(s), y, args))
-
-    jac_fn = None
-    if jac is not None:
-
-        def jac_fn(s, y):
-            return sign(jac(sign(s), y, args))
-
-    return FlatRHS(rhs_fn, jac_fn)
-
-
-class IntegrateOptions(NamedTuple):
-    """Everything :func:`integrate` needs besides the problem (set up by ``solve``)."""
-
-    solver: AbstractSolver
-    controller: PIDController
-    rtol: Any
-    atol: Any
-    dt0: Any
-    fixed: bool
-    max_steps: int
-    dense: bool = False
-    jac: Callable | None = None  # jac(t, y_flat, args) -> (n, n)
-    return_state: bool = False  # also return the solver state after the last step
-    throw: bool = True  # sensitivity methods: raise when a backward solve fails (else NaN)
-
-
-def integrate(
-    f: Callable[[Array, Array, Any], Array],
-    y_flat: Array,
-    ts_t: Array,
-    args: PyTree,
-    opts: IntegrateOptions,
-    f0: Array | None = None,
-) -> tuple[Array, Array, DenseOutput | None]:
-    """The solve loop on flat states: ``f(t, y, args)`` with ``y`` of shape ``(n,)``.
-
-    Returns ``(ys, counters, pieces)``: the ``(len(ts), n)`` saved states (NaN
-    where not reached), the int32 vector ``[status, num_steps, num_accepted,
-    num_rejected, num_fevals, *solver.stat_names]`` and, with ``opts.dense``, the
-    accepted steps' interpolants. Input checks happen here at run time and end
-    in the status. ``f0 = f(ts[0], y0, args)`` may be passed when already known.
-    The sensitivity methods call this for their forward and backward solves.
-    """
-    solver, controller, max_steps, dense, fixed = opts.solver, opts.controller, opts.max_steps, opts.dense, opts.fixed
-    dt0 = opts.dt0
-    dtype, tdtype = y_flat.dtype, ts_t.dtype
-    n_ts = ts_t.shape[0]
-    i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
-    rtol = jnp.asarray(opts.rtol, dtype)
-    atol = jnp.asarray(opts.atol, dtype)
-    direction = time_direction(ts_t)
-    known_ts = known_value(ts_t)
-    if known_ts is not None:
-        # Save times known at trace time are checked and converted here, in
-        # NumPy, rather than by the compiled program.
-        s_ts = direction * known_ts
-        ts_ok = bool(np.all(np.isfinite(known_ts)) and np.all(s_ts[1:] > s_ts[:-1]))
-        s_ts = jnp.asarray(s_ts, tdtype)
-    else:
-        s_ts = direction * ts_t  # internal time always increases
-        ts_ok = jnp.all(jnp.isfinite(ts_t)) & jnp.all(s_ts[1:] > s_ts[:-1])
-    rhs = internal_rhs(f, args, direction, dtype, opts.jac)
-
-    t0, t_end = s_ts[0], s_ts[-1]
-    tol = Tolerances(rtol, atol, controller.norm)
-
-    dt0_value = jnp.asarray(1.0 if dt0 is None else dt0, tdtype)
-    # Inputs are checked at run time so that jit and throw=False work alike.
-    if f0 is None:
-        f0 = rhs(t0, y_flat)
-    else:
-        f0 = f0 if isinstance(direction, float) and direction > 0 else direction * f0
-    state0 = solver.init(rhs, t0, y_flat, f0)
-    # Replaced by the first accepted step before any interpolation reads it.
-    dense0 = finite_filler(jax.eval_shape(solver.dense_zeros, y_flat))
-
-    # A solver state that is one array shaped like y (explicit Runge-Kutta
-    # methods: the FSAL derivative) travels stacked with y as one (2, n) array,
-    # so that one select per step accepts or rejects both: one kernel, where
-    # separate arrays cost two.
-    stacked = isinstance(state0, jax.Array) and state0.shape == y_flat.shape and state0.dtype == dtype
-    if stacked:
-        pair0 = _stack([y_flat, state0], dtype)
-        if state0 is f0:
-            # Read f0 back from the pair, so that f's kernel writes the pair
-            # itself (with f0's other readers, the pair would be one more kernel).
-            f0 = state0 = pair0[1]
-
-    # The first failing check decides the status (nested selects: one fused kernel).
-    checks = [
-        (ts_ok, Status.TS_NOT_MONOTONIC),
-        (jnp.all(jnp.isfinite(y_flat)) & _all_finite(args), Status.NONFINITE_INPUT),
-        (jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0)),
-         Status.BAD_TOLERANCE),
-        (jnp.all(jnp.isfinite(f0)), Status.NONFINITE_RHS),
-        (jnp.isfinite(dt0_value) & (dt0_value != 0), Status.BAD_DT0),
-    ]
-    status = jnp.asarray(Status.SUCCESS, jnp.int32)
-    for passed, code in reversed(checks):
-        if passed is not True:  # a check decided at trace time costs nothing when it passes
-            status = select(passed, status, jnp.asarray(code, jnp.int32))
-
-    nfev0 = 1
-    if dt0 is not None:
-        h0 = jnp.abs(dt0_value)
-    else:
-        h0, extra = initial_step(rhs, t0, y_flat, f0, solver.order, rtol, atol, controller.norm)
-        h0, nfev0 = h0.astype(tdtype), nfev0 + extra
-    if not fixed and controller.dtmax is not None:
-        h0 = jnp.minimum(h0, controller.dtmax)
-
-    # Status and every counter live in one int32 vector (status first): one fused
-    # update per step.
-    counters = jnp.stack([status, i32(0), i32(0), i32(0), i32(nfev0)] + [i32(0)] * len(solver.stat_names))
-    eps = jnp.finfo(tdtype).eps
-    # A step is too small when it no longer changes t: below a few ulps of |t|.
-    # Near t = 0 a tiny fraction (eps) of the span stands in for |t|.
-    tiny_scale = 8 * eps * eps * jnp.abs(t_end - t0)
-    land_tol = 16 * eps
-    order = solver.error_order
-
-    def land(t, h, stop):
-        """The step from t: h, or all of the rest up to stop when h would leave only a rounding-error remainder."""
-        # h is read once (by the minimum): XLA then fuses even a costly h, such
-        # as the controller's proposal, into the kernel that reads the step.
-        rest = stop - t
-        h = jnp.minimum(h, rest)
-        return select(h >= rest - land_tol * jnp.maximum(jnp.abs(t), jnp.abs(stop)), rest, h)
-
-    # The scalar loop state travels as one vector (see _Scalars): one kernel
-    # per step writes it, where separate scalars cost one kernel each.
-    memory0 = controller.init(dtype)
-    memory_def = jtu.tree_structure(memory0)
-    memory_dtypes = [x.dtype for x in jtu.tree_leaves(memory0)]
-
-    def pack(s: _Scalars) -> Array:
-        entries = [s.t, s.h, s.p_t, s.p_h, 1 / select(s.p_h == 0, 1, s.p_h), *jtu.tree_leaves(s.memory)]
-        return jnp.stack([jnp.asarray(x, tdtype) for x in entries])
-
-    def unpack(v: Array) -> _Scalars:
-        t, h, p_t, p_h, p_h_inv, *memory = _unstack(v)
-        memory = [m.astype(d) for m, d in zip(memory, memory_dtypes)]
-        return _Scalars(t, h, p_t, p_h, p_h_inv, jtu.tree_unflatten(memory_def, memory))
-
-    def y_state(c):
-        return (c["y"][0], c["y"][1]) if stacked else (c["y"], c["state"])
-
-    # Two nested loops. The outer one walks the save times; the inner one takes
-    # steps until the last accepted step (the "piece" [p_t, p_t + p_h] with
-    # start p_y, end y and interpolation data p_dense) covers the save time. The
-    # inner loop never touches the (large) save buffer: XLA's CPU runtime runs a
-    # loop body sequentially, without thread-pool overhead per kernel, only
-    # while its buffers are small, and that decides speed on small problems.
-    zero_t = jnp.zeros((), tdtype)
-    carry = dict(
-        # Adaptive steps land on t_end: each step is landed as soon as it is
-        # proposed, in the kernel that packs the scalars (landing it at the start
-        # of a step would be a kernel of its own). Fixed steps land on the save
-        # times, which change between save points: they are landed at the start.
-        # p_h = 0: no step yet (the save at ts[0] is y0 itself).
-        scalars=pack(_Scalars(t0, h0 if fixed else land(t0, h0, t_end), t0, zero_t, None, memory0)),
-        counters=counters,
-        i=i32(0),
-        p_dense=dense0,
-        **(dict(y=pair0) if stacked else dict(y=y_flat, state=state0)),
-    )
-    # p_y is the whole pair when stacked: copying it is free, where slicing out
-    # y would be a kernel.
-    carry["p_y"] = carry["y"]
-    if dense:
-        carry["pieces"] = DenseOutput(
-            # Row 0 starts as a zero-length piece at t0, so that evaluate works
-            # even when no step is taken; the first accepted step overwrites it.
-            t_start=jnp.full((max_steps + 1,), jnp.inf, tdtype).at[0].set(t0),
-            h=jnp.zeros((max_steps + 1,), tdtype),
-            y0=jnp.zeros((max_steps + 1,) + y_flat.shape, dtype).at[0].set(y_flat),
-            y1=jnp.zeros((max_steps + 1,) + y_flat.shape, dtype).at[0].set(y_flat),
-            data=jnp.zeros((max_steps + 1,) + dense0.shape, dtype),
-            num_pieces=i32(0),
-            interpolate=solver.interpolate,
-        )
-
-    def target_of(i):
-        # ts[i] is read where it is used: XLA fuses the read into each reader,
-        # where a read of its own would be a kernel.
-        return lax.dynamic_index_in_dim(s_ts, i, keepdims=False, allow_negative_indices=False)
-
-    def step_cond(c):
-        n = c["counters"]
-        return (unpack(c["scalars"]).t < target_of(c["i"])) & (n[0] == Status.SUCCESS) & (n[1] < max_steps)
-
-    def step_body(c):
-        s = unpack(c["scalars"])
-        t, memory = s.t, s.memory
-        y, state = y_state(c)
-        stop = target_of(c["i"]) if fixed else t_end
-        h_try = land(t, s.h, stop) if fixed else s.h
-        res = solver.step(rhs, t, y, h_try.astype(dtype), state, tol)
-        ok = jnp.asarray(res.ok, bool)
-        if fixed:
-            finite = jnp.all(jnp.isfinite(res.y1)) & ok
-            accept, h_prop = finite, s.h
-        else:
-            err = controller.error_ratio(y, res.y1, res.y_error, rtol, atol)
-            # error_ratio is already inf when y1 or the estimate is not finite.
-            err = select(ok, err, jnp.inf)
-            finite = jnp.isfinite(err)
-            accept, h_prop, memory = controller.adapt(h_try, err, order, memory)
-        # The step landed on stop exactly when h_try == stop - t (else h_try < stop - t).
-        t_new = select(accept, select(h_try == stop - t, stop, t + h_try), t)
-        h_next = h_prop if fixed else land(t_new, h_prop, t_end)
-        # The last attempted step is p_t, p_h; the inner loop only ends on an
-        # accepted step, so outside it this is the last accepted one.
-        scalars = pack(_Scalars(t_new, h_next, t, h_try, None, memory))
-        # The status reads t_new and the next step back from the vector: using
-        # the values themselves a second time would make each a kernel of its own.
-        # (The barrier keeps XLA from folding the reads back into those values.)
-        s_new = unpack(lax.optimization_barrier(scalars))
-
-        status = c["counters"][0]
-        if fixed:
-            newton = ~ok & jnp.all(jnp.isfinite(res.y1))
-            status = select(finite, status, select(newton, Status.NEWTON_FAILED, Status.NONFINITE_RHS))
-        else:
-            # After a rejection the next step is the shrunk proposal, or the rest
-            # of the span when that is shorter; the rest is never tiny (a step
-            # that would leave a tiny rest is landed on t_end instead).
-            too_small = ~accept & (s_new.h <= tiny_scale + 8 * eps * jnp.abs(t))
-            # Non-finite values are blamed first (an implicit solver fails its
-            # Newton iteration on them too), then Newton, then plain underflow.
-            why = select(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS)  # finite implies ok
-            if res.ok is not True:
-                why = select(~ok & jnp.all(jnp.isfinite(res.y1)), Status.NEWTON_FAILED, why)
-            status = select(too_small, why, status)
-            if controller.dtmin is not None:
-                at_min = ~accept & (h_try <= controller.dtmin)
-                status = select(at_min & (status == Status.SUCCESS), Status.DT_MIN_REACHED, status)
-        out_of_steps = (c["counters"][1] + 1 >= max_steps) & (s_new.t < t_end) & (status == Status.SUCCESS)
-        status = select(out_of_steps, Status.MAX_STEPS_REACHED, status)
-
-        if stacked:
-            new = dict(y=select(accept, jnp.stack([res.y1, res.state]), jnp.stack([y, res.rejected_state])))
-        else:
-            new = dict(y=select(accept, res.y1, y), state=tree_select(accept, res.state, res.rejected_state))
-        new.update(
-            scalars=scalars,
-            counters=c["counters"].at[0].set(jnp.asarray(status, jnp.int32)) + jnp.stack(
-                [i32(0), i32(1), accept.astype(jnp.int32), (~accept).astype(jnp.int32), i32(res.num_fevals)]
-                + [i32(res.counts[k]) for k in solver.stat_names]
-            ),
-            p_y=c["y"],
-            p_dense=res.dense,
-            i=c["i"],
-        )
-        if dense:
-            p = c["pieces"]
-            row = select(accept, c["counters"][2], max_steps)
-            put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, row, 0)  # noqa: E731
-            new["pieces"] = DenseOutput(
-                t_start=put(p.t_start, select(accept, t, jnp.inf)), h=put(p.h, h_try),
-                y0=put(p.y0, y), y1=put(p.y1, res.y1), data=put(p.data, res.dense),
-                num_pieces=c["counters"][2] + accept.astype(jnp.int32), interpolate=p.interpolate,
-            )
-        return new
-
-    def save_cond(oc):
-        return oc[0] < n_ts
-
-    def save_body(oc):
-        i, ys, c = oc
-        c = lax.while_loop(step_cond, step_body, dict(c, i=i))
-        target = target_of(i)
-        s = unpack(c["scalars"])
-        # Times 1 / p_h rather than divided by p_h: a division here would be a
-        # kernel of its own (XLA does not repeat costly scalar work per element).
-        theta = ((target - s.p_t) * s.p_h_inv).astype(dtype)
-        y = y_state(c)[0]
-        p_y = c["p_y"][0] if stacked else c["p_y"]
-        val = solver.interpolate(s.p_h.astype(dtype), p_y, y, c["p_dense"], theta)
-        val = select(target == s.t, y, val)
-        val = select(s.t >= target, val, jnp.nan)  # not reached after a failure
-        return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0, allow_negative_indices=False), c
-
-    # The save loop starts at ts[0] itself: there the step loop takes no step and
-    # the save is y0, so the buffer's initial value is never read and can be a
-    # literal placeholder (writing y0 into zeros would be a kernel to compile).
-    ys0 = finite_filler(jax.ShapeDtypeStruct((n_ts,) + y_flat.shape, dtype))
-    _, ys, out = lax.while_loop(save_cond, save_body, (i32(0), ys0, carry))
-    pieces = None
-    if dense:
-        p = out["pieces"]
-        pieces = DenseOutput(p.t_start[:-1], p.h[:-1], p.y0[:-1], p.y1[:-1], p.data[:-1], p.num_pieces, p.interpolate)
-    if opts.return_state:
-        return ys, out["counters"], pieces, y_state(out)[1]
-    return ys, out["counters"], pieces

@@ -6,9 +6,13 @@
 * :class:`BacksolveAdjoint`: the continuous adjoint, re-solving ``y`` backwards.
 * :class:`InterpolatingAdjoint`: the continuous adjoint on the stored forward solution.
 * :class:`Auto`: the default; picks one of the above.
+
+Every method's derivative is one ``custom_jvp`` whose tangent is a linear map
+with the method's reverse rule as its transpose (see ``_base`` and
+``_linear_map``), so each works under every JAX transformation.
 """
 
-from ._base import AbstractSensitivity, forward_mode_active, reverse_mode_active, split_args
+from ._base import AbstractSensitivity, Problem, split_args
 from .auto import Auto
 from .backsolve import BacksolveAdjoint
 from .direct import Direct
@@ -22,7 +26,6 @@ __all__ = [
     "Direct",
     "ForwardSensitivity",
     "InterpolatingAdjoint",
-    "forward_mode_active",
-    "reverse_mode_active",
+    "Problem",
     "split_args",
 ]

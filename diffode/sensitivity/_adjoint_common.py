@@ -24,13 +24,14 @@ from typing import Any, ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
 
+from .._integrate import IntegrateOptions
 from .._solution import MESSAGES, Status
-from .._solve import IntegrateOptions, integrate
 from .._util import raise_on_failure
-from ._base import AbstractSensitivity, forward_mode_active, split_args
+from ._base import AbstractSensitivity, combine, keep_present, loop_tangent, nan_if, solve_times
 
 
 class SemiNorm(eqx.Module):
@@ -61,106 +62,60 @@ def adjoint_opts(opts: IntegrateOptions, keep: int | None = None) -> IntegrateOp
 
 def rhs_vjp(f: Callable, t: Array, y: Array, lam: Array, diff: PyTree, static: PyTree) -> tuple[Array, Array, Array]:
     """``(f(t, y), lam^T df/dy, lam^T df/dp)`` with ``p`` the raveled ``diff`` leaves."""
-    fy, vjp = jax.vjp(lambda y_, d_: f(t, y_, eqx.combine(d_, static)), y, diff)
+    fy, vjp = jax.vjp(lambda y_, d_: f(t, y_, combine(d_, static)), y, diff)
     a_y, a_p = vjp(lam)
     a_p = ravel_pytree(a_p)[0].astype(y.dtype)
     return fy, a_y, a_p
 
 
-def _nan_like(x: Array, bad: Array) -> Array:
-    return jnp.where(bad, jnp.nan, x)
-
-
 class AbstractAdjoint(AbstractSensitivity):
-    """A continuous adjoint defined by a custom VJP (reverse mode only).
+    """A continuous adjoint: reverse mode solves the adjoint equations backwards.
 
-    Subclasses implement :meth:`_forward` (the primal solve and what the backward
-    pass keeps) and :meth:`_sweep` (the adjoint from ``ts[-1]`` to ``ts[0]``).
-    Under forward-mode differentiation (``jax.jvp``/``jax.jacfwd``; JAX cannot
-    push tangents through a custom VJP) the plain solve loop is differentiated
-    instead, which gives the discretise-then-optimise derivative.
+    Subclasses implement :meth:`_forward` (what the backward pass needs from a
+    forward solve) and :meth:`_sweep` (the adjoint from ``ts[-1]`` to ``ts[0]``).
+    Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) differentiates
+    the solve loop itself, which gives the discretise-then-optimise derivative.
     """
-
-    def integrate(self, f, y0, ts, args, opts):
-        # Values f closes over (e.g. a parameter captured by a lambda) would escape
-        # the custom VJP; hoist the floating-point tracers among them into extra
-        # differentiated arguments instead (jax.closure_convert).
-        diff, static = split_args(args)
-        f_conv, consts = jax.closure_convert(lambda t, y, d: f(t, y, eqx.combine(d, static)), ts[0], y0, diff)
-        if forward_mode_active(y0, ts, args, consts):
-            ys, counters, _ = integrate(f, y0, ts, args, opts._replace(dense=False))
-            return ys, counters
-        if not consts:
-            return _adjoint_solve((y0, ts, args), self, f, opts)
-
-        def f_hoisted(t, y, a):
-            return f_conv(t, y, a[0], *a[1])
-
-        return _adjoint_solve((y0, ts, (diff, list(consts))), self, f_hoisted, opts)
 
     #: Appended to the error raised when the backward solve fails.
     failure_hint: ClassVar[str] = ""
 
-    def _forward(self, f, y0, ts, args, opts) -> tuple[Array, Array, Any]:
-        """``(ys, counters, residual)``."""
-        raise NotImplementedError
+    def _forward(self, loop, prob, y0, ts, params) -> Any:
+        """What :meth:`_sweep` reads of the forward solution besides ``ys``."""
+        return None
 
-    def _sweep(self, residual, ys, ys_bar, f, y0, ts, diff, static, opts) -> tuple[Array, Array, Array]:
+    def _sweep(self, loop, prob, residual, ys, ys_bar, y0, ts, params) -> tuple[Array, Array, Array]:
         """``(lam, mu, status)`` at ``ts[0]``: the adjoint before the jump of
         ``ys_bar[0]``, the raveled parameter adjoint, and the backward status."""
         raise NotImplementedError
 
+    def tangent(self, loop, prob, r, x):
+        return loop_tangent(loop, prob, r, x)
 
-@eqx.filter_custom_vjp
-def _adjoint_solve(vjp_arg, method: AbstractAdjoint, f, opts):
-    y0, ts, args = vjp_arg
-    ys, counters, _ = integrate(f, y0, ts, args, opts._replace(dense=False))
-    return ys, counters
-
-
-@_adjoint_solve.def_fwd
-def _adjoint_fwd(perturbed, vjp_arg, method: AbstractAdjoint, f, opts):
-    del perturbed
-    y0, ts, args = vjp_arg
-    ys, counters, residual = method._forward(f, y0, ts, args, opts)
-    return (ys, counters), (ys, counters, residual)
-
-
-@_adjoint_solve.def_bwd
-def _adjoint_bwd(residuals, grad_obj, perturbed, vjp_arg, method: AbstractAdjoint, f, opts):
-    ys, counters, residual = residuals
-    ys_bar = grad_obj[0]
-    y0, ts, args = vjp_arg
-    diff, static = split_args(args)
-    p_y0, p_ts, _ = perturbed
-    if ys_bar is None:  # symbolic zero: nothing depends on ys
-        return jax.tree_util.tree_map(lambda _: None, (y0, ts, diff))
-    ys_bar = ys_bar.astype(ys.dtype)
-    if ts.shape[0] == 1:
-        lam = jnp.zeros_like(y0)
-        mu = jnp.zeros_like(ravel_pytree(diff)[0], dtype=y0.dtype)
-        status = jnp.asarray(Status.SUCCESS, jnp.int32)
-    else:
-        lam, mu, status = method._sweep(residual, ys, ys_bar, f, y0, ts, diff, static, opts)
-    # A failed forward or backward solve must not pass for a gradient: it raises
-    # (throw=True; a failed forward solve already raised in the forward pass) or
-    # gives NaN cotangents.
-    if opts.throw:
-        name = type(method).__name__
-        messages = tuple(f"{name}: the backward (adjoint) solve failed. {MESSAGES[s]}{method.failure_hint}"
-                         for s in Status)
-        lam, mu = raise_on_failure((lam, mu), status, messages)
-    bad = (status != Status.SUCCESS) | (counters[0] != Status.SUCCESS)
-
-    y0_bar = _nan_like(lam + ys_bar[0], bad) if p_y0 else None
-    ts_bar = None
-    if p_ts:
-        fs = jax.vmap(lambda t, y: f(t, y, args))(ts, ys)
-        ts_bar = jnp.sum(ys_bar * fs, axis=1)
-        ts_bar = ts_bar.at[0].set(-jnp.dot(lam, fs[0]))
-        ts_bar = _nan_like(ts_bar, bad).astype(ts.dtype)
-    # Gradients of unperturbed args leaves are computed anyway (mu is one vector).
-    _, unravel_p = ravel_pytree(diff)
-    args_bar = unravel_p(_nan_like(mu, bad)) if jax.tree_util.tree_leaves(diff) else diff
-    return y0_bar, ts_bar, args_bar
-
+    def cotangent(self, loop, prob, r, ys_bar, x_struct):
+        y0, ts, params, ys = r
+        ts_ = jnp.asarray(solve_times(prob, ts))
+        ys_bar = ys_bar.astype(ys.dtype)
+        if ts_.shape[0] == 1:
+            lam = jnp.zeros_like(y0)
+            mu = jnp.zeros_like(ravel_pytree(params)[0], dtype=y0.dtype)
+            status = jnp.asarray(Status.SUCCESS, jnp.int32)
+        else:
+            residual = self._forward(loop, prob, y0, ts_, params)
+            lam, mu, status = self._sweep(loop, prob, residual, ys, ys_bar, y0, ts_, params)
+        # A failed backward solve must not pass for a gradient: it raises
+        # (throw=True) or gives NaN cotangents.
+        if prob.opts.throw:
+            name = type(self).__name__
+            messages = tuple(f"{name}: the backward (adjoint) solve failed. {MESSAGES[s]}{self.failure_hint}"
+                             for s in Status)
+            lam, mu = raise_on_failure((lam, mu), status, messages)
+        ts_bar = None
+        if x_struct[1] is not None:
+            args = prob.args(params)
+            fs = jax.vmap(lambda t, y: prob.f(t, y, args))(ts_, ys)
+            ts_bar = jnp.sum(ys_bar * fs, axis=1)
+            ts_bar = ts_bar.at[0].set(-jnp.dot(lam, fs[0])).astype(ts_.dtype)
+        _, unravel_p = ravel_pytree(params)
+        full = (lam + ys_bar[0], ts_bar, unravel_p(mu) if jtu.tree_leaves(params) else params)
+        return keep_present(x_struct, nan_if(status != Status.SUCCESS, full))

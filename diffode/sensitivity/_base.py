@@ -1,82 +1,257 @@
-"""What every sensitivity method implements, and helpers they share."""
+"""The protocol of a sensitivity method, and the one derivative rule every method plugs into.
+
+``solve`` hands the loop to the method: ``method.apply(loop, problem, y0, ts, params)``
+returns the saved states and counters of ``loop`` with the method's derivative.
+That derivative is a ``jax.custom_jvp`` whose tangent is a
+:func:`~diffode.sensitivity._linear_map.linear_map`: the method's forward rule
+(:meth:`AbstractSensitivity.tangent`) with its reverse rule
+(:meth:`AbstractSensitivity.cotangent`) as the transpose. JAX then derives every
+transformation from these two (see ``_linear_map``); no method needs to know
+whether it runs under ``jax.jvp``, ``jax.grad``, ``jax.linearize`` or a nesting
+of them.
+
+Second derivatives in reverse mode need the tangent's own reverse derivative.
+It comes from the variational equations ``s' = f_y s + f_p dp`` solved as an
+augmented ODE by the same method (:func:`variational_tangent`), so a derivative
+of any order is again a differentiable solve (as in ``jax.experimental.ode``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, PyTree
 
+from .._solution import MESSAGE_LIST, Status
+from .._util import float0_zeros, raise_on_failure
+from ._linear_map import LinearOp, linear_map, tree_vdot
 
-class AbstractSensitivity(eqx.Module):
-    """How derivatives of a solve are computed (the ``sensitivity=`` of :func:`diffode.solve`).
+#: ``loop(f, y0, ts, args, opts) -> (ys, counters, pieces)``: the solve loop, handed over by ``solve``.
+Loop = Callable[..., tuple]
 
-    A method maps the flat problem to the saved states exactly as
-    :func:`diffode._solve.integrate` does, but with its own derivative rules::
 
-        ys, counters = method.integrate(f, y0, ts, args, opts)
+class Problem(NamedTuple):
+    """A flat problem as the methods see it.
 
-    ``f(t, y, args)`` works on flat ``(n,)`` states; ``ys`` is ``(len(ts), n)``;
-    ``counters`` is the int32 status-and-statistics vector of ``integrate``.
-    Derivatives are taken with respect to ``y0``, ``ts`` and the inexact-array
-    leaves of ``args``.
+    ``f(t, y, a)`` works on flat ``(n,)`` states, with ``a = eqx.combine(params,
+    static)``; ``params`` (the differentiated inputs besides ``y0`` and ``ts``) is
+    passed separately to every method call. ``known_ts`` holds the save times when
+    they are known at trace time (they are then not differentiated).
     """
 
-    def integrate(
-        self, f: Callable[[Array, Array, Any], Array], y0: Array, ts: Array, args: PyTree, opts: Any
-    ) -> tuple[Array, Array]:
-        raise NotImplementedError
+    f: Callable[[Array, Array, Any], Array]
+    static: PyTree
+    opts: Any  # _integrate.IntegrateOptions
+    known_ts: np.ndarray | None = None
+
+    def args(self, params):
+        return combine(params, self.static)
 
 
-_FORWARD_TRACERS = ("JVPTracer",)
-_REVERSE_TRACERS = ("LinearizeTracer",)
-
-
-def _innermost_ad(trees) -> str | None:
-    """``"forward"``, ``"reverse"`` or ``None``: the innermost differentiation of any array in
-    ``trees`` at this point of tracing (walking through ``vmap`` and ``jit`` tracers)."""
-    found = None
-    for leaf in jtu.tree_leaves(trees):
-        x = leaf
-        while isinstance(x, jax.core.Tracer):
-            name = type(x).__name__
-            if name in _FORWARD_TRACERS:
-                return "forward"
-            if name in _REVERSE_TRACERS:
-                found = "reverse"
-                break
-            inner = None
-            for attr in ("primal", "val"):
-                inner = getattr(x, attr, None)
-                if inner is not None:
-                    break
-            if inner is None or inner is x:
-                break
-            x = inner
-    return found
-
-
-def forward_mode_active(*trees) -> bool:
-    """Whether any array in ``trees`` is being differentiated in forward mode (``jax.jvp``,
-    ``jax.jacfwd``) at this point of tracing.
-
-    Reverse mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``) linearizes with a
-    different tracer, so the two can be told apart; methods that define their
-    derivative by a custom VJP use this to fall back to forward-mode rules. Only
-    the innermost differentiation counts (walking through ``vmap`` and ``jit``
-    tracers): under ``jax.hessian`` (forward over reverse) it is reverse mode.
-    """
-    return _innermost_ad(trees) == "forward"
-
-
-def reverse_mode_active(*trees) -> bool:
-    """Whether any array in ``trees`` is being differentiated in reverse mode (and none in
-    forward mode) at this point of tracing; see :func:`forward_mode_active`."""
-    return _innermost_ad(trees) == "reverse"
+def combine(params: PyTree, static: PyTree) -> PyTree:
+    """``eqx.combine(params, static)``; ``params`` alone when there is no static part."""
+    return params if static is None else eqx.combine(params, static)
 
 
 def split_args(args: PyTree) -> tuple[PyTree, PyTree]:
     """``(diff, static)``: the inexact-array leaves of ``args`` (differentiated) and the rest."""
     return eqx.partition(args, eqx.is_inexact_array)
+
+
+class AbstractSensitivity(eqx.Module):
+    """How derivatives of a solve are computed (the ``sensitivity=`` of :func:`diffode.solve`).
+
+    A method implements two rules on the residuals ``r = (y0, ts, params, ys)``
+    (``ts`` is ``None`` when the save times are known at trace time; ``ys`` are the
+    saved states of the primal solve):
+
+    * :meth:`tangent`: ``dys`` for input tangents ``x = (dy0, dts, dparams)``
+      (``None`` for an input that is not differentiated, also leaf by leaf in
+      ``dparams``);
+    * :meth:`cotangent`: ``(dy0, dts, dparams)`` for a cotangent ``ys_bar`` on the
+      saved states, with ``None`` exactly where ``x`` has it.
+
+    The two must be (approximate) transposes of each other: both approximate the
+    derivative of the ODE solution, each to the accuracy of its own solve.
+    """
+
+    def tangent(self, loop: Loop, prob: Problem, r, x) -> Array:
+        raise NotImplementedError
+
+    def cotangent(self, loop: Loop, prob: Problem, r, ys_bar, x_struct) -> tuple:
+        raise NotImplementedError
+
+    def check(self, prob: Problem) -> None:
+        """Raise at trace time when the method cannot differentiate this problem."""
+
+    def apply(self, loop: Loop, prob: Problem, y0: Array, ts: Array | None, params: PyTree):
+        """``(ys, counters)`` of ``loop``, differentiable by this method's rules."""
+        self.check(prob)
+        return differentiable_solve(self, loop, prob, y0, ts, params)
+
+
+def _is_zero(t) -> bool:
+    return t is None or isinstance(t, SymbolicZero)
+
+
+def _nonzero(t):
+    return None if _is_zero(t) else t
+
+
+def differentiable_solve(method: AbstractSensitivity, loop: Loop, prob: Problem, y0, ts, params):
+    """``loop``'s ``(ys, counters)`` with ``method``'s derivative (see the module docstring)."""
+
+    def primal(y0, ts, params):
+        ts_ = prob.known_ts if ts is None else ts
+        ys, counters, _ = loop(prob.f, y0, ts_, prob.args(params), prob.opts)
+        return ys, counters
+
+    if ts is None:
+        core = jax.custom_jvp(lambda y0, params: primal(y0, None, params))
+        core_call = lambda y0, ts, params: core(y0, params)  # noqa: E731
+    else:
+        core = jax.custom_jvp(primal)
+        core_call = core
+
+    def rule(primals, tangents):
+        if ts is None:
+            (y0, params), (dy0, dparams) = primals, tangents
+            ts_, dts = None, None
+        else:
+            (y0, ts_, params), (dy0, dts, dparams) = primals, tangents
+        # The primal through the custom rule again, so that nested forward
+        # differentiation applies this rule once more.
+        ys, counters = core_call(y0, ts_, params)
+        x = (_nonzero(dy0), _nonzero(dts), jtu.tree_map(_nonzero, dparams, is_leaf=_is_zero))
+        if not jtu.tree_leaves(x):
+            return (ys, counters), (jnp.zeros_like(ys), float0_zeros(counters))
+        op = SolveOp(method, loop, prob, jtu.tree_map(lambda _: True, x))
+        dys = linear_map(op, (y0, ts_, params, ys), x)
+        # A failed solve has no derivative: NaN tangents (and cotangents, by
+        # transposition), and with throw=True an error that no transformation can
+        # drop, since the derivative depends on it.
+        scale = jnp.where(counters[0] == Status.SUCCESS, 1, jnp.nan).astype(ys.dtype)
+        if prob.opts.throw:
+            scale = raise_on_failure(scale, counters[0], MESSAGE_LIST)
+        return (ys, counters), (dys * scale, float0_zeros(counters))
+
+    core.defjvp(rule, symbolic_zeros=True)
+    return core_call(y0, ts, params)
+
+
+class SolveOp(LinearOp):
+    """The tangent of a solve as a :class:`LinearOp`, from a method's two rules."""
+
+    def __init__(self, method: AbstractSensitivity, loop: Loop, prob: Problem, x_struct):
+        self.method, self.loop, self.prob, self.x_struct = method, loop, prob, x_struct
+
+    def apply(self, r, x):
+        return self.method.tangent(self.loop, self.prob, r, x)
+
+    def transpose(self, r, y):
+        return self.method.cotangent(self.loop, self.prob, r, y, self.x_struct)
+
+    def vjp_res(self, r, x, c):
+        return jax.grad(lambda r_: tree_vdot(c, variational_tangent(self.method, self.loop, self.prob, r_, x)))(r)
+
+    def out_struct(self, r, x):
+        ys = r[3]
+        return jax.ShapeDtypeStruct(np.shape(ys), jnp.result_type(ys))
+
+
+def solve_times(prob: Problem, ts):
+    """The save times: ``ts`` itself, or the known ones."""
+    return prob.known_ts if ts is None else ts
+
+
+def loop_tangent(loop: Loop, prob: Problem, r, x) -> Array:
+    """``dys`` by forward-mode differentiation through the solve loop (the derivative of the
+    discrete solution, step sizes held fixed)."""
+    y0, ts, params, _ = r
+    dy0, dts, dparams = x
+    ts_ = solve_times(prob, ts)
+    dy0 = _zeros_like(y0) if dy0 is None else dy0
+    dparams = fill_zeros(dparams, params)
+    if ts is None or dts is None:
+        fn = lambda y0, p: loop(prob.f, y0, ts_, prob.args(p), prob.opts)[0]  # noqa: E731
+        return jax.jvp(fn, (y0, params), (dy0, dparams))[1]
+    fn = lambda y0, ts, p: loop(prob.f, y0, ts, prob.args(p), prob.opts)[0]  # noqa: E731
+    return jax.jvp(fn, (y0, ts, params), (dy0, dts, dparams))[1]
+
+
+def variational_rhs(f: Callable, static: PyTree, n: int):
+    """``z = [y, s]``, ``z' = [f(t, y, p), f_y s + f_p dp]`` with arguments ``(p, dp)``."""
+
+    def aug_f(t, z, a):
+        p, dp = a
+        y, s = z[:n], z[n:]
+        fy, js = jax.jvp(lambda y_, p_: f(t, y_, combine(p_, static)), (y, p), (s, dp))
+        return jnp.concatenate([fy, js.astype(fy.dtype)])
+
+    return aug_f
+
+
+def variational_tangent(method: AbstractSensitivity, loop: Loop, prob: Problem, r, x) -> Array:
+    """``dys`` from the variational equations solved by a differentiable solve with ``method``.
+
+    The same quantity as :meth:`AbstractSensitivity.tangent`, as a composition of
+    differentiable solves: its reverse-mode derivative (needed for reverse-over-
+    reverse second derivatives) is again ``method``'s rule, on the augmented system.
+    """
+    return solve_variational(lambda aug, z0, ts, p: method.apply(loop, aug, z0, ts, p)[0], prob, r, x)
+
+
+def solve_variational(solve_aug: Callable, prob: Problem, r, x) -> Array:
+    """``dys`` for the input tangent ``x`` from the variational equations (HNW I, section I.14).
+
+    With ``z = [y, s]`` and ``s(t0) = dy0 - f(t0, y0) dts[0]`` (moving the start
+    time moves the whole trajectory: ``dPhi/dt0 = -(dPhi/dy0) f(t0, y0)``), the
+    tangent is ``dys[i] = s(ts[i]) + f(ts[i], ys[i]) dts[i]``. ``solve_aug(aug_prob,
+    z0, ts, (params, dp))`` solves the augmented system and returns its saved states.
+    """
+    y0, ts, params, _ = r
+    dy0, dts, dparams = x
+    n = y0.shape[0]
+    f, args = prob.f, prob.args(params)
+    ts_ = solve_times(prob, ts)
+    s0 = _zeros_like(y0) if dy0 is None else dy0
+    if dts is not None:
+        s0 = s0 - f(ts_[0], y0, args) * dts[0]
+    dp = fill_zeros(dparams, params)
+    aug = Problem(variational_rhs(f, prob.static, n), None, prob.opts._replace(jac=None, dense=False), prob.known_ts)
+    zs = solve_aug(aug, jnp.concatenate([y0, s0.astype(y0.dtype)]), ts, (params, dp))
+    return zs[:, n:] if dts is None else add_time_shift(zs[:, n:], f, ts_, zs[:, :n], args, dts)
+
+
+def add_time_shift(dys: Array, f: Callable, ts: Array, ys: Array, args, dts: Array) -> Array:
+    """``dys + f(ts[i], ys[i]) dts[i]`` at every save: moving a save time moves along the trajectory."""
+    fs = jax.vmap(f, in_axes=(0, 0, None))(ts, ys, args)
+    return dys + fs * dts[:, None].astype(fs.dtype)
+
+
+def _zeros_like(v) -> Array:
+    return jnp.zeros(jnp.shape(v), jnp.result_type(v))
+
+
+def fill_zeros(tangent, primal):
+    """``tangent`` with zeros wherever it has ``None`` for an array leaf of ``primal``."""
+    return jtu.tree_map(lambda p, d: _zeros_like(p) if d is None else d, primal, tangent)
+
+
+def keep_present(x_struct, full: tuple) -> tuple:
+    """``full = (dy0, dts, dparams)`` with ``None`` wherever ``x_struct`` has no input tangent."""
+    sy, st, sp = x_struct
+    y, t, p = full
+    p = jtu.tree_map(lambda s, v: None if s is None else v, sp, p, is_leaf=lambda v: v is None)
+    return (None if sy is None else y, None if st is None else t, p)
+
+
+def nan_if(bad: Array, tree):
+    """``tree`` with every leaf NaN where ``bad``."""
+    return jtu.tree_map(lambda v: jnp.where(bad, jnp.nan, v), tree)

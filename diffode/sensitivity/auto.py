@@ -1,4 +1,4 @@
-"""``Auto``: the default sensitivity method, chosen from the problem's size and solver."""
+"""``Auto``: the default sensitivity method, chosen from the problem's size."""
 
 from __future__ import annotations
 
@@ -6,27 +6,24 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._base import AbstractSensitivity, forward_mode_active, split_args
+from ._base import AbstractSensitivity, loop_tangent
+from .forward import ForwardSensitivity
+from .interpolating import InterpolatingAdjoint
 
 
 class Auto(AbstractSensitivity):
     """Pick a sensitivity method from the problem (the default of :func:`diffode.solve`).
 
-    * Under forward mode (``jax.jvp``/``jax.jacfwd`` applied directly) the solve
-      is differentiated through its steps, which is exact and cheapest.
-    * Under reverse mode, with ``n`` states and ``p`` differentiated parameters
-      (``y0``, ``ts`` and the inexact leaves of ``args``):
+    * Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) differentiates
+      through the solver's steps, which is exact for the discrete solution and
+      cheapest.
+    * Reverse mode, with ``n`` states and ``p`` differentiated inputs (the entries
+      of ``y0``, ``ts`` and the parameters that carry a tangent):
       :class:`ForwardSensitivity` when ``n * (p + 1) <= max_forward_size`` (the
       augmented system is small, and one forward solve beats a forward plus a
       backward solve); otherwise :class:`InterpolatingAdjoint`, which is stable on
       stiff problems. Backsolve is never picked: re-solving ``y`` backwards is
       unstable for stiff (implicit-solver) problems and gains only memory.
-
-    The choice is made for every solve, differentiated or not, so that its rules
-    are in the traced program when a jitted solve is differentiated from outside
-    (``jax.grad(jax.jit(f))``); undifferentiated, every method runs the plain loop.
-    ``ForwardSensitivity`` supports forward and reverse mode in any nesting;
-    ``InterpolatingAdjoint`` (large problems) reverse mode only there.
 
     ``max_forward_size`` comes from ``python -m benchmarks.auto_threshold``, which
     times both on ``y' = tanh(W y + b)`` with growing ``n``: forward sensitivities
@@ -36,23 +33,18 @@ class Auto(AbstractSensitivity):
 
     max_forward_size: int = eqx.field(static=True, default=1024)
 
-    def choose(self, y0, ts, args) -> AbstractSensitivity:
-        """The method used for these inputs (reverse mode)."""
-        from .forward import ForwardSensitivity
-        from .interpolating import InterpolatingAdjoint
-
-        diff, _ = split_args(args)
-        p = jnp.size(y0) + jnp.size(ts) + sum(jnp.size(x) for x in jtu.tree_leaves(diff))
+    def choose(self, y0, x_struct, r) -> AbstractSensitivity:
+        """The reverse-mode method for a cotangent of inputs ``x_struct`` (``True`` where differentiated)."""
+        _, ts, params, _ = r
+        sy, st, sp = x_struct
+        p = (jnp.size(y0) if sy else 0) + (jnp.size(ts) if st else 0)
+        p += sum(jtu.tree_leaves(jtu.tree_map(lambda v, s: 0 if s is None else jnp.size(v), params, sp)))
         if jnp.size(y0) * (p + 1) <= self.max_forward_size:
             return ForwardSensitivity()
         return InterpolatingAdjoint()
 
-    def integrate(self, f, y0, ts, args, opts):
-        if forward_mode_active(y0, ts, args):
-            from .._solve import integrate
+    def tangent(self, loop, prob, r, x):
+        return loop_tangent(loop, prob, r, x)
 
-            ys, counters, _ = integrate(f, y0, ts, args, opts)
-            return ys, counters
-        # Chosen even when nothing is differentiated yet: a jitted solve may be
-        # differentiated from outside the jit, where only the traced rules apply.
-        return self.choose(y0, ts, args).integrate(f, y0, ts, args, opts)
+    def cotangent(self, loop, prob, r, ys_bar, x_struct):
+        return self.choose(r[0], x_struct, r).cotangent(loop, prob, r, ys_bar, x_struct)

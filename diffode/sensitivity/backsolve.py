@@ -7,7 +7,6 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from .._solution import Status
-from .._solve import integrate
 from ._adjoint_common import AbstractAdjoint, adjoint_opts, rhs_vjp
 
 
@@ -46,14 +45,11 @@ class BacksolveAdjoint(AbstractAdjoint):
         "InterpolatingAdjoint or ForwardSensitivity avoid it."
     )
 
-    def _forward(self, f, y0, ts, args, opts):
-        ys, counters, _ = integrate(f, y0, ts, args, opts._replace(dense=False))
-        return ys, counters, None
-
-    def _sweep(self, residual, ys, ys_bar, f, y0, ts, diff, static, opts):
+    def _sweep(self, loop, prob, residual, ys, ys_bar, y0, ts, diff):
         n = y0.shape[0]
+        f, static = prob.f, prob.static
         mu0 = ravel_pytree(diff)[0].astype(y0.dtype)
-        aug_opts = adjoint_opts(opts, keep=2 * n if self.seminorm else None)
+        aug_opts = adjoint_opts(prob.opts, keep=2 * n if self.seminorm else None)
 
         def aug(t, z, a):
             d, s = a
@@ -67,7 +63,7 @@ class BacksolveAdjoint(AbstractAdjoint):
             i = last - k
             pair = lax.dynamic_slice_in_dim(ts, i - 1, 2)[::-1]
             z = jnp.concatenate([ys[i], lam + ys_bar[i], mu])
-            zs, counters, _ = integrate(aug, z, pair, (diff, static), aug_opts)
+            zs, counters, _ = loop(aug, z, pair, (diff, static), aug_opts)
             z1 = zs[1]
             status = jnp.where(status == Status.SUCCESS, counters[0], status)
             return z1[n : 2 * n], z1[2 * n :], status

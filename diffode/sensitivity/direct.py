@@ -24,11 +24,11 @@ from .._explicit import ExplicitRK
 from .._implicit import SDIRK
 from .._radau import Radau5
 from .._rosenbrock import Rosenbrock
+from .._integrate import internal_rhs, time_direction
 from .._solution import Status
-from .._solve import integrate, internal_rhs, time_direction
 from .._solver import Tolerances
 from .._util import select
-from ._base import AbstractSensitivity, forward_mode_active, split_args
+from ._base import AbstractSensitivity, combine, keep_present, loop_tangent, nan_if
 
 # ----------------------------------------------------------------------------
 # Recording the accepted steps: a solver wrapper whose state carries the record.
@@ -90,19 +90,24 @@ def _memoryless(solver) -> bool:
 
 
 class Direct(AbstractSensitivity):
-    """Reverse mode through the discrete solution ("discretise then optimise").
+    """Differentiation through the discrete solution ("discretise then optimise").
 
-    The derivative is exact for the computed solution: the accepted steps are
-    replayed backwards, each step map ``y_{k+1} = Phi(t_k, y_k, h_k, args)``
-    differentiated by ``jax.vjp`` (its first stage ``f(t_k, y_k)`` included), and
-    every saved state is the solver's interpolant on the step that covers its save
-    time (so ``ts`` are differentiated through ``theta = (t - t_k)/h_k``, through
-    the step that lands on ``ts[-1]`` and through ``t_k = ts[0] + sum h``). The step
-    sizes chosen by the controller are constants of the scheme (they do not depend
-    on the inputs); only a step that lands on a save time depends on it. It agrees
-    with forward-mode differentiation through the loop (``sensitivity=None`` and
-    ``jax.jvp``) to rounding error; it is an approximation (of the order of the
-    solver's error) to the derivative of the exact ODE solution.
+    The derivative is exact for the computed solution: forward mode (``jax.jvp``,
+    ``jax.jacfwd``, ``jax.linearize``) differentiates the solve loop itself, and
+    reverse mode (``jax.grad``, ``jax.vjp``) replays the accepted steps backwards,
+    each step map ``y_{k+1} = Phi(t_k, y_k, h_k, args)`` differentiated by
+    ``jax.vjp`` (its first stage ``f(t_k, y_k)`` included), and every saved state is
+    the solver's interpolant on the step that covers its save time (so ``ts`` are
+    differentiated through ``theta = (t - t_k)/h_k``, through the step that lands on
+    ``ts[-1]`` and through ``t_k = ts[0] + sum h``). The step sizes chosen by the
+    controller are constants of the scheme (they do not depend on the inputs); only
+    a step that lands on a save time depends on it. Forward and reverse mode agree
+    to rounding error; both approximate (to the order of the solver's error) the
+    derivative of the exact ODE solution.
+
+    The reverse pass first re-runs the forward solve, recording the accepted
+    steps' times and sizes and the states (all of them, or checkpoints), then
+    runs back through them.
 
     Args:
         checkpoints: ``None`` stores the state at every accepted step (memory
@@ -118,8 +123,7 @@ class Direct(AbstractSensitivity):
     steps are differentiated as they are; for ``Radau5`` and the SDIRK family the
     Newton-solved stages are differentiated by the implicit function theorem
     (``lax.custom_root``), the exact derivative at the computed stages. Other
-    solvers raise ``NotImplementedError`` in reverse mode.
-    Forward mode (``jax.jvp``/``jax.jacfwd``) goes through the loop directly.
+    solvers raise ``NotImplementedError`` at trace time.
     """
 
     checkpoints: int | None = eqx.field(static=True, default=None)
@@ -129,21 +133,20 @@ class Direct(AbstractSensitivity):
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
             raise ValueError(f"Direct: checkpoints must be None or a positive integer, got {c!r}")
 
-    def integrate(self, f, y0, ts, args, opts):
-        if forward_mode_active(y0, ts, args):
-            ys, counters, _ = integrate(f, y0, ts, args, opts)
-            return ys, counters
-        if not _memoryless(opts.solver):
+    def check(self, prob):
+        if not _memoryless(prob.opts.solver):
             raise NotImplementedError(
                 f"Direct: reverse-mode differentiation is not implemented for "
-                f"{type(opts.solver).__name__}: it can replay explicit Runge-Kutta, Rosenbrock, "
-                "Radau5 and SDIRK steps only. Use forward mode (jax.jvp/jax.jacfwd) or another "
-                "sensitivity method."
+                f"{type(prob.opts.solver).__name__}: it can replay explicit Runge-Kutta, Rosenbrock, "
+                "Radau5 and SDIRK steps only. Use ForwardSensitivity or an adjoint method."
             )
-        if opts.dense:
-            raise ValueError("Direct: dense output is not supported")
-        diff, static = split_args(args)
-        return _direct((y0, ts, diff), static, self, f, opts)
+
+    def tangent(self, loop, prob, r, x):
+        return loop_tangent(loop, prob, r, x)
+
+    def cotangent(self, loop, prob, r, ys_bar, x_struct):
+        y0, ts, params, _ = r
+        return keep_present(x_struct, _replay(self, loop, prob, y0, ts, params, ys_bar))
 
 
 def _layout(method: Direct, max_steps: int) -> tuple[int, int]:
@@ -154,36 +157,22 @@ def _layout(method: Direct, max_steps: int) -> tuple[int, int]:
     return stride, math.ceil(max_steps / stride)
 
 
-def _record(method, f, y0, ts, args, opts):
+def _record(method, loop, f, y0, ts, args, opts):
     """The forward solve plus its record ``(t_buf, h_buf, y_buf)`` of the accepted steps."""
     stride, rows = _layout(method, opts.max_steps)
-    rec = _Recorder(opts.solver, opts.max_steps, stride, rows, ts.dtype)
-    ys, counters, _, state = integrate(f, y0, ts, args, opts._replace(solver=rec, dense=False, return_state=True))
+    rec = _Recorder(opts.solver, opts.max_steps, stride, rows, jnp.result_type(ts))
+    ys, counters, _, state = loop(f, y0, ts, args, opts._replace(solver=rec, dense=False, return_state=True))
     _, _, t_buf, h_buf, y_buf = state
     return ys, counters, (t_buf, h_buf, y_buf)
 
 
-@eqx.filter_custom_vjp
-def _direct(vjp_arg, static, method, f, opts):
-    y0, ts, diff = vjp_arg
-    ys, counters, _ = integrate(f, y0, ts, eqx.combine(diff, static), opts)
-    return ys, counters
-
-
-@_direct.def_fwd
-def _direct_fwd(perturbed, vjp_arg, static, method, f, opts):
-    y0, ts, diff = vjp_arg
-    ys, counters, record = _record(method, f, y0, ts, eqx.combine(diff, static), opts)
-    return (ys, counters), (counters, record)
-
-
-@_direct.def_bwd
-def _direct_bwd(residuals, grad_obj, perturbed, vjp_arg, static, method, f, opts):
-    counters, (t_buf, h_buf, y_buf) = residuals
-    y0, ts, diff = vjp_arg
-    ys_bar = grad_obj[0]
-    if ys_bar is None:
-        ys_bar = jnp.zeros((ts.shape[0],) + y0.shape, y0.dtype)
+def _replay(method, loop, prob, y0, ts, diff, ys_bar):
+    """``(dy0, dts, dparams)`` for the cotangent ``ys_bar``: the recorded steps, run backwards."""
+    static, f, opts = prob.static, prob.f, prob.opts
+    ts_given = ts
+    ts = prob.known_ts if ts is None else ts
+    counters, (t_buf, h_buf, y_buf) = _record(method, loop, f, y0, ts, combine(diff, static), opts)[1:]
+    ts = jnp.asarray(ts)
     solver = opts.solver
     stride, _ = _layout(method, opts.max_steps)
     dtype, tdtype = y0.dtype, ts.dtype
@@ -196,7 +185,7 @@ def _direct_bwd(residuals, grad_obj, perturbed, vjp_arg, static, method, f, opts
 
     def step_map(t, y, h, a):
         # The right-hand side exactly as the loop builds it.
-        rhs = internal_rhs(f, eqx.combine(a, static), direction, dtype, opts.jac)
+        rhs = internal_rhs(f, combine(a, static), direction, dtype, opts.jac)
         state = solver.init(rhs, t, y, rhs(t, y))
         res = solver.step(rhs, t, y, h.astype(dtype), state, tol)
         return res.y1, res.dense
@@ -295,7 +284,4 @@ def _direct_bwd(residuals, grad_obj, perturbed, vjp_arg, static, method, f, opts
     s_bar = s_bar.at[0].add(t_bar)
     ts_bar = (direction * s_bar).astype(ts.dtype)
     # A failed forward solve has no derivative: NaN cotangents (its status is returned).
-    ok = counters[0] == Status.SUCCESS
-    nan_if = lambda x: jnp.where(ok, x, jnp.nan)
-    grads = jtu.tree_map(nan_if, (y_bar, ts_bar, a_bar))
-    return jtu.tree_map(lambda g, p: g if p else None, grads, perturbed)
+    return nan_if(counters[0] != Status.SUCCESS, (y_bar, None if ts_given is None else ts_bar, a_bar))

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array
 
+from .._integrate import time_direction
 from .._solution import DenseOutput, Status
-from .._solve import integrate, time_direction
 from ._adjoint_common import AbstractAdjoint, adjoint_opts, rhs_vjp
+from ._base import combine
 
 
 def block_table(t_start: Array) -> Array:
@@ -88,14 +88,13 @@ class InterpolatingAdjoint(AbstractAdjoint):
                     f"got {self.checkpoint_max_steps!r}"
                 )
 
-    def _forward(self, f, y0, ts, args, opts):
+    def _forward(self, loop, prob, y0, ts, params):
         if self.checkpoints is None:
-            ys, counters, dense = integrate(f, y0, ts, args, opts._replace(dense=True))
-            return ys, counters, dense
-        ys, counters, _ = integrate(f, y0, ts, args, opts._replace(dense=False))
-        return ys, counters, None
+            return loop(prob.f, y0, ts, prob.args(params), prob.opts._replace(dense=True))[2]
+        return None
 
-    def _sweep(self, residual, ys, ys_bar, f, y0, ts, diff, static, opts):
+    def _sweep(self, loop, prob, residual, ys, ys_bar, y0, ts, diff):
+        f, static, opts = prob.f, prob.static, prob.opts
         n = y0.shape[0]
         mu0 = ravel_pytree(diff)[0].astype(y0.dtype)
         aug_opts = adjoint_opts(opts)
@@ -142,7 +141,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
 
                 stretch_opts = aug_opts if aug_opts.fixed else aug_opts._replace(dt0=t_lo - t_hi)
                 z = jnp.concatenate([lam, mu])
-                zs, counters, _ = integrate(aug, z, jnp.stack([t_hi, t_lo]), (diff, static), stretch_opts)
+                zs, counters, _ = loop(aug, z, jnp.stack([t_hi, t_lo]), (diff, static), stretch_opts)
                 status = jnp.where(status == Status.SUCCESS, counters[0], status)
                 i = i - reached.astype(i.dtype)
                 jump = jnp.where(reached & (i > i_lo), ys_bar[i], 0)
@@ -171,7 +170,7 @@ class InterpolatingAdjoint(AbstractAdjoint):
             lam, mu, status = c
             i_lo, i_hi = marks[-2 - j], marks[-1 - j]
             pair = jnp.stack([ts[i_lo], ts[i_hi]])
-            _, counters, dense = integrate(f, ys[i_lo], pair, eqx.combine(diff, static), resolve_opts)
+            _, counters, dense = loop(f, ys[i_lo], pair, combine(diff, static), resolve_opts)
             status = jnp.where(status == Status.SUCCESS, counters[0], status)
             return adjoint_over(dense, i_hi, i_lo, (lam, mu, status))
 

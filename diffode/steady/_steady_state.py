@@ -12,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
 from .._solution import Stats
-from .._solve import _all_finite, _rhs_structure_problem, check_y0
+from .._validate import all_finite as _all_finite, check_y0, rhs_structure_problem as _rhs_structure_problem
 from .._util import raise_on_failure, select
 from ._base import AbstractSteadyStateMethod, max_abs
 from ._result import STAT_NAMES, STEADY_STATE_MESSAGE_LIST, STEADY_STATE_MESSAGES, SteadyState

@@ -10,7 +10,7 @@ from .._controller import PIDController
 from .._linsolve import LU, AbstractLinearSolver
 from .._rosenbrock import Rodas5P
 from .._solution import Status
-from .._solve import IntegrateOptions, integrate
+from .._integrate import IntegrateOptions, integrate
 from .._solver import AbstractSolver
 from .._util import select
 from ._base import AbstractSteadyStateMethod, counters, max_abs

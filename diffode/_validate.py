@@ -1,0 +1,45 @@
+"""Input checks shared by ``solve`` and ``steady_state`` (trace-time and run-time)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array
+
+
+def is_inexact(x) -> bool:
+    """Floating or complex arrays and scalars (tracers included)."""
+    if isinstance(x, (bool, int)) or not isinstance(x, (jax.Array, np.ndarray, np.generic, float, complex)):
+        return False
+    return bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+
+
+def all_finite(tree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if is_inexact(x)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def check_y0(y0) -> None:
+    """Raise unless ``y0`` is a non-empty pytree of real floating-point arrays (at trace time)."""
+    for path, leaf in jtu.tree_leaves_with_path(y0):
+        if not is_inexact(leaf) or jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+            raise TypeError(
+                f"y0{jtu.keystr(path)} must be a real floating-point array (complex states are "
+                f"not supported: split them into real and imaginary parts), got {leaf!r}"
+            )
+    if not jtu.tree_leaves(y0):
+        raise ValueError("y0 has no array leaves")
+
+
+def rhs_structure_problem(out, y0) -> str | None:
+    """Compare ``f``'s output with ``y0`` (at trace time); describe any mismatch."""
+    want, got = jtu.tree_structure(y0), jtu.tree_structure(out)
+    if want != got:
+        return f"f returned structure {got}, but y0 has structure {want}."
+    for (path, a), b in zip(jtu.tree_leaves_with_path(y0), jtu.tree_leaves(out)):
+        if jnp.shape(a) != jnp.shape(b):
+            return f"f returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
+    return None
+
