@@ -3,6 +3,7 @@ hand-over of the loop to the sensitivity method."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import equinox as eqx
@@ -10,6 +11,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
@@ -20,7 +22,8 @@ from ._solution import MESSAGE_LIST, MESSAGES, Solution, Stats, Status
 from ._solver import AbstractSolver
 from ._util import raise_on_failure
 from ._validate import check_y0, rhs_structure_problem
-from .sensitivity import AbstractSensitivity, Auto, Problem, split_args
+from .sensitivity import AbstractSensitivity, Auto, Direct, Problem, split_args
+from .sensitivity.direct import dense_solve
 
 _COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
 
@@ -42,7 +45,7 @@ def _failed(ts, y0, status: Status) -> Solution:
     return Solution(ts=ts, ys=ys, stats=stats, status=jnp.asarray(status, jnp.int32))
 
 
-def solve(
+def _solve(
     f: Callable[[Array, PyTree, Any], PyTree],
     y0: PyTree,
     ts: ArrayLike,
@@ -59,39 +62,11 @@ def solve(
     sensitivity: Any = None,
     throw: bool = True,
     dense: bool = False,
+    final_check: bool = True,
 ) -> Solution:
-    """Solve ``dy/dt = f(t, y, args)`` from ``ts[0]`` to ``ts[-1]``, saving at every ``ts``.
+    """The body of :func:`solve` (see there); ``final_check=False`` leaves the final status
+    check to the caller."""
 
-    Args:
-        f: right-hand side; returns a pytree with the structure of ``y``.
-        y0: initial state, any pytree of floating arrays (mixed dtypes allowed).
-        ts: strictly increasing or strictly decreasing save times; decreasing
-            times integrate backwards. ``sol.ys[0]`` is ``y0``.
-        args: any pytree passed to ``f`` (arrays, equinox modules, ...).
-        solver: the stepper, :class:`Tsit5` by default.
-        rtol, atol: relative and absolute tolerances of the local error test.
-        dt0: initial step; chosen automatically when ``None`` (Hairer, Norsett and
-            Wanner, vol. I, II.4). Required for fixed steps.
-        adaptive: ``False`` takes fixed steps of ``dt0``, landing exactly on
-            every entry of ``ts``. Solvers without an error estimate always do.
-        max_steps: bound on attempted steps (accepted plus rejected).
-        controller: a :class:`PIDController`; its defaults suit most problems.
-        jac: ``jac(t, y, args)``, the Jacobian of ``f`` with respect to ``y`` as an
-            ``(n, n)`` matrix over the raveled state (``jax.flatten_util.ravel_pytree``
-            order). Only implicit solvers use it; by default they take ``jax.jacfwd``.
-        sensitivity: how the solve is differentiated: :class:`Direct`,
-            :class:`ForwardSensitivity`, :class:`BacksolveAdjoint`,
-            :class:`InterpolatingAdjoint` or :class:`Auto` (``None``: ``Auto()``).
-            Forward mode (``jax.jvp``/``jax.jacfwd``) always works; reverse mode
-            (``jax.grad``/``jax.jacrev``/``jax.hessian``) goes through the method.
-        throw: raise on failure (bad input, ``max_steps``, step underflow, ...).
-            With ``False`` the failure is reported in ``sol.status`` instead and
-            unreached entries of ``ys`` are NaN.
-        dense: keep every step's interpolant so that ``sol.evaluate(t)`` works.
-
-    Returns:
-        A :class:`Solution`.
-    """
     solver = Tsit5() if solver is None else solver
     controller = PIDController() if controller is None else controller
     if sensitivity is not None and not isinstance(sensitivity, AbstractSensitivity):
@@ -101,7 +76,7 @@ def solve(
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
 
-    ts = jnp.asarray(ts)
+    ts = jnp.asarray(ts.value if isinstance(ts, _KnownTimes) else ts)
     if ts.ndim != 1 or ts.shape[0] == 0:
         raise ValueError(f"ts must be a non-empty 1-D array, got shape {ts.shape}")
     check_y0(y0)
@@ -161,16 +136,17 @@ def solve(
     params, static = split_args((fc, jc, args))
     known_ts = known_value(ts_t)
     prob = Problem(f_flat, static, opts, known_ts)
+    ts_arg = None if known_ts is not None else ts_t
     if dense:
-        # Dense output is differentiated through the loop itself (forward mode).
-        ys, counters, pieces = integrate(f_flat, y_flat, ts_t, (fc, jc, args), opts)
+        # The interpolation pieces are discrete data: Direct's rules differentiate them.
+        ys, counters, pieces = dense_solve(Direct(), integrate, prob, y_flat, ts_arg, params)
     else:
-        ys, counters = method.apply(integrate, prob, y_flat, None if known_ts is not None else ts_t, params)
+        ys, counters = method.apply(integrate, prob, y_flat, ts_arg, params)
         pieces = None
     direction = time_direction(ts_t)
     stat_names = _COUNTERS + solver.stat_names
     status = counters[0]
-    if throw:
+    if throw and final_check:
         ys = raise_on_failure(ys, status, MESSAGE_LIST)
     return Solution(
         ts=ts,
@@ -182,3 +158,95 @@ def solve(
         unravel=unravel,
     )
 
+
+class _KnownTimes:
+    """Save times known before tracing, hashed by value: a static argument of the eager cache,
+    so the compiled program keeps them as constants (checked and converted at trace time)."""
+
+    def __init__(self, ts):
+        self.value = np.asarray(ts)
+        self._key = (self.value.shape, self.value.dtype.str, self.value.tobytes())
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _KnownTimes) and self._key == other._key
+
+
+def _has_tracer(*trees) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(trees))
+
+
+_solve_compiled = eqx.filter_jit(functools.partial(_solve, final_check=False))
+
+
+def solve(
+    f: Callable[[Array, PyTree, Any], PyTree],
+    y0: PyTree,
+    ts: ArrayLike,
+    args: PyTree = None,
+    *,
+    solver: AbstractSolver | None = None,
+    rtol: ArrayLike = 1e-6,
+    atol: ArrayLike = 1e-8,
+    dt0: ArrayLike | None = None,
+    adaptive: bool = True,
+    max_steps: int = 4096,
+    controller: PIDController | None = None,
+    jac: Callable[[Array, PyTree, Any], Array] | None = None,
+    sensitivity: Any = None,
+    throw: bool = True,
+    dense: bool = False,
+) -> Solution:
+    """Solve ``dy/dt = f(t, y, args)`` from ``ts[0]`` to ``ts[-1]``, saving at every ``ts``.
+
+    Args:
+        f: right-hand side; returns a pytree with the structure of ``y``.
+        y0: initial state, any pytree of floating arrays (mixed dtypes allowed).
+        ts: strictly increasing or strictly decreasing save times; decreasing
+            times integrate backwards. ``sol.ys[0]`` is ``y0``.
+        args: any pytree passed to ``f`` (arrays, equinox modules, ...).
+        solver: the stepper, :class:`Tsit5` by default.
+        rtol, atol: relative and absolute tolerances of the local error test.
+        dt0: initial step; chosen automatically when ``None`` (Hairer, Norsett and
+            Wanner, vol. I, II.4). Required for fixed steps.
+        adaptive: ``False`` takes fixed steps of ``dt0``, landing exactly on
+            every entry of ``ts``. Solvers without an error estimate always do.
+        max_steps: bound on attempted steps (accepted plus rejected).
+        controller: a :class:`PIDController`; its defaults suit most problems.
+        jac: ``jac(t, y, args)``, the Jacobian of ``f`` with respect to ``y`` as an
+            ``(n, n)`` matrix over the raveled state (``jax.flatten_util.ravel_pytree``
+            order). Only implicit solvers use it; by default they take ``jax.jacfwd``.
+        sensitivity: how the solve is differentiated: :class:`Direct`,
+            :class:`ForwardSensitivity`, :class:`BacksolveAdjoint`,
+            :class:`InterpolatingAdjoint` or :class:`Auto` (``None``: ``Auto()``).
+            Forward mode (``jax.jvp``/``jax.jacfwd``) always works; reverse mode
+            (``jax.grad``/``jax.jacrev``/``jax.hessian``) goes through the method.
+        throw: raise on failure (bad input, ``max_steps``, step underflow, ...).
+            With ``False`` the failure is reported in ``sol.status`` instead and
+            unreached entries of ``ys`` are NaN.
+        dense: keep every step's interpolant so that ``sol.evaluate(t)`` works. The
+            interpolant is differentiated as :class:`Direct` does (forward mode through
+            the steps, reverse mode by replaying them), whatever ``sensitivity`` is.
+
+    Returns:
+        A :class:`Solution`.
+    """
+    options = dict(solver=solver, rtol=rtol, atol=atol, dt0=dt0, adaptive=adaptive, max_steps=max_steps,
+                   controller=controller, jac=jac, sensitivity=sensitivity, throw=throw, dense=dense)
+    if _has_tracer(f, y0, ts, args, rtol, atol, dt0):
+        # Inside a transformation: part of the caller's program.
+        return _solve(f, y0, ts, args, **options)
+    # Called eagerly (a research script): one compiled program per problem
+    # structure, reused by every later call with the same f, shapes and options.
+    try:
+        y0 = jtu.tree_map(jnp.asarray, y0)
+    except TypeError:
+        pass  # _solve's own check explains what is wrong with y0
+    sol = _solve_compiled(f, y0, _KnownTimes(ts), args, **options)
+    if throw:
+        code = int(np.max(np.asarray(sol.status)))
+        if code != Status.SUCCESS:
+            raise eqx.EquinoxRuntimeError(MESSAGES[code])
+    return sol

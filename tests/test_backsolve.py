@@ -168,10 +168,10 @@ def test_failed_backward_solve_raises_or_gives_nan():
         return jnp.sum(sol.ys)
 
     assert np.isfinite(loss(p.y0, p.args, True))
-    with pytest.raises(eqx.EquinoxRuntimeError) as info:
+    with pytest.raises(SOLVE_ERRORS) as info:
         jax.grad(loss, argnums=(0, 1))(p.y0, p.args, True)
     assert "BacksolveAdjoint: the backward (adjoint) solve failed. " + diffode.MESSAGES[
-        diffode.Status.NONFINITE_RHS] in str(info.value)
+        diffode.Status.NONFINITE_RHS] in own_message(info.value)
     g_y0, g_k = jax.grad(loss, argnums=(0, 1))(p.y0, p.args, False)
     assert np.all(np.isnan(g_y0)) and np.all(np.isnan(g_k))
 
@@ -190,12 +190,6 @@ def test_stiff_backward_solve_failure_is_an_error():
     with pytest.raises(SOLVE_ERRORS) as info:
         jax.block_until_ready(eqx.filter_jit(jax.grad(loss))(p.args))
     assert re.search("BacksolveAdjoint: the backward .* InterpolatingAdjoint", own_message(info.value))
-
-
-def test_bad_requests():
-    p = problems.exponential_decay()
-    with pytest.raises(ValueError, match="dense=True"):
-        diffode.solve(p.f, p.y0, jnp.asarray([0.0, 1.0]), p.args, sensitivity=BacksolveAdjoint(), dense=True)
 
 
 

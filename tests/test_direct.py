@@ -186,10 +186,9 @@ def test_unknown_solver_raises_naming_direct():
         pass
 
     p = lotka_volterra()
+    opts = diffode._integrate.IntegrateOptions(Custom(), diffode.PIDController(), 1e-6, 1e-6, None, False, 10)
     with pytest.raises(NotImplementedError, match="Direct.*Custom"):
-        Direct().integrate(None, p.y0, jnp.linspace(0.0, 1.0, 3), p.args,
-                           diffode._solve.IntegrateOptions(Custom(), diffode.PIDController(), 1e-6, 1e-6, None,
-                                                            False, 10))
+        Direct().apply(None, diffode.sensitivity.Problem(None, None, opts), p.y0, jnp.linspace(0.0, 1.0, 3), p.args)
 
 
 def test_failed_solve_gives_nan_gradient_and_bad_config_raises():

@@ -190,6 +190,3 @@ def test_bad_arguments():
         InterpolatingAdjoint(checkpoints=0)
     with pytest.raises(ValueError, match="InterpolatingAdjoint: checkpoint_max_steps needs checkpoints"):
         InterpolatingAdjoint(checkpoint_max_steps=10)
-    p = problems.exponential_decay()
-    with pytest.raises(ValueError, match="dense=True"):
-        diffode.solve(p.f, p.y0, jnp.asarray([0.0, 1.0]), p.args, sensitivity=InterpolatingAdjoint(), dense=True)

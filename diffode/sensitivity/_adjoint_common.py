@@ -31,7 +31,7 @@ from jaxtyping import Array, PyTree
 from .._integrate import IntegrateOptions
 from .._solution import MESSAGES, Status
 from .._util import raise_on_failure
-from ._base import AbstractSensitivity, combine, keep_present, loop_tangent, nan_if, solve_times
+from ._base import AbstractSensitivity, combine, keep_present, loop_tangent, nan_if, prob_times
 
 
 class SemiNorm(eqx.Module):
@@ -94,7 +94,7 @@ class AbstractAdjoint(AbstractSensitivity):
 
     def cotangent(self, loop, prob, r, ys_bar, x_struct):
         y0, ts, params, ys = r
-        ts_ = jnp.asarray(solve_times(prob, ts))
+        ts_ = jnp.asarray(prob_times(prob, ts))
         ys_bar = ys_bar.astype(ys.dtype)
         if ts_.shape[0] == 1:
             lam = jnp.zeros_like(y0)

@@ -93,7 +93,20 @@ class AbstractSensitivity(eqx.Module):
     def apply(self, loop: Loop, prob: Problem, y0: Array, ts: Array | None, params: PyTree):
         """``(ys, counters)`` of ``loop``, differentiable by this method's rules."""
         self.check(prob)
+        check_real(self, params)
         return differentiable_solve(self, loop, prob, y0, ts, params)
+
+
+def check_real(method: AbstractSensitivity, params: PyTree) -> None:
+    """Raise at trace time for a complex parameter: the rules differentiate real arrays only."""
+    for path, leaf in jtu.tree_leaves_with_path(params):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+            head = getattr(path[0], "idx", None) if path else None
+            where = {0: "f", 1: "jac", 2: "args"}.get(head, "params") + jtu.keystr(path[1:])
+            raise TypeError(
+                f"{type(method).__name__}: {where} is complex ({jnp.result_type(leaf)}); sensitivity methods "
+                "differentiate real arrays only: split it into real and imaginary parts"
+            )
 
 
 def _is_zero(t) -> bool:
@@ -128,21 +141,33 @@ def differentiable_solve(method: AbstractSensitivity, loop: Loop, prob: Problem,
         # The primal through the custom rule again, so that nested forward
         # differentiation applies this rule once more.
         ys, counters = core_call(y0, ts_, params)
-        x = (_nonzero(dy0), _nonzero(dts), jtu.tree_map(_nonzero, dparams, is_leaf=_is_zero))
+        x = tangent_inputs(dy0, dts, dparams)
         if not jtu.tree_leaves(x):
             return (ys, counters), (jnp.zeros_like(ys), float0_zeros(counters))
         op = SolveOp(method, loop, prob, jtu.tree_map(lambda _: True, x))
         dys = linear_map(op, (y0, ts_, params, ys), x)
-        # A failed solve has no derivative: NaN tangents (and cotangents, by
-        # transposition), and with throw=True an error that no transformation can
-        # drop, since the derivative depends on it.
-        scale = jnp.where(counters[0] == Status.SUCCESS, 1, jnp.nan).astype(ys.dtype)
-        if prob.opts.throw:
-            scale = raise_on_failure(scale, counters[0], MESSAGE_LIST)
-        return (ys, counters), (dys * scale, float0_zeros(counters))
+        return (ys, counters), (dys * failure_scale(counters, prob.opts.throw, ys.dtype), float0_zeros(counters))
 
     core.defjvp(rule, symbolic_zeros=True)
     return core_call(y0, ts, params)
+
+
+def tangent_inputs(dy0, dts, dparams) -> tuple:
+    """The input tangents of a custom JVP rule as ``x = (dy0, dts, dparams)``, ``None`` where zero."""
+    return (_nonzero(dy0), _nonzero(dts), jtu.tree_map(_nonzero, dparams, is_leaf=_is_zero))
+
+
+def failure_scale(counters: Array, throw: bool, dtype) -> Array:
+    """1, or NaN when the solve failed: the factor of every tangent of a solve.
+
+    A failed solve has no derivative: NaN tangents (and cotangents, by
+    transposition). With ``throw=True`` the factor also carries the error check,
+    which no transformation can drop since the derivative depends on it.
+    """
+    scale = jnp.where(counters[0] == Status.SUCCESS, 1, jnp.nan).astype(dtype)
+    if throw:
+        scale = raise_on_failure(scale, counters[0], MESSAGE_LIST)
+    return scale
 
 
 class SolveOp(LinearOp):
@@ -165,7 +190,7 @@ class SolveOp(LinearOp):
         return jax.ShapeDtypeStruct(np.shape(ys), jnp.result_type(ys))
 
 
-def solve_times(prob: Problem, ts):
+def prob_times(prob: Problem, ts):
     """The save times: ``ts`` itself, or the known ones."""
     return prob.known_ts if ts is None else ts
 
@@ -175,7 +200,7 @@ def loop_tangent(loop: Loop, prob: Problem, r, x) -> Array:
     discrete solution, step sizes held fixed)."""
     y0, ts, params, _ = r
     dy0, dts, dparams = x
-    ts_ = solve_times(prob, ts)
+    ts_ = prob_times(prob, ts)
     dy0 = _zeros_like(y0) if dy0 is None else dy0
     dparams = fill_zeros(dparams, params)
     if ts is None or dts is None:
@@ -219,7 +244,7 @@ def solve_variational(solve_aug: Callable, prob: Problem, r, x) -> Array:
     dy0, dts, dparams = x
     n = y0.shape[0]
     f, args = prob.f, prob.args(params)
-    ts_ = solve_times(prob, ts)
+    ts_ = prob_times(prob, ts)
     s0 = _zeros_like(y0) if dy0 is None else dy0
     if dts is not None:
         s0 = s0 - f(ts_[0], y0, args) * dts[0]

@@ -33,6 +33,7 @@ rule nor derivatives with respect to its residuals.)
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -182,10 +183,16 @@ def _split(args, r_tree):
     return args[:n], args[n:]
 
 
-def _impl(*args, op, r_tree, x_tree, out_tree, out_avals):
+def _apply_flat(*args, op, r_tree, x_tree, out_tree, out_avals):
     r_flat, x_flat = _split(args, r_tree)
     out = op.apply(jtu.tree_unflatten(r_tree, r_flat), jtu.tree_unflatten(x_tree, x_flat))
     return jtu.tree_leaves(out)
+
+
+def _impl(*args, **params):
+    # Evaluated outside any jit (an eager jax.jvp, or the transposed map of an
+    # eager jax.grad): compiled as one program rather than run op by op.
+    return jax.jit(functools.partial(_apply_flat, **params))(*args)
 
 
 def _abstract_eval(*args, op, r_tree, x_tree, out_tree, out_avals):
@@ -252,4 +259,4 @@ linear_map_p.def_abstract_eval(_abstract_eval)
 ad.primitive_jvps[linear_map_p] = _jvp
 ad.primitive_transposes[linear_map_p] = _transpose
 batching.primitive_batchers[linear_map_p] = _batch
-mlir.register_lowering(linear_map_p, mlir.lower_fun(_impl, multiple_results=True))
+mlir.register_lowering(linear_map_p, mlir.lower_fun(_apply_flat, multiple_results=True))

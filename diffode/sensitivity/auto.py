@@ -33,13 +33,9 @@ class Auto(AbstractSensitivity):
 
     max_forward_size: int = eqx.field(static=True, default=1024)
 
-    def choose(self, y0, x_struct, r) -> AbstractSensitivity:
-        """The reverse-mode method for a cotangent of inputs ``x_struct`` (``True`` where differentiated)."""
-        _, ts, params, _ = r
-        sy, st, sp = x_struct
-        p = (jnp.size(y0) if sy else 0) + (jnp.size(ts) if st else 0)
-        p += sum(jtu.tree_leaves(jtu.tree_map(lambda v, s: 0 if s is None else jnp.size(v), params, sp)))
-        if jnp.size(y0) * (p + 1) <= self.max_forward_size:
+    def choose(self, n: int, p: int) -> AbstractSensitivity:
+        """The reverse-mode method for ``n`` states and ``p`` differentiated input entries."""
+        if n * (p + 1) <= self.max_forward_size:
             return ForwardSensitivity()
         return InterpolatingAdjoint()
 
@@ -47,4 +43,8 @@ class Auto(AbstractSensitivity):
         return loop_tangent(loop, prob, r, x)
 
     def cotangent(self, loop, prob, r, ys_bar, x_struct):
-        return self.choose(r[0], x_struct, r).cotangent(loop, prob, r, ys_bar, x_struct)
+        y0, ts, params, _ = r
+        sy, st, sp = x_struct
+        p = (jnp.size(y0) if sy else 0) + (jnp.size(ts) if st else 0)
+        p += sum(jtu.tree_leaves(jtu.tree_map(lambda v, s: 0 if s is None else jnp.size(v), params, sp)))
+        return self.choose(jnp.size(y0), p).cotangent(loop, prob, r, ys_bar, x_struct)

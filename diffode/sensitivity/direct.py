@@ -22,13 +22,24 @@ from jax import lax
 
 from .._explicit import ExplicitRK
 from .._implicit import SDIRK
+from .._integrate import internal_rhs, time_direction
 from .._radau import Radau5
 from .._rosenbrock import Rosenbrock
-from .._integrate import internal_rhs, time_direction
-from .._solution import Status
+from .._solution import DenseOutput, Status
 from .._solver import Tolerances
-from .._util import select
-from ._base import AbstractSensitivity, combine, keep_present, loop_tangent, nan_if
+from .._util import float0_zeros, select
+from ._base import (
+    AbstractSensitivity,
+    combine,
+    failure_scale,
+    fill_zeros,
+    keep_present,
+    loop_tangent,
+    nan_if,
+    prob_times,
+    tangent_inputs,
+)
+from ._linear_map import LinearOp, linear_map
 
 # ----------------------------------------------------------------------------
 # Recording the accepted steps: a solver wrapper whose state carries the record.
@@ -110,14 +121,25 @@ class Direct(AbstractSensitivity):
     runs back through them.
 
     Args:
-        checkpoints: ``None`` stores the state at every accepted step (memory
-            ``max_steps * n``). An integer ``k`` stores it every
-            ``L = ceil(max_steps / k)`` accepted steps (evenly spaced in the step
-            index, not recursive/binomial) and recomputes each segment of ``L``
-            steps before running back through it: memory ``(k + L) * n`` states,
-            smallest near ``k = sqrt(max_steps)``, at the cost of one more forward
-            step per step. Step times and sizes (two scalars per step) are always
-            stored.
+        checkpoints: how many states the reverse pass stores.
+
+            * ``None``: the state at every accepted step (memory ``max_steps * n``).
+            * An integer ``k``: every ``L = ceil(max_steps / k)``-th accepted step
+              (evenly spaced in the step index); each segment of ``L`` steps is
+              recomputed before running back through it: memory ``(k + L) * n``
+              states, smallest near ``k = sqrt(max_steps)``, at the cost of one
+              more forward step per step.
+            * ``"recursive"``: recursive bisection (the simplest member of the
+              family of Griewank's binomial checkpointing; Griewank and Walther,
+              "Evaluating Derivatives", 2nd ed., ch. 12): to run back through
+              steps ``[lo, hi)`` from the state at ``lo``, recompute the state at
+              the midpoint, run back through the upper half, then through the
+              lower half. At most ``ceil(log2(max_steps)) + 1`` states are stored
+              (:func:`stored_states`), for about ``log2(N) / 2`` recomputed forward
+              steps per step.
+
+            Step times and sizes (two scalars per step) are always stored, so the
+            recomputed steps repeat the forward pass's exactly.
 
     Supported solvers: every built-in one. Explicit Runge-Kutta and Rosenbrock
     steps are differentiated as they are; for ``Radau5`` and the SDIRK family the
@@ -130,8 +152,8 @@ class Direct(AbstractSensitivity):
 
     def __check_init__(self):
         c = self.checkpoints
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
-            raise ValueError(f"Direct: checkpoints must be None or a positive integer, got {c!r}")
+        if c is not None and c != "recursive" and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"Direct: checkpoints must be None, a positive integer or 'recursive', got {c!r}")
 
     def check(self, prob):
         if not _memoryless(prob.opts.solver):
@@ -149,8 +171,23 @@ class Direct(AbstractSensitivity):
         return keep_present(x_struct, _replay(self, loop, prob, y0, ts, params, ys_bar))
 
 
+def stored_states(method: Direct, max_steps: int) -> int:
+    """How many states of size ``n`` the reverse pass of ``method`` stores at most."""
+    if method.checkpoints == "recursive":
+        return _stack_depth(max_steps) + 1
+    stride, rows = _layout(method, max_steps)
+    return rows + (stride if stride > 1 else 0)
+
+
+def _stack_depth(max_steps: int) -> int:
+    """Pending segments of the recursive bisection: one per level, plus the one being split."""
+    return max(1, math.ceil(math.log2(max(max_steps, 1)))) + 1
+
+
 def _layout(method: Direct, max_steps: int) -> tuple[int, int]:
     """``(stride, rows)``: y is stored every ``stride`` accepted steps, in ``rows`` rows."""
+    if method.checkpoints == "recursive":
+        return max_steps, 1
     if method.checkpoints is None or method.checkpoints >= max_steps:
         return 1, max_steps
     stride = math.ceil(max_steps / method.checkpoints)
@@ -166,8 +203,12 @@ def _record(method, loop, f, y0, ts, args, opts):
     return ys, counters, (t_buf, h_buf, y_buf)
 
 
-def _replay(method, loop, prob, y0, ts, diff, ys_bar):
-    """``(dy0, dts, dparams)`` for the cotangent ``ys_bar``: the recorded steps, run backwards."""
+def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None):
+    """``(dy0, dts, dparams)`` for the cotangent ``ys_bar``: the recorded steps, run backwards.
+
+    ``pieces_bar`` (optional) holds cotangents of the dense output's rows
+    ``(t_start, h, y0, y1, data)``: row ``k`` is accepted step ``k``.
+    """
     static, f, opts = prob.static, prob.f, prob.opts
     ts_given = ts
     ts = prob.known_ts if ts is None else ts
@@ -230,6 +271,9 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar):
 
         zero_t = jnp.zeros((), tdtype)
         sc = (i, jnp.zeros_like(y), y_bar, jnp.zeros_like(dense), zero_t, zero_t, s_bar)
+        if pieces_bar is not None:
+            pb = [lax.dynamic_index_in_dim(v, k, keepdims=False) for v in pieces_bar]
+            sc = (i, pb[2].astype(dtype), y_bar + pb[3], pb[4], pb[0].astype(tdtype), pb[1].astype(tdtype), s_bar)
         i, y_b, y1_b, d_b, t_b, h_b, s_bar = lax.while_loop(save_cond, save_body, sc)
         tb, yb, hb, ab = vjp_step((y1_b, d_b))
         h_b = h_b + hb
@@ -254,7 +298,10 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar):
     zero_t = jnp.zeros((), tdtype)
     a_bar0 = jtu.tree_map(jnp.zeros_like, diff)
     c = (jnp.asarray(n_ts - 1, jnp.int32), jnp.zeros_like(y0), zero_t, a_bar0, jnp.zeros_like(s_ts))
-    if stride == 1:
+    if method.checkpoints == "recursive":
+        c = _bisect_back(num, y_buf[0], lambda k, y: step_map(t_buf[k], y, h_buf[k], diff)[0], back_step, c,
+                         _stack_depth(opts.max_steps))
+    elif stride == 1:
         c = run_back(num, 0, lambda k: y_buf[k], c)
     else:
         # Segments of `stride` steps, last first: recompute the segment's states
@@ -285,3 +332,133 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar):
     ts_bar = (direction * s_bar).astype(ts.dtype)
     # A failed forward solve has no derivative: NaN cotangents (its status is returned).
     return nan_if(counters[0] != Status.SUCCESS, (y_bar, None if ts_given is None else ts_bar, a_bar))
+
+
+def _bisect_back(num, y0, step, back_step, c, depth: int):
+    """Run ``back_step`` over steps ``num - 1 ... 0`` by recursive bisection.
+
+    A stack of pending segments ``[lo, hi)``, each with its start state. The top
+    one is popped; a single step is run back; a longer one is split at its
+    midpoint: the lower half is pushed back with the same start state, and the
+    upper half on top of it with the midpoint state, recomputed by ``step``. The
+    stack never holds more than one segment per level of the bisection.
+    """
+    n = y0.shape[0]
+    ys = jnp.zeros((depth, n), y0.dtype).at[0].set(y0)
+    lo = jnp.zeros((depth,), jnp.int32)
+    hi = jnp.zeros((depth,), jnp.int32).at[0].set(num)
+    top = jnp.where(num > 0, 1, 0).astype(jnp.int32)
+
+    def cond(st):
+        return st[0] > 0
+
+    def body(st):
+        top, ys, lo, hi, c = st
+        j = top - 1
+        y, a, b = ys[j], lo[j], hi[j]
+
+        def run_one(_):
+            return top - 1, ys, lo, hi, tuple(back_step(a, y, c))
+
+        def split(_):
+            mid = (a + b) // 2
+            y_mid = lax.fori_loop(a, mid, lambda k, v: step(k, v), y)
+            return (top + 1, ys.at[j + 1].set(y_mid), lo.at[j].set(a).at[j + 1].set(mid),
+                    hi.at[j].set(mid).at[j + 1].set(b), c)
+
+        return lax.cond(b - a == 1, run_one, split, None)
+
+    return lax.while_loop(cond, body, (top, ys, lo, hi, tuple(c)))[4]
+
+
+# ----------------------------------------------------------------------------
+# Dense output: the accepted steps' interpolation data, differentiated by Direct.
+# ----------------------------------------------------------------------------
+
+#: The differentiable rows of a dense output, in this order.
+_PIECE_FIELDS = ("t_start", "h", "y0", "y1", "data")
+
+
+def _dense_outputs(ys, pieces):
+    return (ys,) + tuple(getattr(pieces, k) for k in _PIECE_FIELDS)
+
+
+class _DenseOp(LinearOp):
+    """Tangent of ``(ys, dense pieces)``: the loop's JVP forward, the step replay backwards."""
+
+    def __init__(self, method: Direct, loop, prob, x_struct, out_struct):
+        self.method, self.loop, self.prob, self.x_struct, self.out = method, loop, prob, x_struct, out_struct
+
+    def apply(self, r, x):
+        y0, ts, params, _ = r
+        dy0, dts, dparams = x
+        ts_ = prob_times(self.prob, ts)
+        prob = self.prob
+
+        def fn(y0, ts, p):
+            ys, _, pieces = self.loop(prob.f, y0, ts_ if ts is None else ts, prob.args(p), prob.opts)
+            return _dense_outputs(ys, pieces)
+
+        dy0 = fill_zeros(dy0, y0)
+        dparams = fill_zeros(dparams, params)
+        if ts is None:
+            return jax.jvp(lambda y0, p: fn(y0, None, p), (y0, params), (dy0, dparams))[1]
+        return jax.jvp(fn, (y0, ts, params), (dy0, fill_zeros(dts, ts), dparams))[1]
+
+    def transpose(self, r, cts):
+        y0, ts, params, _ = r
+        ys_bar, *pieces_bar = cts
+        out = _replay(self.method, self.loop, self.prob._replace(opts=self.prob.opts._replace(dense=False)),
+                      y0, ts, params, ys_bar, pieces_bar)
+        return keep_present(self.x_struct, out)
+
+    def vjp_res(self, r, x, c):
+        raise NotImplementedError(
+            "Direct: reverse-over-reverse differentiation through dense output (Solution.evaluate) is not "
+            "supported; use forward-over-reverse (jax.hessian, jax.jacfwd of jax.grad) instead."
+        )
+
+    def out_struct(self, r, x):
+        return self.out
+
+
+def dense_solve(method: Direct, loop, prob, y0, ts, params):
+    """``(ys, counters, pieces)`` of ``loop`` with dense output, differentiable by ``method``'s rules
+    (forward mode through the loop, reverse mode by the step replay; ``checkpoints`` apply)."""
+    method.check(prob)
+    opts = prob.opts._replace(dense=True)
+    prob = prob._replace(opts=opts)
+
+    def primal(y0, ts, params):
+        ys, counters, pieces = loop(prob.f, y0, prob_times(prob, ts), prob.args(params), opts)
+        return _dense_outputs(ys, pieces), counters, pieces.num_pieces
+
+    if ts is None:
+        core = jax.custom_jvp(lambda y0, params: primal(y0, None, params))
+        call = lambda y0, ts, params: core(y0, params)  # noqa: E731
+    else:
+        core = jax.custom_jvp(primal)
+        call = core
+
+    def rule(primals, tangents):
+        if ts is None:
+            (y0, params), (dy0, dparams) = primals, tangents
+            ts_, dts = None, None
+        else:
+            (y0, ts_, params), (dy0, dts, dparams) = primals, tangents
+        outs, counters, num = call(y0, ts_, params)
+        x = tangent_inputs(dy0, dts, dparams)
+        zero_out = (jtu.tree_map(jnp.zeros_like, outs), float0_zeros(counters), float0_zeros(num))
+        if not jtu.tree_leaves(x):
+            return (outs, counters, num), zero_out
+        structs = jtu.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), outs)
+        op = _DenseOp(method, loop, prob, jtu.tree_map(lambda _: True, x), structs)
+        douts = linear_map(op, (y0, ts_, params, outs[0]), x)
+        scale = failure_scale(counters, prob.opts.throw, outs[0].dtype)
+        douts = tuple(d * scale.astype(d.dtype) for d in douts)
+        return (outs, counters, num), (douts, zero_out[1], zero_out[2])
+
+    core.defjvp(rule, symbolic_zeros=True)
+    outs, counters, num = call(y0, ts, params)
+    ys, t_start, h, py0, py1, data = outs
+    return ys, counters, DenseOutput(t_start, h, py0, py1, data, num, opts.solver.interpolate)

@@ -32,7 +32,7 @@ import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 
 from .._solution import Status
-from ._base import AbstractSensitivity, combine, keep_present, nan_if, solve_times, solve_variational
+from ._base import AbstractSensitivity, combine, keep_present, nan_if, prob_times, solve_variational
 
 
 class _LeadingErrorController(eqx.Module):
@@ -109,14 +109,14 @@ class ForwardSensitivity(AbstractSensitivity):
         n = r[0].shape[0]
 
         def solve_aug(aug, z0, ts, p):
-            return loop(aug.f, z0, solve_times(aug, ts), aug.args(p), self._aug_opts(prob.opts, n))[0]
+            return loop(aug.f, z0, prob_times(aug, ts), aug.args(p), self._aug_opts(prob.opts, n))[0]
 
         return solve_variational(solve_aug, prob, r, x)
 
     def cotangent(self, loop, prob, r, ys_bar, x_struct):
         y0, ts, params, ys = r
         sy, st, sp = x_struct
-        ts_ = solve_times(prob, ts)
+        ts_ = prob_times(prob, ts)
         f, static = prob.f, prob.static
         n, dtype = y0.shape[0], y0.dtype
         p_flat, unravel_p = ravel_pytree(params)
