@@ -105,11 +105,11 @@ def _solve(
     # is differentiated, and none leaks out of a custom derivative rule.
     args = _strong(args)
     t_ex = ts_t[0]
-    fc = eqx.filter_closure_convert(f, t_ex, y0, args)
+    fc = _explicit_inputs(f, t_ex, y0, args)
     jc = None
     n = y_flat.shape[0]
     if jac is not None:
-        jc = eqx.filter_closure_convert(jac, t_ex, y0, args)
+        jc = _explicit_inputs(jac, t_ex, y0, args)
         jac_shape = jnp.shape(jax.eval_shape(jc, t_ex, y0, args))
         if jac_shape != (n, n):
             raise ValueError(
@@ -172,6 +172,21 @@ class _KnownTimes:
 
     def __eq__(self, other):
         return isinstance(other, _KnownTimes) and self._key == other._key
+
+
+def _explicit_inputs(fn, t, y, args):
+    """``fn`` as a pytree whose array leaves are everything it depends on besides its arguments.
+
+    A pytree with array leaves (an ``equinox.Module``) is used as it is: its arrays
+    are its leaves. Any other callable is closure-converted
+    (``equinox.filter_closure_convert``), which hoists the arrays it closes over;
+    when it closes over none (a module-level function) it is used as it is, so that
+    it is traced directly rather than through the converted jaxpr.
+    """
+    if jtu.tree_leaves(eqx.filter(fn, eqx.is_array)):
+        return fn
+    converted = eqx.filter_closure_convert(fn, t, y, args)
+    return converted if jtu.tree_leaves(eqx.filter(converted, eqx.is_array)) else fn
 
 
 def _has_tracer(*trees) -> bool:

@@ -300,3 +300,45 @@ def test_python_float_parameters_with_x64_off():
     out = subprocess.run([sys.executable, "-c", _X64_OFF_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------
+# jac= and steady_state take parameters the same ways.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["Direct", "ForwardSensitivity", "InterpolatingAdjoint"])
+def test_user_jacobian_closing_over_a_parameter(method):
+    """A Rosenbrock solver uses ``jac`` in its step formula, so the discrete solution depends on
+    what ``jac`` closes over. Decay ``y' = -k y``: ``y(1) = exp(-k)``."""
+    m = METHODS[method]
+
+    def y1(k):
+        sol = diffode.solve(lambda t, y, _: -k * y, jnp.array([1.0]), jnp.array([0.0, 1.0]), solver=diffode.Rodas5P(),
+                            jac=lambda t, y, _: -k * jnp.eye(1), sensitivity=m, rtol=1e-10, atol=1e-10)
+        return sol.ys[-1, 0]
+
+    k = 0.7
+    np.testing.assert_allclose(jax.jit(jax.grad(y1))(k), -np.exp(-k), rtol=1e-7)
+    np.testing.assert_allclose(jax.jvp(y1, (k,), (1.0,))[1], -np.exp(-k), rtol=1e-7)
+
+
+class Relax(eqx.Module):
+    """``y' = b - a y``: steady state ``b / a``."""
+
+    a: jax.Array
+
+    def __call__(self, t, y, args):
+        return args["b"] - self.a * y
+
+
+def test_steady_state_with_a_module_a_closure_and_python_floats():
+    def ystar(a, b, c):
+        f = Relax(a)
+        sol = diffode.steady_state(lambda t, y, args: f(t, y, args) + c, jnp.array([1.0]), {"b": b})
+        return sol.y[0]
+
+    a, b, c = jnp.asarray(2.0), 3.0, 0.5  # y* = (b + c) / a
+    g = jax.jit(jax.grad(ystar, argnums=(0, 1, 2)))(a, b, c)
+    np.testing.assert_allclose(g, [-(b + c) / a**2, 1 / a, 1 / a], rtol=1e-10)
+    np.testing.assert_allclose(jax.grad(ystar, argnums=1)(a, b, c), 1 / a, rtol=1e-10)
