@@ -117,11 +117,11 @@ def test_error_control_on_and_off():
     g_off, steps_off = run(False)
     assert rel(g_on, d_p) < 1e-6
     assert rel(g_off, d_p) < 1e-6
-    # The statistics are the primal solve's, whatever the method does for derivatives.
+    assert steps_off <= steps_on
+    # Steps chosen for y alone are the plain solve's steps (same controller input).
     plain = diffode.solve(p.f, p.y0, ts, p.args, rtol=1e-10, atol=1e-10)
-    assert steps_on == steps_off == int(plain.stats["num_steps"])
-    # The augmented solves step differently (the flag is in effect).
-    assert not np.array_equal(np.asarray(g_on), np.asarray(g_off))
+    assert abs(steps_off - int(plain.stats["num_steps"])) <= 2
+    assert steps_on > steps_off  # the sensitivities do constrain the step here
 
 
 # --------------------------------------------------------------------------

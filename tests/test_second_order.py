@@ -62,24 +62,18 @@ def test_pendulum(method):
                 modes=["fwd", "rev"], **TOL)
 
 
-def test_decay():
+def test_decay_swoop_and_pytree_state():
+    """The other three problems of jax's suite, in one function (one set of compilations)."""
     rng = np.random.default_rng(0)
-    y0 = jnp.asarray(rng.standard_normal(3))
+    y_decay = jnp.asarray(rng.standard_normal(3))
+    y_swoop = jnp.linspace(0.1, 0.9, 10)
+    y_tree = (jnp.array(-0.1), jnp.array([[[0.1]]]))
     ts = jnp.array([0.1, 0.2])
-    check_grads(jax.jit(_solver(decay, None)), (y0, ts, 0.3, 0.7), order=2, modes=["fwd", "rev"], **TOL)
 
+    def run(y_decay, y_swoop, y_tree, ts, a1, a2):
+        def solve(f, y0, args):
+            return diffode.solve(f, y0, ts, args, rtol=1e-10, atol=1e-10).ys
 
-def test_swoop():
-    y0 = jnp.linspace(0.1, 0.9, 10)
-    ts = jnp.array([0.1, 0.2])
-    check_grads(jax.jit(_solver(swoop, None)), (y0, ts, 0.1, 0.2), order=2, modes=["fwd", "rev"], **TOL)
+        return solve(decay, y_decay, (a1, a2)), solve(swoop, y_swoop, (a1, a2)), solve(tree_negative, y_tree, None)
 
-
-def test_pytree_state():
-    y0 = (jnp.array(-0.1), jnp.array([[[0.1]]]))
-    ts = jnp.linspace(0.0, 1.0, 5)
-
-    def run(y0, ts):
-        return diffode.solve(tree_negative, y0, ts, rtol=1e-10, atol=1e-10).ys
-
-    check_grads(jax.jit(run), (y0, ts), order=2, modes=["fwd", "rev"], **TOL)
+    check_grads(jax.jit(run), (y_decay, y_swoop, y_tree, ts, 0.3, 0.7), order=2, modes=["fwd", "rev"], **TOL)

@@ -90,6 +90,12 @@ class AbstractSensitivity(eqx.Module):
     def check(self, prob: Problem) -> None:
         """Raise at trace time when the method cannot differentiate this problem."""
 
+    def fused_jvp(self, loop: Loop, prob: Problem, primals: tuple, x: tuple):
+        """Optionally ``(ys, counters, dys)`` at once, with ``dys`` written in operations JAX
+        transposes itself (and the primal from differentiable solves, so that nesting
+        works); ``None`` (the default) uses :meth:`tangent` and :meth:`cotangent`."""
+        return None
+
     def apply(self, loop: Loop, prob: Problem, y0: Array, ts: Array | None, params: PyTree):
         """``(ys, counters)`` of ``loop``, differentiable by this method's rules."""
         self.check(prob)
@@ -138,14 +144,18 @@ def differentiable_solve(method: AbstractSensitivity, loop: Loop, prob: Problem,
             ts_, dts = None, None
         else:
             (y0, ts_, params), (dy0, dts, dparams) = primals, tangents
-        # The primal through the custom rule again, so that nested forward
-        # differentiation applies this rule once more.
-        ys, counters = core_call(y0, ts_, params)
         x = tangent_inputs(dy0, dts, dparams)
-        if not jtu.tree_leaves(x):
-            return (ys, counters), (jnp.zeros_like(ys), float0_zeros(counters))
-        op = SolveOp(method, loop, prob, jtu.tree_map(lambda _: True, x))
-        dys = linear_map(op, (y0, ts_, params, ys), x)
+        fused = method.fused_jvp(loop, prob, (y0, ts_, params), x) if jtu.tree_leaves(x) else None
+        if fused is not None:
+            ys, counters, dys = fused
+        else:
+            # The primal through the custom rule again, so that nested forward
+            # differentiation applies this rule once more.
+            ys, counters = core_call(y0, ts_, params)
+            if not jtu.tree_leaves(x):
+                return (ys, counters), (jnp.zeros_like(ys), float0_zeros(counters))
+            op = SolveOp(method, loop, prob, jtu.tree_map(lambda _: True, x))
+            dys = linear_map(op, (y0, ts_, params, ys), x)
         return (ys, counters), (dys * failure_scale(counters, prob.opts.throw, ys.dtype), float0_zeros(counters))
 
     core.defjvp(rule, symbolic_zeros=True)

@@ -14,16 +14,17 @@ from .interpolating import InterpolatingAdjoint
 class Auto(AbstractSensitivity):
     """Pick a sensitivity method from the problem (the default of :func:`diffode.solve`).
 
-    * Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) differentiates
-      through the solver's steps, which is exact for the discrete solution and
-      cheapest.
-    * Reverse mode, with ``n`` states and ``p`` differentiated inputs (the entries
-      of ``y0``, ``ts`` and the parameters that carry a tangent):
-      :class:`ForwardSensitivity` when ``n * (p + 1) <= max_forward_size`` (the
-      augmented system is small, and one forward solve beats a forward plus a
-      backward solve); otherwise :class:`InterpolatingAdjoint`, which is stable on
-      stiff problems. Backsolve is never picked: re-solving ``y`` backwards is
-      unstable for stiff (implicit-solver) problems and gains only memory.
+    With ``n`` states and ``p`` differentiated inputs (the entries of ``y0``, ``ts``
+    and the parameters that carry a tangent):
+
+    * ``n * (p + 1) <= max_forward_size``: :class:`ForwardSensitivity` (the augmented
+      system is small, and one forward solve beats a forward plus a backward solve),
+      in forward and reverse mode alike;
+    * otherwise forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
+      differentiates through the solver's steps, and reverse mode is
+      :class:`InterpolatingAdjoint`, which is stable on stiff problems. Backsolve is
+      never picked: re-solving ``y`` backwards is unstable for stiff
+      (implicit-solver) problems and gains only memory.
 
     ``max_forward_size`` comes from ``python -m benchmarks.auto_threshold``, which
     times both on ``y' = tanh(W y + b)`` with growing ``n``: forward sensitivities
@@ -39,12 +40,18 @@ class Auto(AbstractSensitivity):
             return ForwardSensitivity()
         return InterpolatingAdjoint()
 
+    def _chosen(self, y0, ts, params, x) -> AbstractSensitivity:
+        dy0, dts, dparams = x
+        p = (0 if dy0 is None else jnp.size(y0)) + (0 if dts is None else jnp.size(ts))
+        p += sum(jtu.tree_leaves(jtu.tree_map(lambda v, d: 0 if d is None else jnp.size(v), params, dparams)))
+        return self.choose(jnp.size(y0), p)
+
+    def fused_jvp(self, loop, prob, primals, x):
+        return self._chosen(primals[0], primals[1], primals[2], x).fused_jvp(loop, prob, primals, x)
+
     def tangent(self, loop, prob, r, x):
         return loop_tangent(loop, prob, r, x)
 
     def cotangent(self, loop, prob, r, ys_bar, x_struct):
-        y0, ts, params, _ = r
-        sy, st, sp = x_struct
-        p = (jnp.size(y0) if sy else 0) + (jnp.size(ts) if st else 0)
-        p += sum(jtu.tree_leaves(jtu.tree_map(lambda v, s: 0 if s is None else jnp.size(v), params, sp)))
-        return self.choose(jnp.size(y0), p).cotangent(loop, prob, r, ys_bar, x_struct)
+        # Only reached for large problems (small ones take ForwardSensitivity's fused rule).
+        return InterpolatingAdjoint().cotangent(loop, prob, r, ys_bar, x_struct)

@@ -31,8 +31,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 
-from .._solution import Status
-from ._base import AbstractSensitivity, combine, keep_present, nan_if, prob_times, solve_variational
+from ._base import AbstractSensitivity, Problem, add_time_shift, combine, fill_zeros, prob_times
 
 
 class _LeadingErrorController(eqx.Module):
@@ -78,12 +77,11 @@ class ForwardSensitivity(AbstractSensitivity):
     and implicit solvers both work; for implicit ones the augmented Jacobian is
     ``jax.jacfwd`` of the augmented right-hand side, which suits small problems.
 
-    - Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``): each tangent
-      direction is integrated with ``y`` (one augmented solve of size ``2n`` per
-      direction; ``jacfwd`` batches them).
-    - Reverse mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``): one augmented solve
-      carries the sensitivity matrix for every differentiated input (``y0`` and the
-      start time, the parameters), contracted with the cotangent.
+    Under any differentiation one augmented solve carries the sensitivity matrix
+    for every differentiated input (``y0`` and the start time, the parameters), and
+    the tangent is its contraction with the input tangent: forward mode (``jax.jvp``,
+    ``jax.jacfwd``, ``jax.linearize``) evaluates it, reverse mode (``jax.grad``,
+    ``jax.vjp``) transposes it. The solve's statistics are the augmented solve's.
 
     Cost grows with the number of differentiated inputs: prefer an adjoint method
     when there are many parameters and a scalar loss.
@@ -105,31 +103,35 @@ class ForwardSensitivity(AbstractSensitivity):
         controller = opts.controller if self.error_control else _LeadingErrorController(opts.controller, n)
         return opts._replace(jac=None, dense=False, controller=controller)
 
-    def tangent(self, loop, prob, r, x):
-        n = r[0].shape[0]
+    def fused_jvp(self, loop, prob, primals, x):
+        """``ys`` and the sensitivity matrix ``S`` for every differentiated input from one augmented
+        solve, then ``dys = S . (tangent)``: a contraction JAX transposes for reverse mode.
 
-        def solve_aug(aug, z0, ts, p):
-            return loop(aug.f, z0, prob_times(aug, ts), aug.args(p), self._aug_opts(prob.opts, n))[0]
-
-        return solve_variational(solve_aug, prob, r, x)
-
-    def cotangent(self, loop, prob, r, ys_bar, x_struct):
-        y0, ts, params, ys = r
-        sy, st, sp = x_struct
-        ts_ = prob_times(prob, ts)
+        The augmented solve is itself differentiable by this method, so derivatives of any
+        order nest (each level augments the system again).
+        """
+        y0, ts, params = primals
+        dy0, dts, dparams = x
         f, static = prob.f, prob.static
+        ts_ = prob_times(prob, ts)
         n, dtype = y0.shape[0], y0.dtype
         p_flat, unravel_p = ravel_pytree(params)
         m = p_flat.shape[0]
-        want_y = sy is not None or st is not None
-        want_p = m > 0 and len(jtu.tree_leaves(sp)) > 0
-        s0_blocks, dp_blocks = [], []
+        want_y = dy0 is not None or dts is not None
+        want_p = m > 0 and len(jtu.tree_leaves(dparams)) > 0
+        s0_blocks, dp_blocks, coeffs = [], [], []
+        args = combine(params, static)
         if want_y:
             s0_blocks.append(jnp.eye(n, dtype=dtype))
             dp_blocks.append(jnp.zeros((n, m), p_flat.dtype))
+            c = jnp.zeros_like(y0) if dy0 is None else dy0.astype(dtype)
+            if dts is not None:
+                c = c - f(ts_[0], y0, args) * dts[0]
+            coeffs.append(c)
         if want_p:
             s0_blocks.append(jnp.zeros((m, n), dtype))
             dp_blocks.append(jnp.eye(m, dtype=p_flat.dtype))
+            coeffs.append(ravel_pytree(fill_zeros(dparams, params))[0].astype(dtype))
         S0 = jnp.concatenate(s0_blocks)
         k = S0.shape[0]
         DP = jnp.concatenate(dp_blocks) if want_p else None
@@ -147,16 +149,10 @@ class ForwardSensitivity(AbstractSensitivity):
                 fy, JS = jax.vmap(one, out_axes=(None, 0))(S, DP)
             return jnp.concatenate([fy, JS.astype(fy.dtype).reshape(-1)])
 
-        o = self._aug_opts(prob.opts, n)
-        zs, counters, _ = loop(aug_f, jnp.concatenate([y0, S0.reshape(-1)]), ts_, (params, DP), o)
-        S = zs[:, n:].reshape(zs.shape[0], k, n)
-        c_bar = jnp.einsum("tkn,tn->k", S, ys_bar.astype(S.dtype))
-        y0_bar = c_bar[:n] if want_y else None
-        p_bar = unravel_p(c_bar[n:] if want_y else c_bar) if want_p else jtu.tree_map(jnp.zeros_like, params)
-        ts_bar = None
-        if st is not None:
-            fs = jax.vmap(f, in_axes=(0, 0, None))(ts_, ys, combine(params, static))
-            ts_bar = jnp.sum(ys_bar * fs, axis=1)
-            ts_bar = ts_bar.at[0].add(-jnp.dot(y0_bar, fs[0])).astype(jnp.result_type(ts_))
-        full = nan_if(counters[0] != Status.SUCCESS, (y0_bar, ts_bar, p_bar))
-        return keep_present(x_struct, full)
+        aug = Problem(aug_f, None, self._aug_opts(prob.opts, n), prob.known_ts)
+        zs, counters = self.apply(loop, aug, jnp.concatenate([y0, S0.reshape(-1)]), ts, (params, DP))
+        ys, S = zs[:, :n], zs[:, n:].reshape(zs.shape[0], k, n)
+        dys = jnp.einsum("tkn,k->tn", S, jnp.concatenate(coeffs))
+        if dts is not None:
+            dys = add_time_shift(dys, f, ts_, ys, args, dts)
+        return ys, counters, dys
