@@ -189,7 +189,7 @@ def _explicit_inputs(fn, t, y, args):
     return converted if jtu.tree_leaves(eqx.filter(converted, eqx.is_array)) else fn
 
 
-def _has_tracer(*trees) -> bool:
+def _any_abstract(*trees) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(trees))
 
 
@@ -250,7 +250,7 @@ def solve(
     """
     options = dict(solver=solver, rtol=rtol, atol=atol, dt0=dt0, adaptive=adaptive, max_steps=max_steps,
                    controller=controller, jac=jac, sensitivity=sensitivity, throw=throw, dense=dense)
-    if _has_tracer(f, y0, ts, args, rtol, atol, dt0):
+    if _any_abstract(f, y0, ts, args, rtol, atol, dt0):
         # Inside a transformation: part of the caller's program.
         return _solve(f, y0, ts, args, **options)
     # Called eagerly (a research script): one compiled program per problem

@@ -127,7 +127,7 @@ def test_equinox_mlp_args():
     # Directional derivative by forward mode through the loop (sensitivity=None).
     flat, unravel = ravel_pytree(diff)
     v = jnp.asarray(np.random.default_rng(2).normal(size=flat.shape))
-    _, want = jax.jvp(lambda x: loss(unravel(x), None), (flat,), (v,))
+    _, want = jax.jvp(lambda x: loss(unravel(x), diffode.Direct()), (flat,), (v,))
     np.testing.assert_allclose(jnp.dot(got, v), want, rtol=1e-6)
 
 

@@ -2,7 +2,7 @@
 
 Two kinds of reference:
 - the same discrete solve differentiated in forward mode through the loop
-  (``sensitivity=None`` with ``jax.jacfwd``): Direct is the exact derivative of
+  (``sensitivity=Direct()`` with ``jax.jacfwd``): Direct is the exact derivative of
   that computation, so the two agree to rounding error (asserted at 1e-10
   relative; measured ~1e-14);
 - analytic or independent derivatives of the ODE solution (expm, closed form,
@@ -52,7 +52,7 @@ def test_matches_forward_mode_of_same_discrete_solve(checkpoints, solver, kw):
     p = lotka_volterra()
     ts = jnp.linspace(0.0, 10.0, 13)
     argnums = (0, 1, 2)
-    ref = jax.jit(jax.jacfwd(lambda *a: _lv_loss(*a, None, solver, **kw), argnums))(p.y0, ts, p.args)
+    ref = jax.jit(jax.jacfwd(lambda *a: _lv_loss(*a, Direct(), solver, **kw), argnums))(p.y0, ts, p.args)
     got = jax.jit(jax.grad(lambda *a: _lv_loss(*a, Direct(checkpoints), solver, **kw), argnums))(p.y0, ts, p.args)
     for g, r in zip(got, ref):
         assert _rel(g, r) < 1e-10
@@ -62,7 +62,7 @@ def test_matches_forward_mode_of_same_discrete_solve(checkpoints, solver, kw):
 def test_decreasing_ts(checkpoints):
     p = lotka_volterra()
     ts = jnp.linspace(6.0, 0.0, 9)
-    ref = jax.jit(jax.jacfwd(lambda *a: _lv_loss(*a, None), (0, 1, 2)))(p.y0, ts, p.args)
+    ref = jax.jit(jax.jacfwd(lambda *a: _lv_loss(*a, Direct()), (0, 1, 2)))(p.y0, ts, p.args)
     got = jax.jit(jax.grad(lambda *a: _lv_loss(*a, Direct(checkpoints)), (0, 1, 2)))(p.y0, ts, p.args)
     for g, r in zip(got, ref):
         assert _rel(g, r) < 1e-10
@@ -126,7 +126,7 @@ def test_hessian():
         return _lv_loss(p.y0, ts, args, sens, tol=1e-9)
 
     got = jax.jit(jax.hessian(lambda a: loss(a, Direct())))(p.args)
-    ref = jax.jit(jax.jacfwd(jax.jacfwd(lambda a: loss(a, None))))(p.args)
+    ref = jax.jit(jax.jacfwd(jax.jacfwd(lambda a: loss(a, Direct()))))(p.args)
     assert _rel(got, ref) < 1e-9
     assert _rel(got, got.T) < 1e-9
 
@@ -136,7 +136,7 @@ def test_jit_and_vmap():
     ts = jnp.linspace(0.0, 4.0, 5)
     params = p.args * jnp.array([[1.0], [1.1], [0.9]])
     grad = jax.jit(jax.vmap(jax.grad(lambda a: _lv_loss(p.y0, ts, a, Direct()))))
-    ref = jax.jit(jax.vmap(jax.jacfwd(lambda a: _lv_loss(p.y0, ts, a, None))))(params)
+    ref = jax.jit(jax.vmap(jax.jacfwd(lambda a: _lv_loss(p.y0, ts, a, Direct()))))(params)
     assert _rel(grad(params), ref) < 1e-10
 
 
@@ -151,7 +151,7 @@ def test_equinox_mlp_args():
         return jnp.sum(sol.ys**2)
 
     got = eqx.filter_jit(eqx.filter_grad(lambda m: loss(m, Direct())))(mlp)
-    ref = eqx.filter_jit(eqx.filter_jacfwd(lambda m: loss(m, None)))(mlp)
+    ref = eqx.filter_jit(eqx.filter_jacfwd(lambda m: loss(m, Direct())))(mlp)
     for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
         assert _rel(g, r) < 1e-10
 

@@ -119,7 +119,7 @@ def test_stage_loop_gradients_match_unrolled_stages(solver_cls):
 
     for stage_loop in (True, False):
         reverse = jax.grad(loss)(LV.args, stage_loop, diffode.Direct())
-        forward = jax.jacfwd(loss)(LV.args, stage_loop, None)
+        forward = jax.jacfwd(loss)(LV.args, stage_loop, diffode.Direct())
         np.testing.assert_allclose(reverse, forward, rtol=1e-9)
         if stage_loop:
             looped = reverse

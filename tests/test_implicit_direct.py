@@ -3,7 +3,7 @@
 Each step's stages come out of ``lax.custom_root``: the derivative is the exact
 IFT derivative at the converged stages. References:
 
-- forward mode through the same solve (``sensitivity=None`` with
+- forward mode through the same solve (``sensitivity=Direct()`` with
   ``jax.jacfwd``). Both are exact derivatives of discrete maps that differ only
   in their converged stages: the forward loop's Newton starts from the carried
   stage derivative ``f0 = k_s`` and a possibly stale Jacobian, the ``Direct``
@@ -56,7 +56,7 @@ def test_lotka_volterra_matches_forward_mode(solver, tol, kw):
     p = lotka_volterra()
     ts = jnp.linspace(0.0, 10.0, 13)
     argnums = (0, 1, 2)
-    ref = jax.jit(jax.jacfwd(lambda *a: _lv_loss(*a, None, solver, tol, **kw), argnums))(p.y0, ts, p.args)
+    ref = jax.jit(jax.jacfwd(lambda *a: _lv_loss(*a, Direct(), solver, tol, **kw), argnums))(p.y0, ts, p.args)
     got = jax.jit(jax.grad(lambda *a: _lv_loss(*a, Direct(), solver, tol, **kw), argnums))(p.y0, ts, p.args)
     bound = 1e3 * solver.kappa * tol
     for g, r in zip(got, ref):
@@ -97,7 +97,7 @@ def test_kvaerno5_stiff_linear_against_expm_and_forward_mode():
     ts = np.array([0.0, 1e-3, 0.05, 1.0])
     kw = {"rtol": 1e-8, "atol": 1e-10}
     args = (jnp.asarray(_Y0), jnp.asarray(_LAM))
-    ref = jax.jit(jax.jacfwd(lambda y0, lam: _stiff_loss(y0, lam, ts, None, Kvaerno5(), **kw), (0, 1)))(*args)
+    ref = jax.jit(jax.jacfwd(lambda y0, lam: _stiff_loss(y0, lam, ts, Direct(), Kvaerno5(), **kw), (0, 1)))(*args)
     got = jax.jit(jax.grad(lambda y0, lam: _stiff_loss(y0, lam, ts, Direct(), Kvaerno5(), **kw), (0, 1)))(*args)
     exact = _stiff_grads(ts, lambda lam, t: (np.exp(-lam * t), -t * np.exp(-lam * t)))
     for g, r, e in zip(got, ref, exact):

@@ -109,7 +109,7 @@ def test_equinox_mlp_args():
     got = ravel_pytree(jax.grad(loss)(diff, InterpolatingAdjoint()))[0]
     flat, unravel = ravel_pytree(diff)
     v = jnp.asarray(np.random.default_rng(2).normal(size=flat.shape))
-    _, want = jax.jvp(lambda x: loss(unravel(x), None), (flat,), (v,))  # forward mode through the loop
+    _, want = jax.jvp(lambda x: loss(unravel(x), diffode.Direct()), (flat,), (v,))  # forward mode through the loop
     np.testing.assert_allclose(jnp.dot(got, v), want, rtol=1e-6)
 
 

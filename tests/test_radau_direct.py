@@ -2,7 +2,7 @@
 differentiated by the implicit function theorem (``lax.custom_root``).
 
 References:
-- forward mode through the same solve (``sensitivity=None``, ``jax.jacfwd``), which
+- forward mode through the same solve (``sensitivity=Direct()``, ``jax.jacfwd``), which
   uses the same IFT derivative at the forward solve's stages. Direct replays each
   step from the init state (fresh Jacobian, zero starting values, Newton polished
   to ``kappa/100``), so its stages differ from the forward ones by the forward
@@ -56,7 +56,7 @@ def test_direct_matches_forward_mode(name, checkpoints):
     t1 = 10.0 if name == "lotka_volterra" else 800.0
     ts = jnp.linspace(0.0, t1, 7)
     argnums = (0, 1, 2)
-    ref = jax.jit(jax.jacfwd(functools.partial(_loss, p, 1e-8, None), argnums))(p.y0, ts, p.args)
+    ref = jax.jit(jax.jacfwd(functools.partial(_loss, p, 1e-8, Direct()), argnums))(p.y0, ts, p.args)
     got = jax.jit(jax.grad(functools.partial(_loss, p, 1e-8, Direct(checkpoints)), argnums))(p.y0, ts, p.args)
     if name == "lotka_volterra":
         # And against the derivative of the exact solution, which catches an IFT

@@ -205,18 +205,21 @@ def prob_times(prob: Problem, ts):
     return prob.known_ts if ts is None else ts
 
 
-def loop_tangent(loop: Loop, prob: Problem, r, x) -> Array:
-    """``dys`` by forward-mode differentiation through the solve loop (the derivative of the
-    discrete solution, step sizes held fixed)."""
+def loop_tangent(loop: Loop, prob: Problem, r, x, outputs: Callable = lambda ys, counters, pieces: ys):
+    """The tangent of ``outputs(*loop(...))`` (the saved states by default) by forward-mode
+    differentiation through the solve loop: the derivative of the discrete solution, with
+    the step sizes held fixed."""
     y0, ts, params, _ = r
     dy0, dts, dparams = x
     ts_ = prob_times(prob, ts)
+
+    def fn(y0, ts, p):
+        return outputs(*loop(prob.f, y0, ts_ if ts is None else ts, prob.args(p), prob.opts))
+
     dy0 = _zeros_like(y0) if dy0 is None else dy0
     dparams = fill_zeros(dparams, params)
-    if ts is None or dts is None:
-        fn = lambda y0, p: loop(prob.f, y0, ts_, prob.args(p), prob.opts)[0]  # noqa: E731
-        return jax.jvp(fn, (y0, params), (dy0, dparams))[1]
-    fn = lambda y0, ts, p: loop(prob.f, y0, ts, prob.args(p), prob.opts)[0]  # noqa: E731
+    if dts is None:
+        return jax.jvp(lambda y0, p: fn(y0, ts, p), (y0, params), (dy0, dparams))[1]
     return jax.jvp(fn, (y0, ts, params), (dy0, dts, dparams))[1]
 
 
@@ -233,22 +236,15 @@ def variational_rhs(f: Callable, static: PyTree, n: int):
 
 
 def variational_tangent(method: AbstractSensitivity, loop: Loop, prob: Problem, r, x) -> Array:
-    """``dys`` from the variational equations solved by a differentiable solve with ``method``.
+    """``dys`` for the input tangent ``x`` from the variational equations (HNW I, section I.14),
+    solved as an augmented ODE by a differentiable solve with ``method``.
 
     The same quantity as :meth:`AbstractSensitivity.tangent`, as a composition of
     differentiable solves: its reverse-mode derivative (needed for reverse-over-
     reverse second derivatives) is again ``method``'s rule, on the augmented system.
-    """
-    return solve_variational(lambda aug, z0, ts, p: method.apply(loop, aug, z0, ts, p)[0], prob, r, x)
-
-
-def solve_variational(solve_aug: Callable, prob: Problem, r, x) -> Array:
-    """``dys`` for the input tangent ``x`` from the variational equations (HNW I, section I.14).
-
     With ``z = [y, s]`` and ``s(t0) = dy0 - f(t0, y0) dts[0]`` (moving the start
     time moves the whole trajectory: ``dPhi/dt0 = -(dPhi/dy0) f(t0, y0)``), the
-    tangent is ``dys[i] = s(ts[i]) + f(ts[i], ys[i]) dts[i]``. ``solve_aug(aug_prob,
-    z0, ts, (params, dp))`` solves the augmented system and returns its saved states.
+    tangent is ``dys[i] = s(ts[i]) + f(ts[i], ys[i]) dts[i]``.
     """
     y0, ts, params, _ = r
     dy0, dts, dparams = x
@@ -258,9 +254,8 @@ def solve_variational(solve_aug: Callable, prob: Problem, r, x) -> Array:
     s0 = _zeros_like(y0) if dy0 is None else dy0
     if dts is not None:
         s0 = s0 - f(ts_[0], y0, args) * dts[0]
-    dp = fill_zeros(dparams, params)
     aug = Problem(variational_rhs(f, prob.static, n), None, prob.opts._replace(jac=None, dense=False), prob.known_ts)
-    zs = solve_aug(aug, jnp.concatenate([y0, s0.astype(y0.dtype)]), ts, (params, dp))
+    zs, _ = method.apply(loop, aug, jnp.concatenate([y0, s0.astype(y0.dtype)]), ts, (params, fill_zeros(dparams, params)))
     return zs[:, n:] if dts is None else add_time_shift(zs[:, n:], f, ts_, zs[:, :n], args, dts)
 
 

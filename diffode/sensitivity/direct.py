@@ -32,7 +32,6 @@ from ._base import (
     AbstractSensitivity,
     combine,
     failure_scale,
-    fill_zeros,
     keep_present,
     loop_tangent,
     nan_if,
@@ -390,20 +389,7 @@ class _DenseOp(LinearOp):
         self.method, self.loop, self.prob, self.x_struct, self.out = method, loop, prob, x_struct, out_struct
 
     def apply(self, r, x):
-        y0, ts, params, _ = r
-        dy0, dts, dparams = x
-        ts_ = prob_times(self.prob, ts)
-        prob = self.prob
-
-        def fn(y0, ts, p):
-            ys, _, pieces = self.loop(prob.f, y0, ts_ if ts is None else ts, prob.args(p), prob.opts)
-            return _dense_outputs(ys, pieces)
-
-        dy0 = fill_zeros(dy0, y0)
-        dparams = fill_zeros(dparams, params)
-        if ts is None:
-            return jax.jvp(lambda y0, p: fn(y0, None, p), (y0, params), (dy0, dparams))[1]
-        return jax.jvp(fn, (y0, ts, params), (dy0, fill_zeros(dts, ts), dparams))[1]
+        return loop_tangent(self.loop, self.prob, r, x, outputs=lambda ys, counters, pieces: _dense_outputs(ys, pieces))
 
     def transpose(self, r, cts):
         y0, ts, params, _ = r
