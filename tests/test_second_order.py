@@ -15,13 +15,7 @@ from jax.test_util import check_grads
 
 import diffode
 
-METHODS = {
-    "Direct": diffode.Direct(),
-    "ForwardSensitivity": diffode.ForwardSensitivity(),
-    "BacksolveAdjoint": diffode.BacksolveAdjoint(),
-    "InterpolatingAdjoint": diffode.InterpolatingAdjoint(),
-    "Auto": None,
-}
+from .test_transform_matrix import METHODS
 # Solves at 1e-10 leave derivative errors of ~1e-8; check_grads' finite differences
 # (eps 1e-4 here) are accurate to ~1e-8 on these smooth problems.
 TOL = dict(atol=1e-4, rtol=1e-4, eps=1e-4)

@@ -10,9 +10,9 @@ and the parameter adjoint ``mu`` solve, backwards in time,
 with a jump ``lam += dL/dys[i]`` at every save time. Then ``dL/dy0 = lam(ts[0])``
 (plus ``dL/dys[0]``), ``dL/dp = mu(ts[0])``, ``dL/dts[i] = <dL/dys[i], f(ts[i],
 ys[i])>`` for ``i > 0`` and ``dL/dts[0] = -<lam(ts[0]), f(ts[0], y0)>``
-(Chen et al., Appendix B.3). A method supplies the forward pass and the backward
-sweep (which adjoint system, where ``y(t)`` comes from); this module wires them
-into a custom VJP and assembles the cotangents.
+(Chen et al., Appendix B.3). A method supplies what the backward sweep reads of the
+forward solution and the sweep itself (which adjoint system, where ``y(t)`` comes
+from); this module makes them the method's reverse rule and assembles the cotangents.
 """
 
 from __future__ import annotations

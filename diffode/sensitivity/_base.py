@@ -123,43 +123,51 @@ def _nonzero(t):
     return None if _is_zero(t) else t
 
 
-def differentiable_solve(method: AbstractSensitivity, loop: Loop, prob: Problem, y0, ts, params):
-    """``loop``'s ``(ys, counters)`` with ``method``'s derivative (see the module docstring)."""
-
-    def primal(y0, ts, params):
-        ts_ = prob.known_ts if ts is None else ts
-        ys, counters, _ = loop(prob.f, y0, ts_, prob.args(params), prob.opts)
-        return ys, counters
-
+def custom_solve_jvp(primal: Callable, ts, rule: Callable, y0, params):
+    """``primal(y0, ts, params)`` as a ``jax.custom_jvp`` whose rule is
+    ``rule(y0, ts, params, x, primal_call)`` with the input tangents ``x`` of
+    :func:`tangent_inputs`. Known save times (``ts is None``) are not an argument."""
     if ts is None:
         core = jax.custom_jvp(lambda y0, params: primal(y0, None, params))
-        core_call = lambda y0, ts, params: core(y0, params)  # noqa: E731
+        call = lambda y0, ts, params: core(y0, params)  # noqa: E731
     else:
         core = jax.custom_jvp(primal)
-        core_call = core
+        call = core
 
-    def rule(primals, tangents):
+    def jvp(primals, tangents):
         if ts is None:
             (y0, params), (dy0, dparams) = primals, tangents
             ts_, dts = None, None
         else:
             (y0, ts_, params), (dy0, dts, dparams) = primals, tangents
-        x = tangent_inputs(dy0, dts, dparams)
-        fused = method.fused_jvp(loop, prob, (y0, ts_, params), x) if jtu.tree_leaves(x) else None
+        return rule(y0, ts_, params, tangent_inputs(dy0, dts, dparams), call)
+
+    core.defjvp(jvp, symbolic_zeros=True)
+    return call(y0, ts, params)
+
+
+def differentiable_solve(method: AbstractSensitivity, loop: Loop, prob: Problem, y0, ts, params):
+    """``loop``'s ``(ys, counters)`` with ``method``'s derivative (see the module docstring)."""
+
+    def primal(y0, ts, params):
+        ys, counters, _ = loop(prob.f, y0, prob_times(prob, ts), prob.args(params), prob.opts)
+        return ys, counters
+
+    def rule(y0, ts, params, x, primal_call):
+        fused = method.fused_jvp(loop, prob, (y0, ts, params), x) if jtu.tree_leaves(x) else None
         if fused is not None:
             ys, counters, dys = fused
         else:
             # The primal through the custom rule again, so that nested forward
             # differentiation applies this rule once more.
-            ys, counters = core_call(y0, ts_, params)
+            ys, counters = primal_call(y0, ts, params)
             if not jtu.tree_leaves(x):
                 return (ys, counters), (jnp.zeros_like(ys), float0_zeros(counters))
             op = SolveOp(method, loop, prob, jtu.tree_map(lambda _: True, x))
-            dys = linear_map(op, (y0, ts_, params, ys), x)
+            dys = linear_map(op, (y0, ts, params, ys), x)
         return (ys, counters), (dys * failure_scale(counters, prob.opts.throw, ys.dtype), float0_zeros(counters))
 
-    core.defjvp(rule, symbolic_zeros=True)
-    return core_call(y0, ts, params)
+    return custom_solve_jvp(primal, ts, rule, y0, params)
 
 
 def tangent_inputs(dy0, dts, dparams) -> tuple:

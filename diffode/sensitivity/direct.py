@@ -36,7 +36,7 @@ from ._base import (
     loop_tangent,
     nan_if,
     prob_times,
-    tangent_inputs,
+    custom_solve_jvp,
 )
 from ._linear_map import LinearOp, linear_map
 
@@ -419,32 +419,18 @@ def dense_solve(method: Direct, loop, prob, y0, ts, params):
         ys, counters, pieces = loop(prob.f, y0, prob_times(prob, ts), prob.args(params), opts)
         return _dense_outputs(ys, pieces), counters, pieces.num_pieces
 
-    if ts is None:
-        core = jax.custom_jvp(lambda y0, params: primal(y0, None, params))
-        call = lambda y0, ts, params: core(y0, params)  # noqa: E731
-    else:
-        core = jax.custom_jvp(primal)
-        call = core
-
-    def rule(primals, tangents):
-        if ts is None:
-            (y0, params), (dy0, dparams) = primals, tangents
-            ts_, dts = None, None
-        else:
-            (y0, ts_, params), (dy0, dts, dparams) = primals, tangents
-        outs, counters, num = call(y0, ts_, params)
-        x = tangent_inputs(dy0, dts, dparams)
+    def rule(y0, ts, params, x, primal_call):
+        outs, counters, num = primal_call(y0, ts, params)
         zero_out = (jtu.tree_map(jnp.zeros_like, outs), float0_zeros(counters), float0_zeros(num))
         if not jtu.tree_leaves(x):
             return (outs, counters, num), zero_out
         structs = jtu.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), outs)
         op = _DenseOp(method, loop, prob, jtu.tree_map(lambda _: True, x), structs)
-        douts = linear_map(op, (y0, ts_, params, outs[0]), x)
+        douts = linear_map(op, (y0, ts, params, outs[0]), x)
         scale = failure_scale(counters, prob.opts.throw, outs[0].dtype)
         douts = tuple(d * scale.astype(d.dtype) for d in douts)
         return (outs, counters, num), (douts, zero_out[1], zero_out[2])
 
-    core.defjvp(rule, symbolic_zeros=True)
-    outs, counters, num = call(y0, ts, params)
+    outs, counters, num = custom_solve_jvp(primal, ts, rule, y0, params)
     ys, t_start, h, py0, py1, data = outs
     return ys, counters, DenseOutput(t_start, h, py0, py1, data, num, opts.solver.interpolate)
