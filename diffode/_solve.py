@@ -4,6 +4,7 @@ hand-over of the loop to the sensitivity method."""
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 import equinox as eqx
@@ -62,10 +63,42 @@ def _solve(
     sensitivity: Any = None,
     throw: bool = True,
     dense: bool = False,
-    final_check: bool = True,
+    final_check: bool = True,  # private: False leaves the final status check to the caller
 ) -> Solution:
-    """The body of :func:`solve` (see there); ``final_check=False`` leaves the final status
-    check to the caller."""
+    """Solve ``dy/dt = f(t, y, args)`` from ``ts[0]`` to ``ts[-1]``, saving at every ``ts``.
+
+    Args:
+        f: right-hand side; returns a pytree with the structure of ``y``.
+        y0: initial state, any pytree of floating arrays (mixed dtypes allowed).
+        ts: strictly increasing or strictly decreasing save times; decreasing
+            times integrate backwards. ``sol.ys[0]`` is ``y0``.
+        args: any pytree passed to ``f`` (arrays, equinox modules, ...).
+        solver: the stepper, :class:`Tsit5` by default.
+        rtol, atol: relative and absolute tolerances of the local error test.
+        dt0: initial step; chosen automatically when ``None`` (Hairer, Norsett and
+            Wanner, vol. I, II.4). Required for fixed steps.
+        adaptive: ``False`` takes fixed steps of ``dt0``, landing exactly on
+            every entry of ``ts``. Solvers without an error estimate always do.
+        max_steps: bound on attempted steps (accepted plus rejected).
+        controller: a :class:`PIDController`; its defaults suit most problems.
+        jac: ``jac(t, y, args)``, the Jacobian of ``f`` with respect to ``y`` as an
+            ``(n, n)`` matrix over the raveled state (``jax.flatten_util.ravel_pytree``
+            order). Only implicit solvers use it; by default they take ``jax.jacfwd``.
+        sensitivity: how the solve is differentiated: :class:`Direct`,
+            :class:`ForwardSensitivity`, :class:`BacksolveAdjoint`,
+            :class:`InterpolatingAdjoint` or :class:`Auto` (``None``: ``Auto()``).
+            Forward mode (``jax.jvp``/``jax.jacfwd``) always works; reverse mode
+            (``jax.grad``/``jax.jacrev``/``jax.hessian``) goes through the method.
+        throw: raise on failure (bad input, ``max_steps``, step underflow, ...).
+            With ``False`` the failure is reported in ``sol.status`` instead and
+            unreached entries of ``ys`` are NaN.
+        dense: keep every step's interpolant so that ``sol.evaluate(t)`` works. The
+            interpolant is differentiated as :class:`Direct` does (forward mode through
+            the steps, reverse mode by replaying them), whatever ``sensitivity`` is.
+
+    Returns:
+        A :class:`Solution`.
+    """
 
     solver = Tsit5() if solver is None else solver
     controller = PIDController() if controller is None else controller
@@ -196,72 +229,37 @@ def _any_abstract(*trees) -> bool:
 _solve_compiled = eqx.filter_jit(functools.partial(_solve, final_check=False))
 
 
-def solve(
-    f: Callable[[Array, PyTree, Any], PyTree],
-    y0: PyTree,
-    ts: ArrayLike,
-    args: PyTree = None,
-    *,
-    solver: AbstractSolver | None = None,
-    rtol: ArrayLike = 1e-6,
-    atol: ArrayLike = 1e-8,
-    dt0: ArrayLike | None = None,
-    adaptive: bool = True,
-    max_steps: int = 4096,
-    controller: PIDController | None = None,
-    jac: Callable[[Array, PyTree, Any], Array] | None = None,
-    sensitivity: Any = None,
-    throw: bool = True,
-    dense: bool = False,
-) -> Solution:
-    """Solve ``dy/dt = f(t, y, args)`` from ``ts[0]`` to ``ts[-1]``, saving at every ``ts``.
+def _public_signature(fn) -> inspect.Signature:
+    """``fn``'s signature without its private ``final_check`` flag."""
+    sig = inspect.signature(fn)
+    return sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "final_check"])
 
-    Args:
-        f: right-hand side; returns a pytree with the structure of ``y``.
-        y0: initial state, any pytree of floating arrays (mixed dtypes allowed).
-        ts: strictly increasing or strictly decreasing save times; decreasing
-            times integrate backwards. ``sol.ys[0]`` is ``y0``.
-        args: any pytree passed to ``f`` (arrays, equinox modules, ...).
-        solver: the stepper, :class:`Tsit5` by default.
-        rtol, atol: relative and absolute tolerances of the local error test.
-        dt0: initial step; chosen automatically when ``None`` (Hairer, Norsett and
-            Wanner, vol. I, II.4). Required for fixed steps.
-        adaptive: ``False`` takes fixed steps of ``dt0``, landing exactly on
-            every entry of ``ts``. Solvers without an error estimate always do.
-        max_steps: bound on attempted steps (accepted plus rejected).
-        controller: a :class:`PIDController`; its defaults suit most problems.
-        jac: ``jac(t, y, args)``, the Jacobian of ``f`` with respect to ``y`` as an
-            ``(n, n)`` matrix over the raveled state (``jax.flatten_util.ravel_pytree``
-            order). Only implicit solvers use it; by default they take ``jax.jacfwd``.
-        sensitivity: how the solve is differentiated: :class:`Direct`,
-            :class:`ForwardSensitivity`, :class:`BacksolveAdjoint`,
-            :class:`InterpolatingAdjoint` or :class:`Auto` (``None``: ``Auto()``).
-            Forward mode (``jax.jvp``/``jax.jacfwd``) always works; reverse mode
-            (``jax.grad``/``jax.jacrev``/``jax.hessian``) goes through the method.
-        throw: raise on failure (bad input, ``max_steps``, step underflow, ...).
-            With ``False`` the failure is reported in ``sol.status`` instead and
-            unreached entries of ``ys`` are NaN.
-        dense: keep every step's interpolant so that ``sol.evaluate(t)`` works. The
-            interpolant is differentiated as :class:`Direct` does (forward mode through
-            the steps, reverse mode by replaying them), whatever ``sensitivity`` is.
 
-    Returns:
-        A :class:`Solution`.
-    """
-    options = dict(solver=solver, rtol=rtol, atol=atol, dt0=dt0, adaptive=adaptive, max_steps=max_steps,
-                   controller=controller, jac=jac, sensitivity=sensitivity, throw=throw, dense=dense)
-    if _any_abstract(f, y0, ts, args, rtol, atol, dt0):
+_SIGNATURE = _public_signature(_solve)
+
+
+@functools.wraps(_solve)
+def solve(f, y0, ts, args=None, **options) -> Solution:
+    bound = _SIGNATURE.bind(f, y0, ts, args, **options)
+    bound.apply_defaults()
+    opts = dict(bound.arguments)
+    f, y0, ts, args = (opts.pop(k) for k in ("f", "y0", "ts", "args"))
+    if _any_abstract(f, y0, ts, args, opts["rtol"], opts["atol"], opts["dt0"]):
         # Inside a transformation: part of the caller's program.
-        return _solve(f, y0, ts, args, **options)
+        return _solve(f, y0, ts, args, **opts)
     # Called eagerly (a research script): one compiled program per problem
-    # structure, reused by every later call with the same f, shapes and options.
+    # structure, reused by every later call with the same f, shapes and options;
+    # the final status is checked here, in Python.
     try:
         y0 = jtu.tree_map(jnp.asarray, y0)
     except TypeError:
         pass  # _solve's own check explains what is wrong with y0
-    sol = _solve_compiled(f, y0, _KnownTimes(ts), args, **options)
-    if throw:
+    sol = _solve_compiled(f, y0, _KnownTimes(ts), args, **opts)
+    if opts["throw"]:
         code = int(np.max(np.asarray(sol.status)))
         if code != Status.SUCCESS:
             raise eqx.EquinoxRuntimeError(MESSAGES[code])
     return sol
+
+
+solve.__signature__ = _SIGNATURE
