@@ -35,7 +35,7 @@ from jaxtyping import Array, Bool, Float
 
 from ._explicit import hermite
 from ._linsolve import GMRES, LU, AbstractLinearSolver
-from ._newton import CONVERGED, FAILED, RUNNING, effective_kappa, first_eta, newton_iteration
+from ._newton import CONVERGED, FAILED, NONFINITE, RUNNING, effective_kappa, first_eta, newton_iteration
 from ._solver import AbstractTableauSolver, StepResult
 from ._tableau import ButcherTableau
 from ._util import select
@@ -178,8 +178,10 @@ class SDIRK(AbstractTableauSolver):
         ok = status == CONVERGED
         ks = all_ks(k_impl)
 
-        # Stiffly accurate: y1 is the last stage value.
+        # Stiffly accurate: y1 is the last stage value. A Newton failure on NaN or
+        # inf makes y1 NaN, so that the loop reports the non-finite value.
         y1 = y0 + h * (a_full[s - 1] @ ks)
+        y1 = select(status == NONFINITE, jnp.nan, y1)
         f1 = ks[s - 1]
         y_error = h * (jnp.asarray(tab.b_error, dtype) @ ks) if tab.embedded else None
 
@@ -232,7 +234,7 @@ class SDIRK(AbstractTableauSolver):
             conv = st == CONVERGED
             ks = select(conv, lax.dynamic_update_index_in_dim(ks, z / gh, i, 0), ks)
             last = i == s - 1
-            status = select(st == FAILED, FAILED, select(conv & last, CONVERGED, RUNNING))
+            status = select(st >= FAILED, st, select(conv & last, CONVERGED, RUNNING))
             advance = conv & ~last
             i_next = i + advance.astype(jnp.int32)
             z_next = select(advance, h * (pred[i_next] @ ks), z)

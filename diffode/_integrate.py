@@ -146,8 +146,8 @@ def integrate(
     dtype, tdtype = y_flat.dtype, ts_t.dtype
     n_ts = ts_t.shape[0]
     i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
-    rtol = jnp.asarray(opts.rtol, dtype)
-    atol = jnp.asarray(opts.atol, dtype)
+    tol = Tolerances.for_state(opts.rtol, opts.atol, controller.norm, y_flat)
+    rtol, atol = tol.rtol, tol.atol
     direction = time_direction(ts_t)
     known_ts = known_value(ts_t)
     if known_ts is not None:
@@ -162,7 +162,6 @@ def integrate(
     rhs = internal_rhs(f, args, direction, dtype, opts.jac)
 
     t0, t_end = s_ts[0], s_ts[-1]
-    tol = Tolerances(rtol, atol, controller.norm)
 
     dt0_value = jnp.asarray(1.0 if dt0 is None else dt0, tdtype)
     # Inputs are checked at run time so that jit and throw=False work alike.
@@ -190,7 +189,7 @@ def integrate(
     checks = [
         (ts_ok, Status.TS_NOT_MONOTONIC),
         (jnp.all(jnp.isfinite(y_flat)) & all_finite(args), Status.NONFINITE_INPUT),
-        (jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0)),
+        (jnp.all(jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0))),
          Status.BAD_TOLERANCE),
         (jnp.all(jnp.isfinite(f0)), Status.NONFINITE_RHS),
         (jnp.isfinite(dt0_value) & (dt0_value != 0), Status.BAD_DT0),
@@ -213,9 +212,11 @@ def integrate(
     # update per step.
     counters = jnp.stack([status, i32(0), i32(0), i32(0), i32(nfev0)] + [i32(0)] * len(solver.stat_names))
     eps = jnp.finfo(tdtype).eps
-    # A step is too small when it no longer changes t: below a few ulps of |t|.
-    # Near t = 0 a tiny fraction (eps) of the span stands in for |t|.
-    tiny_scale = 8 * eps * eps * jnp.abs(t_end - t0)
+    # A step is too small when it no longer changes t: below a few ulps of |t|
+    # (the test of SUNDIALS and scipy). Near t = 0 the floor is a few of the
+    # smallest normal numbers, whatever the span: the solution may need tiny
+    # steps near 0 on a span of 1e30.
+    tiny_floor = 8 * jnp.finfo(tdtype).tiny
     land_tol = 16 * eps
     order = solver.error_order
 
@@ -325,7 +326,7 @@ def integrate(
             # After a rejection the next step is the shrunk proposal, or the rest
             # of the span when that is shorter; the rest is never tiny (a step
             # that would leave a tiny rest is landed on t_end instead).
-            too_small = ~accept & (s_new.h <= tiny_scale + 8 * eps * jnp.abs(t))
+            too_small = ~accept & (s_new.h <= jnp.maximum(tiny_floor, 8 * eps * jnp.abs(t)))
             # Non-finite values are blamed first (an implicit solver fails its
             # Newton iteration on them too), then Newton, then plain underflow.
             why = select(finite, Status.DT_UNDERFLOW, Status.NONFINITE_RHS)  # finite implies ok

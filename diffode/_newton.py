@@ -39,7 +39,8 @@ from ._linsolve import AbstractLinearSolver
 from ._solver import FlatRHS, Tolerances
 from ._util import select
 
-RUNNING, CONVERGED, FAILED = 0, 1, 2
+#: Iteration states; NONFINITE is a failure on NaN or inf (in f, J or the linear solve).
+RUNNING, CONVERGED, FAILED, NONFINITE = 0, 1, 2, 3
 
 
 def effective_kappa(kappa: float, tol: Tolerances, dtype) -> Array:
@@ -75,7 +76,9 @@ def newton_iteration(
 
     Costs one evaluation of ``f`` and one linear solve. ``eta`` is ``eta_0`` when
     ``k == 0`` (otherwise ignored). Returns ``(z, ndz, theta, eta, status)`` with
-    ``status`` one of ``RUNNING``, ``CONVERGED``, ``FAILED``; ``theta`` is 0 for ``k == 0``.
+    ``status`` one of ``RUNNING``, ``CONVERGED``, ``FAILED``, ``NONFINITE``; ``theta`` is 0
+    for ``k == 0``. ``f``'s value is checked itself: a matrix-free linear solve may
+    turn a NaN right-hand side into a finite (zero) increment.
     """
     fz = f(t, base + z)
     dz = linsolve.solve(f, cache, gamma_h * fz - z)
@@ -88,12 +91,13 @@ def newton_iteration(
     eta = select(first, eta.astype(ndz.dtype), theta / one_minus)
     remaining = (max_iters - 1 - k).astype(ndz.dtype)
     converged = eta * ndz <= kappa
-    finite = jnp.isfinite(ndz)
+    finite = jnp.isfinite(ndz) & jnp.all(jnp.isfinite(fz))
     diverging = ~first & (theta >= 1)
     too_slow = ~first & (theta**remaining / one_minus * ndz > kappa) & ~converged
     at_cap = (k + 1 >= max_iters) & ~converged
     failed = ~finite | diverging | too_slow | at_cap
-    status = select(failed, FAILED, select(converged, CONVERGED, RUNNING)).astype(jnp.int32)
+    status = select(failed, select(finite, FAILED, NONFINITE), select(converged, CONVERGED, RUNNING))
+    status = status.astype(jnp.int32)
     return z, ndz, theta, eta, status
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
@@ -338,7 +339,9 @@ class Rosenbrock(AbstractTableauSolver):
         factors = _factor_w(f, t0, y0, gh)
         need_ft = bool(np.any(d != 0))
         # gamma h^2 df/dt, scaled per stage by the literal d_i.
-        ft = (gh * h) * f.dfdt(t0, y0) if need_ft else None
+        # h df/dt first (the barrier keeps XLA from reassociating): gamma h^2
+        # alone overflows float32 for steps near 1e19.
+        ft = gh * lax.optimization_barrier(h * f.dfdt(t0, y0)) if need_ft else None
         us = []
         arg = y0
         for i in range(tab.num_stages):

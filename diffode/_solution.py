@@ -50,7 +50,7 @@ MESSAGES: dict[int, str] = {
     Status.BAD_TOLERANCE: "rtol and atol must be finite and non-negative, and not both zero.",
     Status.RHS_STRUCTURE_MISMATCH: (
         "f(t, y, args) must return a pytree with the same structure and leaf "
-        "shapes as y0."
+        "shapes as y0, of real values."
     ),
     Status.NEWTON_FAILED: (
         "The implicit solver's Newton iteration did not converge, even at the smallest "
@@ -87,15 +87,26 @@ class DenseOutput(eqx.Module):
     interpolate: Callable = eqx.field(static=True)
 
     def evaluate_flat(self, s: Float[Array, " q"]) -> Float[Array, "q n"]:
-        """Flat states at internal times ``s`` (clamped to the covered interval)."""
+        """Flat states at internal times ``s``; NaN outside the covered interval.
+
+        The covered interval runs from the first piece's start to the last
+        accepted piece's end (where the solve stopped, after a failure), with a
+        few ulps of slack for the rounding of ``t_start + h``.
+        """
+        last = jnp.maximum(self.num_pieces, 1) - 1
         k = jnp.searchsorted(self.t_start, s, side="left") - 1
-        k = jnp.clip(k, 0, jnp.maximum(self.num_pieces, 1) - 1)
+        k = jnp.clip(k, 0, last)
         t_start, h = self.t_start[k], self.h[k]
         theta = ((s - t_start) / jnp.where(h == 0, 1, h)).astype(self.y0.dtype)
         hy = h.astype(self.y0.dtype)
         y = jax.vmap(self.interpolate)(hy, self.y0[k], self.y1[k], self.data[k], theta)
         # Exactly at a step's end, return the step's own end point.
-        return jnp.where((s == t_start + h)[:, None], self.y1[k], y)
+        y = jnp.where((s == t_start + h)[:, None], self.y1[k], y)
+        end = self.t_start[last] + self.h[last]
+        slack = 16 * jnp.finfo(s.dtype).eps * jnp.maximum(jnp.abs(end), jnp.abs(self.t_start[0]))
+        inside = (s >= self.t_start[0]) & (s <= end + slack)
+        # A factor rather than a select, so that the derivative is NaN outside too.
+        return y * jnp.where(inside, 1, jnp.nan).astype(y.dtype)[:, None]
 
 
 class Stats(eqx.Module, Mapping):
@@ -156,7 +167,12 @@ class Solution(eqx.Module):
         return status_message(self.status, MESSAGES)
 
     def evaluate(self, t) -> PyTree:
-        """State at time(s) ``t`` from the solver's own interpolant (``dense=True``)."""
+        """State at time(s) ``t`` from the solver's own interpolant (``dense=True``).
+
+        Defined on the interval the solve covered: from ``ts[0]`` to ``ts[-1]``, or
+        to where the solve stopped after a failure. Outside it the result is NaN
+        (no extrapolation), and so is its derivative.
+        """
         if self.dense_output is None:
             raise ValueError("Solution.evaluate needs solve(..., dense=True).")
         t = jnp.asarray(t)

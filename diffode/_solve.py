@@ -22,7 +22,7 @@ from ._integrate import IntegrateOptions, integrate, known_value, time_direction
 from ._solution import MESSAGE_LIST, MESSAGES, Solution, Stats, Status
 from ._solver import AbstractSolver
 from ._util import raise_on_failure
-from ._validate import check_y0, rhs_structure_problem
+from ._validate import check_max_steps, check_y0, rhs_structure_problem
 from .sensitivity import AbstractSensitivity, Auto, Direct, Problem, split_args
 from .sensitivity.direct import dense_solve
 
@@ -74,12 +74,16 @@ def _solve(
             times integrate backwards. ``sol.ys[0]`` is ``y0``.
         args: any pytree passed to ``f`` (arrays, equinox modules, ...).
         solver: the stepper, :class:`Tsit5` by default.
-        rtol, atol: relative and absolute tolerances of the local error test.
+        rtol, atol: relative and absolute tolerances of the local error test:
+            scalars, or per component (an array shaped like ``y0``, or a pytree
+            with ``y0``'s structure whose leaves broadcast to its leaves). They are
+            not differentiated.
         dt0: initial step; chosen automatically when ``None`` (Hairer, Norsett and
             Wanner, vol. I, II.4). Required for fixed steps.
         adaptive: ``False`` takes fixed steps of ``dt0``, landing exactly on
             every entry of ``ts``. Solvers without an error estimate always do.
-        max_steps: bound on attempted steps (accepted plus rejected).
+        max_steps: bound on attempted steps (accepted plus rejected): any Python
+            or NumPy integer from 1 to ``2**31 - 2``.
         controller: a :class:`PIDController`; its defaults suit most problems.
         jac: ``jac(t, y, args)``, the Jacobian of ``f`` with respect to ``y`` as an
             ``(n, n)`` matrix over the raveled state (``jax.flatten_util.ravel_pytree``
@@ -106,8 +110,7 @@ def _solve(
         raise TypeError(f"sensitivity must be a diffode sensitivity method (e.g. diffode.Direct()), got {sensitivity!r}")
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"solver must be a diffode solver, got {solver!r}")
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    max_steps = check_max_steps(max_steps)
 
     ts = jnp.asarray(ts.value if isinstance(ts, _KnownTimes) else ts)
     if ts.ndim != 1 or ts.shape[0] == 0:
@@ -161,6 +164,7 @@ def _solve(
         _, jc, args = a
         return jnp.asarray(jc(lax.convert_element_type(t, tdtype), unravel(y), args), dtype)
 
+    rtol, atol = (_flat_tolerance(name, tol, y0) for name, tol in (("rtol", rtol), ("atol", atol)))
     opts = IntegrateOptions(
         solver=solver, controller=controller, rtol=rtol, atol=atol, dt0=dt0, fixed=fixed,
         max_steps=max_steps, dense=dense, jac=None if jac is None else jac_flat, throw=throw,
@@ -190,6 +194,37 @@ def _solve(
         direction=direction,
         unravel=unravel,
     )
+
+
+def _flat_tolerance(name: str, tol, y0):
+    """``rtol`` or ``atol`` as the loop takes it: a scalar, or one entry per component of the raveled state.
+
+    A per-component tolerance is an array shaped like ``y0`` (or broadcastable to
+    it), or a pytree with ``y0``'s structure whose leaves broadcast to ``y0``'s.
+    Tolerances given as Python or NumPy values stay NumPy values (constants of the
+    compiled program, never tracers).
+    """
+    if jtu.treedef_is_leaf(jtu.tree_structure(tol)) and np.ndim(tol) == 0:
+        return tol
+    if jtu.treedef_is_leaf(jtu.tree_structure(y0)) and isinstance(tol, (list, tuple)):
+        tol = np.asarray(tol)  # one array state: a list of tolerances is an array
+    want, got = jtu.tree_structure(y0), jtu.tree_structure(tol)
+    if want != got:
+        raise ValueError(
+            f"{name} must be a scalar, or match y0: an array shaped like y0, or a pytree with y0's "
+            f"structure {want}; got structure {got}"
+        )
+    xnp = jnp if any(isinstance(t, jax.Array) for t in jtu.tree_leaves(tol)) else np
+    parts = []
+    for (path, leaf), t in zip(jtu.tree_leaves_with_path(y0), jtu.tree_leaves(tol)):
+        try:
+            parts.append(xnp.ravel(xnp.broadcast_to(t, np.shape(leaf))))
+        except ValueError:
+            raise ValueError(
+                f"{name}{jtu.keystr(path)} has shape {np.shape(t)}, which does not broadcast to "
+                f"y0{jtu.keystr(path)}'s shape {np.shape(leaf)}"
+            ) from None
+    return xnp.concatenate(parts)
 
 
 class _KnownTimes:
@@ -254,11 +289,17 @@ def solve(f, y0, ts, args=None, **options) -> Solution:
         y0 = jtu.tree_map(jnp.asarray, y0)
     except TypeError:
         pass  # _solve's own check explains what is wrong with y0
+    opts["max_steps"] = check_max_steps(opts["max_steps"])  # a NumPy int must not become an array
     sol = _solve_compiled(f, y0, _KnownTimes(ts), args, **opts)
-    if opts["throw"]:
-        code = int(np.max(np.asarray(sol.status)))
-        if code != Status.SUCCESS:
-            raise eqx.EquinoxRuntimeError(MESSAGES[code])
+    if not opts["throw"]:
+        return sol
+    if isinstance(sol.status, jax.core.Tracer):
+        # Called with constant inputs inside a transformation (a jit closing
+        # over everything): the check is part of the caller's program.
+        return eqx.tree_at(lambda s: s.ys, sol, raise_on_failure(sol.ys, sol.status, MESSAGE_LIST))
+    code = int(np.max(np.asarray(sol.status)))
+    if code != Status.SUCCESS:
+        raise eqx.EquinoxRuntimeError(MESSAGES[code])
     return sol
 
 

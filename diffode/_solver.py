@@ -38,15 +38,43 @@ class FlatRHS:
 
 
 class Tolerances(NamedTuple):
-    """The solve's tolerances, for solvers with inner iterations (Newton, Krylov)."""
+    """The solve's tolerances, for solvers with inner iterations (Newton, Krylov).
+
+    ``rtol`` and ``atol`` are scalars or hold one entry per state component.
+    """
 
     rtol: Array
     atol: Array
     norm: Callable[[Array], Array]
 
+    @classmethod
+    def for_state(cls, rtol, atol, norm: Callable[[Array], Array], y: Array) -> "Tolerances":
+        """The tolerances for the flat state ``y``, in its dtype (see :func:`fit_tolerance`)."""
+        return cls(fit_tolerance(rtol, y), fit_tolerance(atol, y), norm)
+
     def scaled_norm(self, x: Array, y: Array) -> Array:
         """``norm(x / (atol + rtol * |y|))``: below 1 means "within tolerance"."""
         return self.norm(x / (self.atol + self.rtol * jax.numpy.abs(y)))
+
+
+def fit_tolerance(tol, y: Array) -> Array:
+    """A scalar or per-component tolerance, fitted to the flat state ``y`` (in its dtype).
+
+    Per-component tolerances are given for the ``n`` components of the solved
+    state. An augmented state (the sensitivity methods solve ``[y, s_1, s_2, ...]``
+    or ``[y, lambda, mu]``) is laid out in blocks of ``n``: each whole block
+    repeats the tolerances, so a sensitivity of component ``i`` gets component
+    ``i``'s; a shorter remainder (a parameter integral) gets the smallest one.
+    """
+    tol = jax.numpy.asarray(tol, y.dtype)
+    m = y.shape[0]
+    if tol.ndim == 0 or tol.shape[0] == m:
+        return tol
+    n = tol.shape[0]
+    blocks = [tol] * (m // n)
+    if m % n:
+        blocks.append(jax.numpy.full((m % n,), jax.numpy.min(tol), y.dtype))
+    return jax.numpy.concatenate(blocks)
 
 
 class StepResult(NamedTuple):

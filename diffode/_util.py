@@ -91,7 +91,11 @@ def raise_on_failure(x, status, messages: tuple[str, ...]):
 @raise_on_failure.defjvp
 def _raise_on_failure_jvp(messages, primals, tangents):
     # Checked on the derivative too: under jit, a program that only uses
-    # derivatives of x would otherwise drop the check as dead code.
+    # derivatives of x would otherwise drop the check as dead code. The tangent
+    # is scaled by a checked 1, computed from the primal: a check applied to the
+    # tangent itself would be transposed in reverse mode, and the transpose of
+    # its failing branch (which does not depend on the tangent) drops the check.
     x, status = primals
-    dx = raise_on_failure(tangents[0], status, messages)
+    one = check_status(jnp.ones((), jnp.float32), status, messages)
+    dx = jtu.tree_map(lambda t: t if t.dtype == jax.dtypes.float0 else t * one.astype(t.dtype), tangents[0])
     return raise_on_failure(x, status, messages), dx

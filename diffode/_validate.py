@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -41,5 +43,28 @@ def rhs_structure_problem(out, y0) -> str | None:
     for (path, a), b in zip(jtu.tree_leaves_with_path(y0), jtu.tree_leaves(out)):
         if jnp.shape(a) != jnp.shape(b):
             return f"f returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
+        if not jnp.issubdtype(jnp.result_type(b), jnp.floating) and not jnp.issubdtype(jnp.result_type(b), jnp.integer):
+            return (f"f returned dtype {jnp.result_type(b)} at y{jtu.keystr(path)}, but the state is real "
+                    f"({jnp.result_type(a)}): return real values (split complex ones into real and imaginary parts).")
     return None
 
+
+#: The largest ``max_steps``: the loop counts steps in int32.
+MAX_STEPS_LIMIT = 2**31 - 2
+
+
+def check_max_steps(max_steps) -> int:
+    """``max_steps`` as a Python int, or a ``ValueError`` that says what is wrong with it."""
+    try:
+        if isinstance(max_steps, (bool, np.bool_)):
+            raise TypeError
+        value = operator.index(max_steps)
+    except TypeError:
+        raise ValueError(
+            f"max_steps must be an integer known at trace time (a Python or NumPy int), got {max_steps!r}"
+        ) from None
+    if not 1 <= value <= MAX_STEPS_LIMIT:
+        raise ValueError(
+            f"max_steps must lie in [1, 2**31 - 2] (steps are counted in int32), got {value}"
+        )
+    return value

@@ -289,6 +289,24 @@ def test_dense_output_backwards():
     assert rel_err(sol.evaluate(tq), jax.vmap(p.exact)(tq)) < 100 * 1e-10
 
 
+def test_evaluate_is_nan_outside_the_solved_interval():
+    """No extrapolation: NaN before ts[0], after ts[-1], and past the point where a failed
+    solve stopped (forwards and backwards); its derivative is NaN there too."""
+    p = problems.exponential_decay()
+    for ts in (jnp.array([0.0, 1.0]), jnp.array([1.0, 0.0])):
+        sol = solve(p.f, p.exact(ts[0]), ts, p.args, rtol=1e-10, atol=1e-12, dense=True)
+        inside = sol.evaluate(jnp.array([0.0, 0.5, 1.0]))
+        np.testing.assert_allclose(inside, jax.vmap(p.exact)(jnp.array([0.0, 0.5, 1.0])), rtol=1e-8)
+        assert np.all(np.isnan(sol.evaluate(jnp.array([-1e-3, 1.001, 10.0]))))
+    failed = solve(p.f, p.y0, jnp.array([0.0, 1.0]), p.args, dense=True, max_steps=3, throw=False)
+    assert failed.status == diffode.Status.MAX_STEPS_REACHED
+    reached = float(failed.dense_output.t_start[2] + failed.dense_output.h[2])  # end of the 3rd step
+    assert np.all(np.isfinite(failed.evaluate(jnp.array([0.0, 0.5 * reached, reached]))))
+    assert np.all(np.isnan(failed.evaluate(jnp.array([1.01 * reached, 1.0]))))
+    grad = jax.grad(lambda a: solve(p.f, p.y0, jnp.array([0.0, 1.0]), a, dense=True).evaluate(2.0).sum())
+    assert np.all(np.isnan(grad(p.args)))
+
+
 def test_evaluate_requires_dense():
     p = problems.exponential_decay()
     sol = solve(p.f, p.y0, p.ts(3), p.args)
@@ -376,3 +394,62 @@ def test_mixed_float32_float64_leaves():
     assert np.array_equal(np.asarray(sol.ys["a"][0]), np.asarray(y0["a"]))
     mid = sol.evaluate(jnp.asarray(1.25))
     assert mid["a"].dtype == jnp.float32 and mid["b"].dtype == jnp.float64
+
+
+# --------------------------------------------------------------------------
+# Tolerances per component.
+# --------------------------------------------------------------------------
+
+
+def twin_decay(t, y, args):
+    """The same decay in every component: equal local errors everywhere."""
+    return jax.tree_util.tree_map(lambda v: -args * v, y)
+
+
+@pytest.mark.parametrize("method", [None, diffode.InterpolatingAdjoint()], ids=["auto", "interpolating"])
+def test_per_component_atol_applies_to_each_component(method):
+    """With the max norm, rtol = 0 and every component's error equal, the step test is decided
+    by the smallest atol: a per-component atol (an array shaped like y0, or a pytree like y0)
+    must give the same steps, values and gradient as that atol everywhere, and not those of a
+    looser one. The sensitivity methods' augmented states reuse the tolerances (Auto here: the
+    forward sensitivities [y, s]; the adjoint: [lambda, mu])."""
+    controller = diffode.PIDController(norm=diffode.max_norm)
+    ts = jnp.array([0.0, 1.0])
+
+    @eqx.filter_jit
+    def run(y0, atol, a=0.8):
+        def loss(a_):
+            sol = diffode.solve(twin_decay, y0, ts, a_, rtol=0.0, atol=atol, controller=controller,
+                                sensitivity=method)
+            return sum(jnp.sum(v[-1]) for v in jax.tree_util.tree_leaves(sol.ys)), sol.stats["num_steps"]
+
+        (value, steps), grad = jax.value_and_grad(loss, has_aux=True)(a)
+        return steps, value, grad
+
+    y0 = jnp.array([1.0, 1.0])
+    tight = run(y0, jnp.array([1e-9, 1e-9]))
+    assert run(y0, jnp.array([1e-3, 1e-3]))[0] < tight[0]
+    np.testing.assert_allclose(tight[1:], [2 * np.exp(-0.8), -2 * np.exp(-0.8)], rtol=1e-7)
+    for atol in (jnp.array([1e-9, 1e-3]), jnp.array([1e-3, 1e-9])):
+        got = run(y0, atol)
+        assert got[0] == tight[0]
+        np.testing.assert_allclose(got[1:], tight[1:], rtol=1e-12)
+    tree = {"a": jnp.asarray(1.0), "b": jnp.array([1.0, 1.0])}
+    want = run(tree, {"a": jnp.asarray(1e-9), "b": jnp.array([1e-9, 1e-9])})
+    got = run(tree, {"a": jnp.asarray(1e-3), "b": jnp.array([1e-3, 1e-9])})
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1:], want[1:], rtol=1e-12)
+    # A list of Python floats is an array shaped like y0 (compiled in as constants).
+    plain = dict(rtol=0.0, controller=controller)
+    assert (solve(twin_decay, y0, ts, 0.8, atol=[1e-3, 1e-9], **plain).stats["num_steps"]
+            == solve(twin_decay, y0, ts, 0.8, atol=1e-9, **plain).stats["num_steps"])
+
+
+def test_huge_time_span_is_not_an_underflow():
+    """A stiff relaxation onto 1 / (1 + t), solvable to t = 1e30 with growing implicit steps; the
+    first steps are rejected while still tiny compared with the span (not an underflow)."""
+    f = lambda t, y, a: -100.0 * (y - 1 / (1 + t))  # noqa: E731
+    for solver in (diffode.Kvaerno5(), diffode.Rodas5P(), diffode.Radau5()):
+        sol = solve(f, jnp.array([0.0]), jnp.array([0.0, 1e30]), None, solver=solver, dt0=0.5)
+        assert sol.stats["num_rejected"] > 0
+        np.testing.assert_allclose(sol.ys[-1], [1e-30], rtol=1e-6)

@@ -123,37 +123,47 @@ def _nonzero(t):
     return None if _is_zero(t) else t
 
 
-def custom_solve_jvp(primal: Callable, ts, rule: Callable, y0, params):
-    """``primal(y0, ts, params)`` as a ``jax.custom_jvp`` whose rule is
-    ``rule(y0, ts, params, x, primal_call)`` with the input tangents ``x`` of
-    :func:`tangent_inputs`. Known save times (``ts is None``) are not an argument."""
+def custom_solve_jvp(primal: Callable, prob: Problem, rule: Callable, y0, ts, params):
+    """``primal(prob, y0, ts, params)`` as a ``jax.custom_jvp`` whose rule is
+    ``rule(prob, y0, ts, params, x, primal_call)`` with the input tangents ``x`` of
+    :func:`tangent_inputs`; ``primal_call(y0, ts, params)`` calls the custom function again.
+
+    The problem's JAX arrays (:func:`split_problem`) are arguments of the custom
+    function, not values its rule closes over: they may be tracers of a ``jit``
+    around the solve, and JAX traces the rule later, when it differentiates that
+    ``jit``. They are not differentiated. Known save times (``ts is None``) are
+    not an argument.
+    """
+    arrays, static = split_problem(prob)
+    whole = lambda arrays_: eqx.combine(arrays_, static)  # noqa: E731
     if ts is None:
-        core = jax.custom_jvp(lambda y0, params: primal(y0, None, params))
-        call = lambda y0, ts, params: core(y0, params)  # noqa: E731
+        core = jax.custom_jvp(lambda y0, params, arrays: primal(whole(arrays), y0, None, params))
+        call = lambda y0, ts, params, arrays: core(y0, params, arrays)  # noqa: E731
     else:
-        core = jax.custom_jvp(primal)
+        core = jax.custom_jvp(lambda y0, ts, params, arrays: primal(whole(arrays), y0, ts, params))
         call = core
 
     def jvp(primals, tangents):
         if ts is None:
-            (y0, params), (dy0, dparams) = primals, tangents
+            (y0, params, arrays), (dy0, dparams, _) = primals, tangents
             ts_, dts = None, None
         else:
-            (y0, ts_, params), (dy0, dts, dparams) = primals, tangents
-        return rule(y0, ts_, params, tangent_inputs(dy0, dts, dparams), call)
+            (y0, ts_, params, arrays), (dy0, dts, dparams, _) = primals, tangents
+        again = lambda y0, ts, params: call(y0, ts, params, arrays)  # noqa: E731
+        return rule(whole(arrays), y0, ts_, params, tangent_inputs(dy0, dts, dparams), again)
 
     core.defjvp(jvp, symbolic_zeros=True)
-    return call(y0, ts, params)
+    return call(y0, ts, params, arrays)
 
 
 def differentiable_solve(method: AbstractSensitivity, loop: Loop, prob: Problem, y0, ts, params):
     """``loop``'s ``(ys, counters)`` with ``method``'s derivative (see the module docstring)."""
 
-    def primal(y0, ts, params):
+    def primal(prob, y0, ts, params):
         ys, counters, _ = loop(prob.f, y0, prob_times(prob, ts), prob.args(params), prob.opts)
         return ys, counters
 
-    def rule(y0, ts, params, x, primal_call):
+    def rule(prob, y0, ts, params, x, primal_call):
         fused = method.fused_jvp(loop, prob, (y0, ts, params), x) if jtu.tree_leaves(x) else None
         if fused is not None:
             ys, counters, dys = fused
@@ -163,11 +173,12 @@ def differentiable_solve(method: AbstractSensitivity, loop: Loop, prob: Problem,
             ys, counters = primal_call(y0, ts, params)
             if not jtu.tree_leaves(x):
                 return (ys, counters), (jnp.zeros_like(ys), float0_zeros(counters))
-            op = SolveOp(method, loop, prob, jtu.tree_map(lambda _: True, x))
-            dys = linear_map(op, (y0, ts, params, ys), x)
+            arrays, prob_static = split_problem(prob)
+            op = SolveOp(method, loop, prob_static, jtu.tree_map(lambda _: True, x))
+            dys = linear_map(op, (y0, ts, params, ys, arrays), x)
         return (ys, counters), (dys * failure_scale(counters, prob.opts.throw, ys.dtype), float0_zeros(counters))
 
-    return custom_solve_jvp(primal, ts, rule, y0, params)
+    return custom_solve_jvp(primal, prob, rule, y0, ts, params)
 
 
 def tangent_inputs(dy0, dts, dparams) -> tuple:
@@ -188,20 +199,54 @@ def failure_scale(counters: Array, throw: bool, dtype) -> Array:
     return scale
 
 
-class SolveOp(LinearOp):
+def split_problem(prob: Problem) -> tuple[PyTree, Problem]:
+    """``(arrays, rest)``: the problem's JAX arrays (see :class:`ProblemOp`) and the problem without them."""
+    return eqx.partition(prob, lambda v: isinstance(v, jax.Array))
+
+
+class ProblemOp(LinearOp):
+    """A :class:`LinearOp` of a solve whose :class:`Problem` arrays travel as its last residual.
+
+    Those arrays (traced tolerances, integer arrays in ``args``) may be tracers of
+    the transformation around the solve. An op is a parameter of the primitive,
+    evaluated by its rules outside that transformation (the batching rule binds a
+    vmapped op one level down), so it must hold no tracer: it keeps the problem
+    without its arrays (:func:`split_problem`), and :meth:`unpack` puts them back
+    on every call. The residuals are ``(*r, arrays)``.
+    """
+
+    prob_static: Problem
+
+    def unpack(self, r) -> tuple[tuple, Problem]:
+        """``(r without the arrays, the whole problem)``."""
+        return tuple(r[:-1]), eqx.combine(r[-1], self.prob_static)
+
+
+def zero_cotangent(x):
+    """The cotangent of an input that is not differentiated (``float0`` for integers)."""
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return jnp.zeros_like(x)
+    return float0_zeros(x)
+
+
+class SolveOp(ProblemOp):
     """The tangent of a solve as a :class:`LinearOp`, from a method's two rules."""
 
-    def __init__(self, method: AbstractSensitivity, loop: Loop, prob: Problem, x_struct):
-        self.method, self.loop, self.prob, self.x_struct = method, loop, prob, x_struct
+    def __init__(self, method: AbstractSensitivity, loop: Loop, prob_static: Problem, x_struct):
+        self.method, self.loop, self.prob_static, self.x_struct = method, loop, prob_static, x_struct
 
     def apply(self, r, x):
-        return self.method.tangent(self.loop, self.prob, r, x)
+        r, prob = self.unpack(r)
+        return self.method.tangent(self.loop, prob, r, x)
 
     def transpose(self, r, y):
-        return self.method.cotangent(self.loop, self.prob, r, y, self.x_struct)
+        r, prob = self.unpack(r)
+        return self.method.cotangent(self.loop, prob, r, y, self.x_struct)
 
     def vjp_res(self, r, x, c):
-        return jax.grad(lambda r_: tree_vdot(c, variational_tangent(self.method, self.loop, self.prob, r_, x)))(r)
+        core, prob = self.unpack(r)
+        grad = jax.grad(lambda r_: tree_vdot(c, variational_tangent(self.method, self.loop, prob, r_, x)))(core)
+        return (*grad, jtu.tree_map(zero_cotangent, r[-1]))
 
     def out_struct(self, r, x):
         ys = r[3]

@@ -111,7 +111,7 @@ class _ResidualDerivative(LinearOp):
 
     def vjp_res(self, rx, dr, c):
         # <c, (dA . dr) x> = <vjp_res(r, x, c), dr>, differentiated in (r, x).
-        return jax.grad(lambda rx_: tree_vdot(self.op.vjp_res(rx_[0], rx_[1], c), dr))(rx)
+        return jax.grad(lambda rx_: tree_vdot(self.op.vjp_res(rx_[0], rx_[1], c), dr), allow_int=True)(rx)
 
     def out_struct(self, rx, dr):
         return self.op.out_struct(*rx)
@@ -123,6 +123,8 @@ def _move_batch(x, axis):
     if x is None:
         return None
     if axis is None:
+        if x.dtype == jax.dtypes.float0:  # the (empty) cotangent of an integer input
+            return np.zeros(x.shape[1:], x.dtype)
         return jnp.sum(x, axis=0)
     return jnp.moveaxis(x, 0, axis)
 
@@ -201,6 +203,8 @@ def _abstract_eval(*args, op, r_tree, x_tree, out_tree, out_avals):
 
 def _instantiate(t, primal):
     if type(t) is ad.Zero:
+        if not jnp.issubdtype(jnp.result_type(primal), jnp.inexact):
+            return np.zeros(np.shape(primal), jax.dtypes.float0)  # an integer residual's tangent
         return jnp.zeros(np.shape(primal), jnp.result_type(primal))
     return t
 

@@ -37,8 +37,10 @@ from ._base import (
     nan_if,
     prob_times,
     custom_solve_jvp,
+    ProblemOp,
+    split_problem,
 )
-from ._linear_map import LinearOp, linear_map
+from ._linear_map import linear_map
 
 # ----------------------------------------------------------------------------
 # Recording the accepted steps: a solver wrapper whose state carries the record.
@@ -219,7 +221,7 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None):
     n_ts = ts.shape[0]
     direction = time_direction(ts)
     s_ts = direction * ts
-    tol = Tolerances(jnp.asarray(opts.rtol, dtype), jnp.asarray(opts.atol, dtype), opts.controller.norm)
+    tol = Tolerances.for_state(opts.rtol, opts.atol, opts.controller.norm, y0)
     num = counters[2]  # accepted steps
     fixed = opts.fixed
 
@@ -382,19 +384,20 @@ def _dense_outputs(ys, pieces):
     return (ys,) + tuple(getattr(pieces, k) for k in _PIECE_FIELDS)
 
 
-class _DenseOp(LinearOp):
+class _DenseOp(ProblemOp):
     """Tangent of ``(ys, dense pieces)``: the loop's JVP forward, the step replay backwards."""
 
-    def __init__(self, method: Direct, loop, prob, x_struct, out_struct):
-        self.method, self.loop, self.prob, self.x_struct, self.out = method, loop, prob, x_struct, out_struct
+    def __init__(self, method: Direct, loop, prob_static, x_struct, out_struct):
+        self.method, self.loop, self.prob_static, self.x_struct, self.out = method, loop, prob_static, x_struct, out_struct
 
     def apply(self, r, x):
-        return loop_tangent(self.loop, self.prob, r, x, outputs=lambda ys, counters, pieces: _dense_outputs(ys, pieces))
+        r, prob = self.unpack(r)
+        return loop_tangent(self.loop, prob, r, x, outputs=lambda ys, counters, pieces: _dense_outputs(ys, pieces))
 
     def transpose(self, r, cts):
-        y0, ts, params, _ = r
+        (y0, ts, params, _), prob = self.unpack(r)
         ys_bar, *pieces_bar = cts
-        out = _replay(self.method, self.loop, self.prob._replace(opts=self.prob.opts._replace(dense=False)),
+        out = _replay(self.method, self.loop, prob._replace(opts=prob.opts._replace(dense=False)),
                       y0, ts, params, ys_bar, pieces_bar)
         return keep_present(self.x_struct, out)
 
@@ -415,22 +418,23 @@ def dense_solve(method: Direct, loop, prob, y0, ts, params):
     opts = prob.opts._replace(dense=True)
     prob = prob._replace(opts=opts)
 
-    def primal(y0, ts, params):
-        ys, counters, pieces = loop(prob.f, y0, prob_times(prob, ts), prob.args(params), opts)
+    def primal(prob, y0, ts, params):
+        ys, counters, pieces = loop(prob.f, y0, prob_times(prob, ts), prob.args(params), prob.opts)
         return _dense_outputs(ys, pieces), counters, pieces.num_pieces
 
-    def rule(y0, ts, params, x, primal_call):
+    def rule(prob, y0, ts, params, x, primal_call):
         outs, counters, num = primal_call(y0, ts, params)
         zero_out = (jtu.tree_map(jnp.zeros_like, outs), float0_zeros(counters), float0_zeros(num))
         if not jtu.tree_leaves(x):
             return (outs, counters, num), zero_out
         structs = jtu.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), outs)
-        op = _DenseOp(method, loop, prob, jtu.tree_map(lambda _: True, x), structs)
-        douts = linear_map(op, (y0, ts, params, outs[0]), x)
+        arrays, prob_static = split_problem(prob)
+        op = _DenseOp(method, loop, prob_static, jtu.tree_map(lambda _: True, x), structs)
+        douts = linear_map(op, (y0, ts, params, outs[0], arrays), x)
         scale = failure_scale(counters, prob.opts.throw, outs[0].dtype)
         douts = tuple(d * scale.astype(d.dtype) for d in douts)
         return (outs, counters, num), (douts, zero_out[1], zero_out[2])
 
-    outs, counters, num = custom_solve_jvp(primal, ts, rule, y0, params)
+    outs, counters, num = custom_solve_jvp(primal, prob, rule, y0, ts, params)
     ys, t_start, h, py0, py1, data = outs
     return ys, counters, DenseOutput(t_start, h, py0, py1, data, num, opts.solver.interpolate)

@@ -88,10 +88,12 @@ class SteadyState(eqx.Module):
     Attributes:
         y: the steady state ``y*``, with the structure of ``y0``. It is
             differentiable (implicit function theorem; see :func:`steady_state`).
+            When ``status`` is not 0 it is NaN, and so are its derivatives
+            (``residual`` tells how far the last iterate was from a root).
         status: 0 on success; see :class:`SteadyStateStatus` and :attr:`message`.
         stats: counters: ``num_iterations``, ``num_fevals``, ``num_jac_evals``,
             ``num_linear_solves``, ``num_rejected``, ``num_ode_steps``, ``ode_status``.
-        residual: ``max|f(t, y*, args)|`` at the returned state.
+        residual: ``max|f(t, y, args)|`` at the returned state (not differentiated).
     """
 
     y: PyTree

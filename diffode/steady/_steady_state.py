@@ -12,10 +12,10 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
 from .._solution import Stats
-from .._validate import all_finite as _all_finite, check_y0, rhs_structure_problem as _rhs_structure_problem
-from .._util import raise_on_failure, select
-from ._base import AbstractSteadyStateMethod, max_abs
-from ._result import STAT_NAMES, STEADY_STATE_MESSAGE_LIST, STEADY_STATE_MESSAGES, SteadyState
+from .._validate import all_finite as _all_finite, check_max_steps, check_y0, rhs_structure_problem as _rhs_structure_problem
+from .._util import select
+from ._base import AbstractSteadyStateMethod
+from ._result import STAT_NAMES, STEADY_STATE_MESSAGES, SteadyState
 from ._result import SteadyStateStatus as S
 from .ift import implicit_root
 from .newton import Newton
@@ -48,9 +48,10 @@ def steady_state(
             pseudo-time steps, ODE stretches); default per method.
         t: the fixed time.
         throw: raise on failure (no convergence, singular Jacobian, non-finite
-            values, bad input). With ``False`` the failure is reported in
-            ``status`` instead, ``y`` is the last iterate, and derivatives that
-            cannot be formed are NaN.
+            values, bad input), also when only derivatives are used. With
+            ``False`` the failure is reported in ``status`` instead, and ``y`` and
+            its derivatives are NaN, as are
+            those of a ``y*`` whose Jacobian is singular.
 
     Returns:
         A :class:`SteadyState`; ``.y`` holds ``y*``.
@@ -67,8 +68,7 @@ def steady_state(
         raise TypeError(f"method must be a diffode steady-state method (e.g. diffode.Newton()), got {method!r}")
     if max_steps is None:
         max_steps = method.default_max_steps
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    max_steps = check_max_steps(max_steps)
     check_y0(y0)
     y0 = jtu.tree_map(jnp.asarray, y0)
     y_flat, unravel = ravel_pytree(y0)
@@ -85,8 +85,8 @@ def steady_state(
     if problem is not None:
         if throw:
             raise ValueError(f"{STEADY_STATE_MESSAGES[S.RHS_STRUCTURE_MISMATCH]} {problem}")
-        nan = jtu.tree_map(lambda x: jnp.full_like(x, jnp.nan), y0)
-        return SteadyState(nan, jnp.asarray(S.RHS_STRUCTURE_MISMATCH, jnp.int32),
+        nan = _failed(jnp.full_like(y_flat, jnp.nan), (t, eqx.filter(args, eqx.is_inexact_array)))
+        return SteadyState(unravel(nan), jnp.asarray(S.RHS_STRUCTURE_MISMATCH, jnp.int32),
                            Stats(jnp.zeros(len(STAT_NAMES), jnp.int32), STAT_NAMES), jnp.asarray(jnp.nan, dtype))
 
     arrays, statics = eqx.partition(args, eqx.is_array)
@@ -104,16 +104,23 @@ def steady_state(
         return f_conv(t, y, d, other, *cs)
 
     theta = (t, diff, consts)
-    finite_inputs = _all_finite((y_flat, t, diff, consts))
+    finite_inputs = _all_finite((y_flat, t, diff, consts, statics))  # statics: Python floats too
     good_tol = jnp.isfinite(tol) & (tol > 0)
-    # Bad input: the method starts converged (tol = inf) and the status says why.
     bad = select(~finite_inputs, S.NONFINITE_INPUT, select(~good_tol, S.BAD_TOLERANCE, 0)).astype(jnp.int32)
-    y, status, cnt = implicit_root(
-        method, g, y_flat, theta, other, select(bad == 0, tol, jnp.inf), max_steps, throw
-    )
-    status = select(bad == 0, status, bad)
-    y = select(bad == 0, y, jnp.full_like(y, jnp.nan))
-    residual = max_abs(g(jax.lax.stop_gradient(y), jax.lax.stop_gradient(theta), other))
-    if throw:
-        y = raise_on_failure(y, status, STEADY_STATE_MESSAGE_LIST)
+    y, status, cnt, residual = implicit_root(method, g, y_flat, theta, other, tol, bad, max_steps, throw)
     return SteadyState(unravel(y), status, Stats(cnt, STAT_NAMES), residual)
+
+
+@jax.custom_jvp
+def _failed(y: Array, theta: PyTree) -> Array:
+    """``y``, the state of a failed steady state, with NaN tangents for ``theta``'s."""
+    return y
+
+
+@_failed.defjvp
+def _failed_jvp(primals, tangents):
+    # NaN times the sum of the input tangents: linear in them, so that JAX
+    # transposes it into NaN cotangents.
+    y, _ = primals
+    total = sum(jnp.sum(dx) for dx in jtu.tree_leaves(tangents[1]))
+    return y, jnp.full_like(y, jnp.nan) * jnp.asarray(total, y.dtype)

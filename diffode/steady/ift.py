@@ -19,6 +19,12 @@ single-factorisation Hessian of the F-1 method (Pasquier and Primeau, "The F-1
 algorithm for efficient computation of the Hessian matrix of an objective
 function defined implicitly by the solution of a steady-state problem", SIAM
 J. Sci. Comput. 41(3), 2019).
+
+A failed root has no derivative: its tangent is multiplied by
+:func:`failure_scale`, NaN on failure, which with ``throw=True`` also carries the
+error check. The check is then part of the derivative's data flow, so no
+transformation can drop it (under ``jit``, a program that uses only derivatives
+keeps it), and JAX transposes the product into NaN cotangents.
 """
 
 from __future__ import annotations
@@ -32,19 +38,31 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._linsolve import AbstractLinearSolver
-from .._util import float0_zeros
-from ._base import AbstractSteadyStateMethod, jacobian_operator
-from ._result import SINGULAR_DERIVATIVE_MESSAGE
+from .._util import check_status, float0_zeros, raise_on_failure, select
+from ._base import AbstractSteadyStateMethod, jacobian_operator, max_abs
+from ._result import SINGULAR_DERIVATIVE_MESSAGE, STEADY_STATE_MESSAGE_LIST
+from ._result import SteadyStateStatus as S
 
 #: ``g(y, theta, other)``: the right-hand side on flat states; ``theta`` holds the
 #: differentiated inputs, ``other`` the rest.
 Residual = Callable[[Float[Array, " n"], Any, Any], Float[Array, " n"]]
 
 
+def failure_scale(status: Array, throw: bool, dtype) -> Array:
+    """1 when ``status`` is ``SUCCESS``, else NaN (raising instead when ``throw``): the factor of every tangent."""
+    scale = select(status == S.SUCCESS, jnp.asarray(1, dtype), jnp.asarray(jnp.nan, dtype))
+    return raise_on_failure(scale, status, STEADY_STATE_MESSAGE_LIST) if throw else scale
+
+
 def ift_tangent(
-    g: Residual, linear_solver: AbstractLinearSolver, y: Array, theta: Any, other: Any, dtheta: Any, throw: bool
+    g: Residual, linear_solver: AbstractLinearSolver, y: Array, theta: Any, other: Any, dtheta: Any,
+    throw: bool, converged: Array,
 ) -> Array:
-    """``dy* = -J^{-1} (dg/dtheta) dtheta`` at the root ``y`` (see the module docstring)."""
+    """``dy* = -J^{-1} (dg/dtheta) dtheta`` at the root ``y`` (see the module docstring).
+
+    A failed linear solve gives NaN, and raises when ``throw`` and the root
+    ``converged`` (a failed root raises its own error in :func:`failure_scale`).
+    """
     rhs = jax.jvp(lambda th: g(y, th, other), (theta,), (dtheta,))[1]
     matvec, _ = jacobian_operator(lambda v: g(v, theta, other), y)
     # The factorisation is built from constants, so no derivative of it is ever
@@ -54,7 +72,7 @@ def ift_tangent(
 
     def checked(x, ok):
         x = jnp.where(ok, x, jnp.nan)
-        return eqx.error_if(x, ~ok, SINGULAR_DERIVATIVE_MESSAGE) if throw else x
+        return eqx.error_if(x, ~ok & converged, SINGULAR_DERIVATIVE_MESSAGE) if throw else x
 
     def solve(mv, b):
         return checked(*linear_solver.solve_factored(factors, mv, b))
@@ -65,25 +83,44 @@ def ift_tangent(
     return lax.custom_linear_solve(matvec, -rhs, solve, transpose_solve)
 
 
-def implicit_root(
-    method: AbstractSteadyStateMethod, g: Residual, y0: Array, theta: Any, other: Any, tol: Array,
+def find_root(
+    method: AbstractSteadyStateMethod, g: Residual, y0: Array, theta: Any, other: Any, tol: Array, bad: Array,
     max_steps: int, throw: bool,
-) -> tuple[Array, Array, Array]:
-    """``(y*, status, counters)`` from ``method.find``, differentiable in ``theta`` by :func:`ift_tangent`.
+) -> tuple[Array, Array, Array, Array]:
+    """``(y*, status, counters, residual)``, not differentiable, raising on failure when ``throw``.
+
+    ``bad`` is a status code for bad input, 0 for none: the method then starts
+    converged (``tol = inf``) and ``bad`` becomes the status. A failed ``y*`` is
+    NaN; ``residual`` is ``max|g|`` at the method's last iterate (NaN for bad input).
+    """
+    y, status, cnt = method.find(lambda y: g(y, theta, other), y0, select(bad == 0, tol, jnp.inf), max_steps)
+    status = select(bad == 0, status, bad)
+    residual = select(bad == 0, max_abs(g(y, theta, other)), jnp.nan)
+    y = select(status == S.SUCCESS, y, jnp.full_like(y, jnp.nan))
+    out = (y, status, cnt, residual)
+    return check_status(out, status, STEADY_STATE_MESSAGE_LIST) if throw else out
+
+
+def implicit_root(
+    method: AbstractSteadyStateMethod, g: Residual, y0: Array, theta: Any, other: Any, tol: Array, bad: Array,
+    max_steps: int, throw: bool,
+) -> tuple[Array, Array, Array, Array]:
+    """:func:`find_root`, differentiable in ``theta`` by :func:`ift_tangent` times :func:`failure_scale`.
 
     ``y*`` does not depend on ``y0`` (an isolated root does not move when the
-    initial guess does), so ``y0`` gets no derivative.
+    initial guess does), so ``y0`` gets no derivative; nor does the residual.
     """
 
     @jax.custom_jvp
-    def root(y0, theta, other, tol):
-        return method.find(lambda y: g(y, theta, other), y0, tol, max_steps)
+    def root(y0, theta, other, tol, bad):
+        return find_root(method, g, y0, theta, other, tol, bad, max_steps, throw)
 
     @root.defjvp
     def root_jvp(primals, tangents):
-        y0, theta, other, tol = primals
-        y, status, cnt = root(y0, theta, other, tol)
-        dy = ift_tangent(g, method.linear_solver, y, theta, other, tangents[1], throw)
-        return (y, status, cnt), (dy, float0_zeros(status), float0_zeros(cnt))
+        _, theta, other, _, _ = primals
+        y, status, cnt, residual = out = root(*primals)
+        dy = ift_tangent(g, method.linear_solver, y, theta, other, tangents[1], throw, status == S.SUCCESS)
+        dy = dy * failure_scale(status, throw, y.dtype)
+        return out, (dy, float0_zeros(status), float0_zeros(cnt), jnp.zeros_like(residual))
 
-    return root(lax.stop_gradient(y0), theta, other, tol)
+    return root(lax.stop_gradient(y0), theta, other, tol, bad)
