@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._base import AbstractSensitivity, loop_tangent
+from .direct import DEFAULT_MEMORY_BUDGET, check_budget
 from .forward import ForwardSensitivity
 from .interpolating import InterpolatingAdjoint
 
@@ -30,15 +31,23 @@ class Auto(AbstractSensitivity):
     times both on ``y' = tanh(W y + b)`` with growing ``n``: forward sensitivities
     were faster up to ``n (p + 1) = 584`` and slower from ``1884`` (2-core CPU,
     float64); 1024 lies between. See ``benchmarks/README.md``.
+
+    ``memory_budget`` (bytes, default ``DEFAULT_MEMORY_BUDGET`` = 1 GiB, ``None``: no
+    limit) is passed to :class:`InterpolatingAdjoint`: it bounds what the reverse pass
+    keeps of the forward solution. Forward sensitivities keep no per-step record.
     """
 
     max_forward_size: int = eqx.field(static=True, default=1024)
+    memory_budget: int | None = eqx.field(static=True, default=DEFAULT_MEMORY_BUDGET)
+
+    def __check_init__(self):
+        check_budget("Auto", self.memory_budget)
 
     def choose(self, n: int, p: int) -> AbstractSensitivity:
         """The reverse-mode method for ``n`` states and ``p`` differentiated input entries."""
         if n * (p + 1) <= self.max_forward_size:
             return ForwardSensitivity()
-        return InterpolatingAdjoint()
+        return InterpolatingAdjoint(memory_budget=self.memory_budget)
 
     def _chosen(self, y0, ts, params, x) -> AbstractSensitivity:
         dy0, dts, dparams = x
@@ -54,4 +63,4 @@ class Auto(AbstractSensitivity):
 
     def cotangent(self, loop, prob, r, ys_bar, x_struct):
         # Only reached for large problems (small ones take ForwardSensitivity's fused rule).
-        return InterpolatingAdjoint().cotangent(loop, prob, r, ys_bar, x_struct)
+        return InterpolatingAdjoint(memory_budget=self.memory_budget).cotangent(loop, prob, r, ys_bar, x_struct)

@@ -13,6 +13,8 @@ optimal control and the transformed adjoint system", Numer. Math. 87, 2000).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -101,6 +103,20 @@ def _memoryless(solver) -> bool:
     return isinstance(solver, (ExplicitRK, Rosenbrock, Radau5, SDIRK))
 
 
+#: The default ``memory_budget`` of the reverse-mode methods (bytes): 1 GiB.
+DEFAULT_MEMORY_BUDGET = 2**30
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def check_budget(name: str, budget) -> None:
+    """Raise unless ``budget`` is ``None`` or a positive number of bytes."""
+    if budget is not None and not _positive_int(budget):
+        raise ValueError(f"{name}: memory_budget must be None or a positive integer (bytes), got {budget!r}")
+
+
 class Direct(AbstractSensitivity):
     """Differentiation through the discrete solution ("discretise then optimise").
 
@@ -124,12 +140,18 @@ class Direct(AbstractSensitivity):
     Args:
         checkpoints: how many states the reverse pass stores.
 
-            * ``None``: the state at every accepted step (memory ``max_steps * n``).
+            * ``None`` (default): as many as ``memory_budget`` allows (see
+              :func:`plan`): the state at every accepted step (memory
+              ``max_steps * n``) when that fits; else evenly spaced checkpoints
+              with one recomputed segment (below, with ``k = ceil(sqrt(max_steps))``);
+              else checkpoints with each segment run back by recursive bisection;
+              else recursive bisection with as many stored states as fit.
             * An integer ``k``: every ``L = ceil(max_steps / k)``-th accepted step
               (evenly spaced in the step index); each segment of ``L`` steps is
               recomputed before running back through it: memory ``(k + L) * n``
               states, smallest near ``k = sqrt(max_steps)``, at the cost of one
-              more forward step per step.
+              more forward step per step. A ``k`` whose record exceeds
+              ``memory_budget`` raises ``ValueError`` at trace time.
             * ``"recursive"``: recursive bisection (the simplest member of the
               family of Griewank's binomial checkpointing; Griewank and Walther,
               "Evaluating Derivatives", 2nd ed., ch. 12): to run back through
@@ -137,10 +159,18 @@ class Direct(AbstractSensitivity):
               the midpoint, run back through the upper half, then through the
               lower half. At most ``ceil(log2(max_steps)) + 1`` states are stored
               (:func:`stored_states`), for about ``log2(N) / 2`` recomputed forward
-              steps per step.
+              steps per step. When ``memory_budget`` holds fewer, the bisection
+              stops at the depth that fits and recomputes the last step of a
+              segment from its start (quadratic in the segment's length).
 
             Step times and sizes (two scalars per step) are always stored, so the
             recomputed steps repeat the forward pass's exactly.
+        memory_budget: bytes the reverse pass may keep for its record of the
+            accepted steps (step times and sizes, stored and recomputed states;
+            per solve: under ``vmap`` per batch member). Default
+            ``DEFAULT_MEMORY_BUDGET`` (1 GiB); ``None``: no limit. A budget that
+            cannot hold the step times and sizes plus three states raises
+            ``ValueError`` at trace time.
 
     Supported solvers: every built-in one. Explicit Runge-Kutta and Rosenbrock
     steps are differentiated as they are; for ``Radau5`` and the SDIRK family the
@@ -149,12 +179,14 @@ class Direct(AbstractSensitivity):
     solvers raise ``NotImplementedError`` at trace time.
     """
 
-    checkpoints: int | None = eqx.field(static=True, default=None)
+    checkpoints: int | str | None = eqx.field(static=True, default=None)
+    memory_budget: int | None = eqx.field(static=True, default=DEFAULT_MEMORY_BUDGET)
 
     def __check_init__(self):
         c = self.checkpoints
-        if c is not None and c != "recursive" and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+        if c is not None and c != "recursive" and not _positive_int(c):
             raise ValueError(f"Direct: checkpoints must be None, a positive integer or 'recursive', got {c!r}")
+        check_budget("Direct", self.memory_budget)
 
     def check(self, prob):
         if not _memoryless(prob.opts.solver):
@@ -172,36 +204,216 @@ class Direct(AbstractSensitivity):
         return keep_present(x_struct, _replay(self, loop, prob, y0, ts, params, ys_bar))
 
 
-def stored_states(method: Direct, max_steps: int) -> int:
-    """How many states of size ``n`` the reverse pass of ``method`` stores at most."""
-    if method.checkpoints == "recursive":
-        return _stack_depth(max_steps) + 1
-    stride, rows = _layout(method, max_steps)
-    return rows + (stride if stride > 1 else 0)
+def stored_states(method: Direct, max_steps: int, state_bytes: int = 8, time_bytes: int = 8) -> int:
+    """How many states the reverse pass of ``method`` stores at most, for ``max_steps``
+    steps of a state of ``state_bytes`` bytes (and times of ``time_bytes``)."""
+    return plan("Direct", method.checkpoints, method.memory_budget, max_steps, state_bytes, time_bytes).states()
 
 
-def _stack_depth(max_steps: int) -> int:
+def _stack_depth(steps: int) -> int:
     """Pending segments of the recursive bisection: one per level, plus the one being split."""
-    return max(1, math.ceil(math.log2(max(max_steps, 1)))) + 1
+    return max(1, math.ceil(math.log2(max(steps, 1)))) + 1
 
 
-def _layout(method: Direct, max_steps: int) -> tuple[int, int]:
-    """``(stride, rows)``: y is stored every ``stride`` accepted steps, in ``rows`` rows."""
-    if method.checkpoints == "recursive":
-        return max_steps, 1
-    if method.checkpoints is None or method.checkpoints >= max_steps:
-        return 1, max_steps
-    stride = math.ceil(max_steps / method.checkpoints)
-    return stride, math.ceil(max_steps / stride)
+class Layout(NamedTuple):
+    """Which states of the accepted steps the reverse pass stores, and how it gets the others.
+
+    The state at every ``stride``-th accepted step is stored, in ``rows`` rows
+    (``stride == 1``: every state). Otherwise the reverse pass takes the segments
+    of ``stride`` steps last first and recomputes each from its stored state:
+    into a buffer of ``stride`` states (``depth == 0``), or by recursive
+    bisection with a stack of ``depth`` states (:func:`_bisect_back`).
+    """
+
+    stride: int
+    rows: int
+    depth: int = 0
+
+    def states(self) -> int:
+        """States held at most: the stored ones and the segment's buffer or stack."""
+        if self.stride == 1:
+            return self.rows
+        return self.rows + (self.depth or self.stride)
+
+    def bytes(self, max_steps: int, state_bytes: int, time_bytes: int) -> int:
+        """Bytes of the record: two times per step, the states (plus the stored
+        rows' one row for discarded writes) and the stack's segment bounds."""
+        return 2 * max_steps * time_bytes + (self.states() + 1) * state_bytes + 8 * self.depth
 
 
-def _record(method, loop, f, y0, ts, args, opts):
-    """The forward solve plus its record ``(t_buf, h_buf, y_buf)`` of the accepted steps."""
-    stride, rows = _layout(method, opts.max_steps)
-    rec = _Recorder(opts.solver, opts.max_steps, stride, rows, jnp.result_type(ts))
+def _even(max_steps: int, k: int) -> Layout:
+    """``k`` evenly spaced stored states, each segment recomputed into a buffer."""
+    if k >= max_steps:
+        return Layout(1, max_steps)
+    stride = math.ceil(max_steps / k)
+    return Layout(stride, math.ceil(max_steps / stride))
+
+
+def _bisected(max_steps: int, k: int) -> Layout:
+    """``k`` evenly spaced stored states, each segment run back by recursive bisection."""
+    stride = math.ceil(max_steps / k)
+    return Layout(stride, math.ceil(max_steps / stride), _stack_depth(stride))
+
+
+def plan(name: str, checkpoints, budget: int | None, max_steps: int, state_bytes: int, time_bytes: int) -> Layout:
+    """The layout of the reverse pass's record: ``checkpoints`` as :class:`Direct` takes
+    it, within ``budget`` bytes (``None``: no limit), for states of ``state_bytes``.
+
+    ``checkpoints=None`` takes the first layout that fits, in order of the
+    recomputation it costs: every state (none); ``ceil(sqrt(max_steps))``
+    checkpoints with buffered segments (one step per step); ``k`` checkpoints
+    with bisected segments, ``k`` from ``ceil(sqrt(max_steps))`` down to 1
+    (``log2(max_steps / k) / 2`` steps per step); bisection with as deep a stack as
+    fits. An explicit ``checkpoints=k`` that does not fit raises ``ValueError``.
+    """
+
+    def fits(layout):
+        return budget is None or layout.bytes(max_steps, state_bytes, time_bytes) <= budget
+
+    if isinstance(checkpoints, int):
+        layout = _even(max_steps, checkpoints)
+        if not fits(layout):
+            raise ValueError(_too_small(name, f"checkpoints={checkpoints} stores", layout.bytes(
+                max_steps, state_bytes, time_bytes), budget, max_steps, state_bytes)
+                + " Use fewer checkpoints, checkpoints=None (chosen to fit the budget) or a larger memory_budget.")
+        return layout
+    least = Layout(max_steps, 1, 1)
+    if not fits(least):
+        raise ValueError(_too_small(name, "the reverse pass needs at least", least.bytes(
+            max_steps, state_bytes, time_bytes), budget, max_steps, state_bytes)
+            + " Raise memory_budget (None: no limit) or lower max_steps.")
+    for layout in _candidates(checkpoints, max_steps):
+        if fits(layout):
+            return layout
+    # A shallower stack: the bisection stops where it is full (see _bisect_back).
+    spare = budget - least.bytes(max_steps, state_bytes, time_bytes)
+    return Layout(max_steps, 1, 1 + spare // (state_bytes + 8))
+
+
+def _candidates(checkpoints, max_steps: int):
+    """The layouts for ``checkpoints=None`` or ``"recursive"``, least recomputation first."""
+    if checkpoints is None:
+        root = math.ceil(math.sqrt(max_steps))
+        yield Layout(1, max_steps)
+        yield _even(max_steps, root)
+        for k in range(root, 1, -1):
+            yield _bisected(max_steps, k)
+    yield _bisected(max_steps, 1)
+
+
+def _too_small(name, what, need, budget, max_steps, state_bytes) -> str:
+    return (f"{name}: {what} {need} bytes for max_steps={max_steps} steps of a state of {state_bytes} bytes, "
+            f"more than its memory_budget={budget} bytes.")
+
+
+def record(layout: Layout, loop, f, y0, ts, args, opts):
+    """The forward solve plus its record ``(t_buf, h_buf, y_buf)`` of the accepted steps,
+    the states laid out as ``layout`` says."""
+    rec = _Recorder(opts.solver, opts.max_steps, layout.stride, layout.rows, jnp.result_type(ts))
     ys, counters, _, state = loop(f, y0, ts, args, opts._replace(solver=rec, dense=False, return_state=True))
     _, _, t_buf, h_buf, y_buf = state
     return ys, counters, (t_buf, h_buf, y_buf)
+
+
+def record_layout(name, checkpoints, budget, y0, ts, opts) -> Layout:
+    """:func:`plan` for the record of a forward solve from ``y0`` saving at ``ts``."""
+    time_bytes = jnp.dtype(jnp.result_type(ts)).itemsize
+    return plan(name, checkpoints, budget, opts.max_steps, y0.size * y0.dtype.itemsize, time_bytes)
+
+
+def step_function(prob, y0, ts) -> Callable:
+    """``step(t, y, h, diff) -> (y1, dense)``: one step of the solve from ``y0`` saving at
+    ``ts``, exactly as the loop takes it (``diff`` the differentiated arguments)."""
+    static, f, opts = prob.static, prob.f, prob.opts
+    solver = opts.solver
+    direction = time_direction(ts)
+    dtype = y0.dtype
+    tol = Tolerances.for_state(opts.rtol, opts.atol, opts.controller.norm, y0)
+
+    def step(t, y, h, a):
+        rhs = internal_rhs(f, combine(a, static), direction, dtype, opts.jac)
+        state = solver.init(rhs, t, y, rhs(t, y))
+        res = solver.step(rhs, t, y, h.astype(dtype), state, tol)
+        return res.y1, res.dense
+
+    return step
+
+
+def run_back(layout: Layout, num, y_buf, step: Callable, back_step: Callable, c: tuple) -> tuple:
+    """``c = back_step(k, y_k, c)`` for the accepted steps ``k = num - 1, ..., 0``.
+
+    ``y_k`` comes from the record ``y_buf`` (laid out by ``layout``), or is
+    recomputed from the stored state before it with ``step(k, y_k) = y_{k+1}``.
+    """
+    stride, depth = layout.stride, layout.depth
+
+    def stored(k_hi, k_lo, get_y, c):
+        """Steps k_hi - 1 down to k_lo."""
+
+        def body(kc):
+            k = kc[0] - 1
+            return (k,) + tuple(back_step(k, get_y(k), kc[1:]))
+
+        return lax.while_loop(lambda kc: kc[0] > k_lo, body, (k_hi,) + tuple(c))[1:]
+
+    if stride == 1:
+        return stored(num, 0, lambda k: y_buf[k], c)
+    if depth and layout.rows == 1:
+        return _bisect_back(0, num, y_buf[0], step, back_step, c, depth)
+
+    # Segments of `stride` steps, last first, each from its stored state.
+    def seg_body(gc):
+        g = gc[0] - 1
+        lo = g * stride
+        hi = jnp.minimum(lo + stride, num)
+        if depth:
+            return (g,) + tuple(_bisect_back(lo, hi, y_buf[g], step, back_step, gc[1:], depth))
+        seg0 = jnp.zeros((stride,) + y_buf.shape[1:], y_buf.dtype).at[0].set(y_buf[g])
+
+        def fwd(j, seg):
+            return seg.at[j].set(step(lo + j - 1, seg[j - 1]))
+
+        seg = lax.fori_loop(1, hi - lo, fwd, seg0)
+        return (g,) + tuple(stored(hi, lo, lambda k: seg[k - lo], gc[1:]))
+
+    num_seg = (num + stride - 1) // stride
+    return lax.while_loop(lambda gc: gc[0] > 0, seg_body, (num_seg,) + tuple(c))[1:]
+
+
+def _bisect_back(lo, hi, y_lo, step, back_step, c, depth: int):
+    """Run ``back_step`` over steps ``hi - 1 ... lo`` by recursive bisection.
+
+    A stack of pending segments ``[a, b)``, each with its start state. The top
+    one is taken: while the stack has room, a segment of several steps is split
+    at its midpoint: it keeps its lower half and the upper half is pushed on top
+    with the midpoint state, recomputed by ``step``. Otherwise its last step is
+    run back, its start state recomputed from the segment's, and the segment
+    shrinks by that step (popped when empty). A stack of ``_stack_depth(hi - lo)``
+    states always has room (one segment per level of the bisection); a smaller
+    one trades recomputation for memory.
+    """
+    ys = jnp.zeros((depth,) + y_lo.shape, y_lo.dtype).at[0].set(y_lo)
+    los = jnp.zeros((depth,), jnp.int32).at[0].set(lo)
+    his = jnp.zeros((depth,), jnp.int32).at[0].set(hi)
+    top = jnp.where(hi > lo, 1, 0).astype(jnp.int32)
+
+    def body(st):
+        top, ys, los, his, c = st
+        j = top - 1
+        y, a, b = ys[j], los[j], his[j]
+        split = (b - a > 1) & (top < depth)
+        m = jnp.where(split, (a + b) // 2, b - 1)
+        y_m = lax.fori_loop(a, m, lambda k, v: step(k, v), y)
+
+        def push(_):
+            return top + 1, ys.at[j + 1].set(y_m), los.at[j + 1].set(m), his.at[j].set(m).at[j + 1].set(b), c
+
+        def back(_):
+            return jnp.where(m == a, top - 1, top), ys, los, his.at[j].set(m), tuple(back_step(m, y_m, c))
+
+        return lax.cond(split, push, back, None)
+
+    return lax.while_loop(lambda st: st[0] > 0, body, (top, ys, los, his, tuple(c)))[4]
 
 
 def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None):
@@ -213,24 +425,17 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None):
     static, f, opts = prob.static, prob.f, prob.opts
     ts_given = ts
     ts = prob.known_ts if ts is None else ts
-    counters, (t_buf, h_buf, y_buf) = _record(method, loop, f, y0, ts, combine(diff, static), opts)[1:]
+    layout = record_layout("Direct", method.checkpoints, method.memory_budget, y0, ts, opts)
+    counters, (t_buf, h_buf, y_buf) = record(layout, loop, f, y0, ts, combine(diff, static), opts)[1:]
     ts = jnp.asarray(ts)
     solver = opts.solver
-    stride, _ = _layout(method, opts.max_steps)
     dtype, tdtype = y0.dtype, ts.dtype
     n_ts = ts.shape[0]
     direction = time_direction(ts)
     s_ts = direction * ts
-    tol = Tolerances.for_state(opts.rtol, opts.atol, opts.controller.norm, y0)
     num = counters[2]  # accepted steps
     fixed = opts.fixed
-
-    def step_map(t, y, h, a):
-        # The right-hand side exactly as the loop builds it.
-        rhs = internal_rhs(f, combine(a, static), direction, dtype, opts.jac)
-        state = solver.init(rhs, t, y, rhs(t, y))
-        res = solver.step(rhs, t, y, h.astype(dtype), state, tol)
-        return res.y1, res.dense
+    step_map = step_function(prob, y0, ts)
 
     def interp(t, h, s, y, y1, dense):
         theta = ((s - t) / h).astype(dtype)
@@ -284,92 +489,16 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None):
         a_bar = jtu.tree_map(jnp.add, a_bar, ab)
         return (i, y_b + yb, t_b, a_bar, s_bar)
 
-    def run_back(k_hi, k_lo, get_y, c):
-        """Steps k_hi - 1 down to k_lo."""
-
-        def cond(kc):
-            return kc[0] > k_lo
-
-        def body(kc):
-            k = kc[0] - 1
-            return (k,) + tuple(back_step(k, get_y(k), kc[1:]))
-
-        return lax.while_loop(cond, body, (k_hi,) + tuple(c))[1:]
-
     zero_t = jnp.zeros((), tdtype)
     a_bar0 = jtu.tree_map(jnp.zeros_like, diff)
     c = (jnp.asarray(n_ts - 1, jnp.int32), jnp.zeros_like(y0), zero_t, a_bar0, jnp.zeros_like(s_ts))
-    if method.checkpoints == "recursive":
-        c = _bisect_back(num, y_buf[0], lambda k, y: step_map(t_buf[k], y, h_buf[k], diff)[0], back_step, c,
-                         _stack_depth(opts.max_steps))
-    elif stride == 1:
-        c = run_back(num, 0, lambda k: y_buf[k], c)
-    else:
-        # Segments of `stride` steps, last first: recompute the segment's states
-        # from its checkpoint, then run back through it.
-        def seg_cond(gc):
-            return gc[0] > 0
-
-        def seg_body(gc):
-            g = gc[0] - 1
-            lo = g * stride
-            hi = jnp.minimum(lo + stride, num)
-            seg0 = jnp.zeros((stride,) + y0.shape, dtype).at[0].set(y_buf[g])
-
-            def fwd(j, seg):
-                k = lo + j - 1
-                y1, _ = step_map(t_buf[k], seg[j - 1], h_buf[k], diff)
-                return seg.at[j].set(y1)
-
-            seg = lax.fori_loop(1, hi - lo, fwd, seg0)
-            out = run_back(hi, lo, lambda k: seg[k - lo], gc[1:])
-            return (g,) + tuple(out)
-
-        num_seg = (num + stride - 1) // stride
-        c = lax.while_loop(seg_cond, seg_body, (num_seg,) + tuple(c))[1:]
+    c = run_back(layout, num, y_buf, lambda k, y: step_map(t_buf[k], y, h_buf[k], diff)[0], back_step, c)
     _, y_bar, t_bar, a_bar, s_bar = c
     y_bar = y_bar + ys_bar[0]
     s_bar = s_bar.at[0].add(t_bar)
     ts_bar = (direction * s_bar).astype(ts.dtype)
     # A failed forward solve has no derivative: NaN cotangents (its status is returned).
     return nan_if(counters[0] != Status.SUCCESS, (y_bar, None if ts_given is None else ts_bar, a_bar))
-
-
-def _bisect_back(num, y0, step, back_step, c, depth: int):
-    """Run ``back_step`` over steps ``num - 1 ... 0`` by recursive bisection.
-
-    A stack of pending segments ``[lo, hi)``, each with its start state. The top
-    one is popped; a single step is run back; a longer one is split at its
-    midpoint: the lower half is pushed back with the same start state, and the
-    upper half on top of it with the midpoint state, recomputed by ``step``. The
-    stack never holds more than one segment per level of the bisection.
-    """
-    n = y0.shape[0]
-    ys = jnp.zeros((depth, n), y0.dtype).at[0].set(y0)
-    lo = jnp.zeros((depth,), jnp.int32)
-    hi = jnp.zeros((depth,), jnp.int32).at[0].set(num)
-    top = jnp.where(num > 0, 1, 0).astype(jnp.int32)
-
-    def cond(st):
-        return st[0] > 0
-
-    def body(st):
-        top, ys, lo, hi, c = st
-        j = top - 1
-        y, a, b = ys[j], lo[j], hi[j]
-
-        def run_one(_):
-            return top - 1, ys, lo, hi, tuple(back_step(a, y, c))
-
-        def split(_):
-            mid = (a + b) // 2
-            y_mid = lax.fori_loop(a, mid, lambda k, v: step(k, v), y)
-            return (top + 1, ys.at[j + 1].set(y_mid), lo.at[j].set(a).at[j + 1].set(mid),
-                    hi.at[j].set(mid).at[j + 1].set(b), c)
-
-        return lax.cond(b - a == 1, run_one, split, None)
-
-    return lax.while_loop(cond, body, (top, ys, lo, hi, tuple(c)))[4]
 
 
 # ----------------------------------------------------------------------------
