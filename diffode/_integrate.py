@@ -170,8 +170,13 @@ def integrate(
     else:
         f0 = f0 if isinstance(direction, float) and direction > 0 else direction * f0
     state0 = solver.init(rhs, t0, y_flat, f0)
-    # Replaced by the first accepted step before any interpolation reads it.
-    dense0 = finite_filler(jax.eval_shape(solver.dense_zeros, y_flat))
+    dense_spec = jax.eval_shape(solver.dense_zeros, y_flat)
+    # A save time between two step ends is interpolated in the last step. Fixed
+    # steps land on every save time and adaptive ones on t_end, so with two save
+    # times (t0 and t_end) or fixed steps every save is a step end, and the loop
+    # carries no interpolation data (on large states its copies and writes
+    # would dominate each step).
+    interpolating = not fixed and n_ts > 2
 
     # A solver state that is one array shaped like y (explicit Runge-Kutta
     # methods: the FSAL derivative) travels stacked with y as one (2, n) array,
@@ -262,12 +267,14 @@ def integrate(
         scalars=pack(_Scalars(t0, h0 if fixed else land(t0, h0, t_end), t0, zero_t, None, memory0)),
         counters=counters,
         i=i32(0),
-        p_dense=dense0,
         **(dict(y=pair0) if stacked else dict(y=y_flat, state=state0)),
     )
-    # p_y is the whole pair when stacked: copying it is free, where slicing out
-    # y would be a kernel.
-    carry["p_y"] = carry["y"]
+    if interpolating:
+        # Replaced by the first accepted step before any interpolation reads it.
+        carry["p_dense"] = finite_filler(dense_spec)
+        # p_y is the whole pair when stacked: copying it is free, where slicing
+        # out y would be a kernel.
+        carry["p_y"] = carry["y"]
     if dense:
         carry["pieces"] = DenseOutput(
             # Row 0 starts as a zero-length piece at t0, so that evaluate works
@@ -276,7 +283,7 @@ def integrate(
             h=jnp.zeros((max_steps + 1,), tdtype),
             y0=jnp.zeros((max_steps + 1,) + y_flat.shape, dtype).at[0].set(y_flat),
             y1=jnp.zeros((max_steps + 1,) + y_flat.shape, dtype).at[0].set(y_flat),
-            data=jnp.zeros((max_steps + 1,) + dense0.shape, dtype),
+            data=jnp.zeros((max_steps + 1,) + dense_spec.shape, dtype),
             num_pieces=i32(0),
             interpolate=solver.interpolate,
         )
@@ -349,10 +356,10 @@ def integrate(
                 [i32(0), i32(1), accept.astype(jnp.int32), (~accept).astype(jnp.int32), i32(res.num_fevals)]
                 + [i32(res.counts[k]) for k in solver.stat_names]
             ),
-            p_y=c["y"],
-            p_dense=res.dense,
             i=c["i"],
         )
+        if interpolating:
+            new.update(p_y=c["y"], p_dense=res.dense)
         if dense:
             p = c["pieces"]
             row = select(accept, c["counters"][2], max_steps)
@@ -372,13 +379,14 @@ def integrate(
         c = lax.while_loop(step_cond, step_body, dict(c, i=i))
         target = target_of(i)
         s = unpack(c["scalars"])
-        # Times 1 / p_h rather than divided by p_h: a division here would be a
-        # kernel of its own (XLA does not repeat costly scalar work per element).
-        theta = ((target - s.p_t) * s.p_h_inv).astype(dtype)
-        y = y_state(c)[0]
-        p_y = c["p_y"][0] if stacked else c["p_y"]
-        val = solver.interpolate(s.p_h.astype(dtype), p_y, y, c["p_dense"], theta)
-        val = select(target == s.t, y, val)
+        val = y = y_state(c)[0]
+        if interpolating:
+            # Times 1 / p_h rather than divided by p_h: a division here would be a
+            # kernel of its own (XLA does not repeat costly scalar work per element).
+            theta = ((target - s.p_t) * s.p_h_inv).astype(dtype)
+            p_y = c["p_y"][0] if stacked else c["p_y"]
+            val = solver.interpolate(s.p_h.astype(dtype), p_y, y, c["p_dense"], theta)
+            val = select(target == s.t, y, val)
         val = select(s.t >= target, val, jnp.nan)  # not reached after a failure
         return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0, allow_negative_indices=False), c
 

@@ -126,6 +126,42 @@ def test_stage_loop_gradients_match_unrolled_stages(solver_cls):
     np.testing.assert_allclose(looped, reverse, rtol=1e-9)
 
 
+def test_default_stage_form_follows_state_size():
+    # stage_loop=None loops below UNROLL_MIN_SIZE components and unrolls from
+    # there; an explicit True or False is kept whatever the size.
+    from diffode._explicit import UNROLL_MIN_SIZE
+
+    small, large = jnp.zeros(UNROLL_MIN_SIZE - 1), jnp.zeros(UNROLL_MIN_SIZE)
+    assert diffode.Tsit5().loops_stages(small) and not diffode.Tsit5().loops_stages(large)
+    assert diffode.Tsit5(stage_loop=True).loops_stages(large)
+    assert not diffode.Tsit5(stage_loop=False).loops_stages(small)
+
+
+@pytest.mark.parametrize("num_save", [2, 5])
+def test_unrolled_default_matches_stage_loop_on_large_state(num_save):
+    # At UNROLL_MIN_SIZE components the default unrolls the stages; the stage
+    # loop (its stage sums and the interpolation are then dots) computes the
+    # same steps up to rounding in the order of the sums. With 2 save times
+    # there is no interpolation; with 5 the saves between steps interpolate.
+    from diffode._explicit import UNROLL_MIN_SIZE
+
+    n = UNROLL_MIN_SIZE
+    rates = jnp.linspace(0.5, 2.0, n)
+    y0 = jnp.cos(jnp.linspace(0.0, 3.0, n))
+    ts = jnp.linspace(0.0, 2.0, num_save)
+
+    def f(t, y, a):
+        return -a * rates * y + jnp.sin(t)
+
+    def run(stage_loop):
+        return diffode.solve(f, y0, ts, 1.0, solver=diffode.Tsit5(stage_loop=stage_loop), rtol=1e-6, atol=1e-9)
+
+    default, looped = run(None), run(True)
+    assert int(default.status) == 0 and int(default.stats["num_steps"]) > 5
+    assert {k: int(v) for k, v in default.stats.items()} == {k: int(v) for k, v in looped.stats.items()}
+    np.testing.assert_allclose(default.ys, looped.ys, rtol=1e-14, atol=1e-15)
+
+
 # --------------------------------------------------------------------------
 # ButcherTableau validation.
 # --------------------------------------------------------------------------
