@@ -99,3 +99,15 @@ def _raise_on_failure_jvp(messages, primals, tangents):
     one = check_status(jnp.ones((), jnp.float32), status, messages)
     dx = jtu.tree_map(lambda t: t if t.dtype == jax.dtypes.float0 else t * one.astype(t.dtype), tangents[0])
     return raise_on_failure(x, status, messages), dx
+
+
+def failure_scale(status, throw: bool, dtype, messages: tuple[str, ...]):
+    """1 when ``status`` is 0 (success), else NaN: the factor of every tangent of a solve
+    or steady state.
+
+    A failure has no derivative: NaN tangents (and cotangents, by transposition).
+    With ``throw=True`` the factor also carries the error check (``messages[status]``),
+    which no transformation can drop since the derivative depends on it.
+    """
+    scale = jnp.where(status == 0, 1, jnp.nan).astype(dtype)
+    return raise_on_failure(scale, status, messages) if throw else scale

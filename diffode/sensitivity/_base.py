@@ -28,8 +28,8 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, PyTree
 
-from .._solution import MESSAGE_LIST, Status
-from .._util import float0_zeros, raise_on_failure
+from .._solution import MESSAGE_LIST
+from .._util import failure_scale as status_scale, float0_zeros
 from ._linear_map import LinearOp, linear_map, tree_vdot
 
 #: ``loop(f, y0, ts, args, opts) -> (ys, counters, pieces)``: the solve loop, handed over by ``solve``.
@@ -187,16 +187,8 @@ def tangent_inputs(dy0, dts, dparams) -> tuple:
 
 
 def failure_scale(counters: Array, throw: bool, dtype) -> Array:
-    """1, or NaN when the solve failed: the factor of every tangent of a solve.
-
-    A failed solve has no derivative: NaN tangents (and cotangents, by
-    transposition). With ``throw=True`` the factor also carries the error check,
-    which no transformation can drop since the derivative depends on it.
-    """
-    scale = jnp.where(counters[0] == Status.SUCCESS, 1, jnp.nan).astype(dtype)
-    if throw:
-        scale = raise_on_failure(scale, counters[0], MESSAGE_LIST)
-    return scale
+    """:func:`diffode._util.failure_scale` of a solve's status (``counters[0]``)."""
+    return status_scale(counters[0], throw, dtype, MESSAGE_LIST)
 
 
 def split_problem(prob: Problem) -> tuple[PyTree, Problem]:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._linsolve import AbstractLinearSolver
-from .._util import check_status, float0_zeros, raise_on_failure, select
+from .._util import check_status, failure_scale as status_scale, float0_zeros, select
 from ._base import AbstractSteadyStateMethod, jacobian_operator, max_abs
 from ._result import SINGULAR_DERIVATIVE_MESSAGE, STEADY_STATE_MESSAGE_LIST
 from ._result import SteadyStateStatus as S
@@ -49,9 +49,8 @@ Residual = Callable[[Float[Array, " n"], Any, Any], Float[Array, " n"]]
 
 
 def failure_scale(status: Array, throw: bool, dtype) -> Array:
-    """1 when ``status`` is ``SUCCESS``, else NaN (raising instead when ``throw``): the factor of every tangent."""
-    scale = select(status == S.SUCCESS, jnp.asarray(1, dtype), jnp.asarray(jnp.nan, dtype))
-    return raise_on_failure(scale, status, STEADY_STATE_MESSAGE_LIST) if throw else scale
+    """:func:`diffode._util.failure_scale` of a steady state's status."""
+    return status_scale(status, throw, dtype, STEADY_STATE_MESSAGE_LIST)
 
 
 def ift_tangent(
