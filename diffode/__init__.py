@@ -25,6 +25,7 @@ from .sensitivity import (
     ForwardSensitivity,
     InterpolatingAdjoint,
 )
+from ._regularisers import Regularisers
 from ._solution import MESSAGES, Solution, Stats, Status
 from ._solve import solve
 from ._solver import AbstractSolver, FlatRHS, StepResult, Tolerances
@@ -81,6 +82,7 @@ __all__ = [
     "Rosenbrock",
     "RosenbrockTableau",
     "SDIRK",
+    "Regularisers",
     "Solution",
     "solve",
     "Stats",

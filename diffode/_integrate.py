@@ -16,9 +16,10 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._controller import PIDController, initial_step
+from ._regularisers import step_regularisers
 from ._solution import DenseOutput, Status
 from ._solver import AbstractSolver, FlatRHS, Tolerances
-from ._util import finite_filler, select, tree_select
+from ._util import any_member, finite_filler, select, tree_select, under_vmap
 from ._validate import all_finite
 
 
@@ -55,9 +56,6 @@ class _Scalars(NamedTuple):
 
     t: Array
     h: Array  # the next step to attempt (landed on t_end when adaptive)
-    p_t: Array  # start of the last attempted step
-    p_h: Array  # its size
-    p_h_inv: Array  # 1 / p_h (1 when p_h is 0); computed by pack
     memory: Any  # the controller's memory (scalars)
 
 
@@ -122,6 +120,8 @@ class IntegrateOptions(NamedTuple):
     jac: Callable | None = None  # jac(t, y_flat, args) -> (n, n)
     return_state: bool = False  # also return the solver state after the last step
     throw: bool = True  # sensitivity methods: raise when a backward solve fails (else NaN)
+    stop_after: Any = None  # an int32 scalar: stop once more steps than this are accepted
+    regularise: bool = False  # also return the accepted steps' regularisers (explicit RK only)
 
 
 def integrate(
@@ -137,8 +137,11 @@ def integrate(
     Returns ``(ys, counters, pieces)``: the ``(len(ts), n)`` saved states (NaN
     where not reached), the int32 vector ``[status, num_steps, num_accepted,
     num_rejected, num_fevals, *solver.stat_names]`` and, with ``opts.dense``, the
-    accepted steps' interpolants. Input checks happen here at run time and end
-    in the status. ``f0 = f(ts[0], y0, args)`` may be passed when already known.
+    accepted steps' interpolants; then the solver state after the last step with
+    ``opts.return_state``, and the ``[error, stiffness]`` regularisers
+    (:class:`~diffode._regularisers.Regularisers`) with ``opts.regularise``.
+    Input checks happen here at run time and end in the status.
+    ``f0 = f(ts[0], y0, args)`` may be passed when already known.
     The sensitivity methods call this for their forward and backward solves.
     """
     solver, controller, max_steps, dense, fixed = opts.solver, opts.controller, opts.max_steps, opts.dense, opts.fixed
@@ -171,11 +174,10 @@ def integrate(
         f0 = f0 if isinstance(direction, float) and direction > 0 else direction * f0
     state0 = solver.init(rhs, t0, y_flat, f0)
     dense_spec = jax.eval_shape(solver.dense_zeros, y_flat)
-    # A save time between two step ends is interpolated in the last step. Fixed
-    # steps land on every save time and adaptive ones on t_end, so with two save
-    # times (t0 and t_end) or fixed steps every save is a step end, and the loop
-    # carries no interpolation data (on large states its copies and writes
-    # would dominate each step).
+    # A save time between two step ends is interpolated in the step that covers
+    # it. Fixed steps land on every save time and adaptive ones on t_end, so
+    # with two save times (t0 and t_end) or fixed steps every save is a step end
+    # and nothing is interpolated.
     interpolating = not fixed and n_ts > 2
 
     # A solver state that is one array shaped like y (explicit Runge-Kutta
@@ -233,48 +235,50 @@ def integrate(
         h = jnp.minimum(h, rest)
         return select(h >= rest - land_tol * jnp.maximum(jnp.abs(t), jnp.abs(stop)), rest, h)
 
-    # The scalar loop state travels as one vector (see _Scalars): one kernel
-    # per step writes it, where separate scalars cost one kernel each.
+    # The scalar loop state travels as one vector: one kernel per step writes
+    # it, where separate scalars cost one kernel each. Its entries: t, the next
+    # step h, then (saving outside the step loop) the last attempted step's
+    # start p_t, size p_h and 1 / p_h, then the controller's memory.
     memory0 = controller.init(dtype)
     memory_def = jtu.tree_structure(memory0)
     memory_dtypes = [x.dtype for x in jtu.tree_leaves(memory0)]
+    # Outside vmap the steps run in an inner loop that never touches the save
+    # buffer (see "The loop" in docs/design.md); under vmap one loop takes the
+    # steps and saves after each, so that members are not held to each other's
+    # save times.
+    by_steps = under_vmap(y_flat, ts_t, args, f0, [x for x in jtu.tree_leaves(opts) if isinstance(x, jax.Array)])
+    piece = [] if by_steps else [None] * 3
 
-    def pack(s: _Scalars) -> Array:
-        entries = [s.t, s.h, s.p_t, s.p_h, 1 / select(s.p_h == 0, 1, s.p_h), *jtu.tree_leaves(s.memory)]
-        return jnp.stack([jnp.asarray(x, tdtype) for x in entries])
+    def pack(t, h, memory, last=()) -> Array:
+        entries = [t, h, *last]
+        if last:
+            entries.append(1 / select(last[1] == 0, 1, last[1]))
+        return jnp.stack([jnp.asarray(x, tdtype) for x in entries + jtu.tree_leaves(memory)])
 
-    def unpack(v: Array) -> _Scalars:
-        t, h, p_t, p_h, p_h_inv, *memory = _unstack(v)
+    def unpack(v: Array):
+        t, h, *rest = _unstack(v)
+        last, memory = rest[: len(piece)], rest[len(piece):]
         memory = [m.astype(d) for m, d in zip(memory, memory_dtypes)]
-        return _Scalars(t, h, p_t, p_h, p_h_inv, jtu.tree_unflatten(memory_def, memory))
+        return _Scalars(t, h, jtu.tree_unflatten(memory_def, memory)), last
 
     def y_state(c):
         return (c["y"][0], c["y"][1]) if stacked else (c["y"], c["state"])
 
-    # Two nested loops. The outer one walks the save times; the inner one takes
-    # steps until the last accepted step (the "piece" [p_t, p_t + p_h] with
-    # start p_y, end y and interpolation data p_dense) covers the save time. The
-    # inner loop never touches the (large) save buffer: XLA's CPU runtime runs a
-    # loop body sequentially, without thread-pool overhead per kernel, only
-    # while its buffers are small, and that decides speed on small problems.
-    zero_t = jnp.zeros((), tdtype)
+    h_start = h0 if fixed else land(t0, h0, t_end)
     carry = dict(
         # Adaptive steps land on t_end: each step is landed as soon as it is
         # proposed, in the kernel that packs the scalars (landing it at the start
         # of a step would be a kernel of its own). Fixed steps land on the save
         # times, which change between save points: they are landed at the start.
         # p_h = 0: no step yet (the save at ts[0] is y0 itself).
-        scalars=pack(_Scalars(t0, h0 if fixed else land(t0, h0, t_end), t0, zero_t, None, memory0)),
+        scalars=pack(t0, h_start, memory0, () if by_steps else (t0, jnp.zeros((), tdtype))),
         counters=counters,
-        i=i32(0),
         **(dict(y=pair0) if stacked else dict(y=y_flat, state=state0)),
     )
-    if interpolating:
-        # Replaced by the first accepted step before any interpolation reads it.
-        carry["p_dense"] = finite_filler(dense_spec)
-        # p_y is the whole pair when stacked: copying it is free, where slicing
-        # out y would be a kernel.
-        carry["p_y"] = carry["y"]
+    if opts.regularise:
+        if not stacked or fixed:
+            raise ValueError("regularise=True needs an adaptive explicit Runge-Kutta solver (such as Tsit5)")
+        carry["reg"] = jnp.zeros((2,), dtype)
     if dense:
         carry["pieces"] = DenseOutput(
             # Row 0 starts as a zero-length piece at t0, so that evaluate works
@@ -290,15 +294,23 @@ def integrate(
 
     def target_of(i):
         # ts[i] is read where it is used: XLA fuses the read into each reader,
-        # where a read of its own would be a kernel.
+        # where a read of its own would be a kernel. (Clamped: i may be n_ts.)
         return lax.dynamic_index_in_dim(s_ts, i, keepdims=False, allow_negative_indices=False)
 
-    def step_cond(c):
+    def going(c, t):
         n = c["counters"]
-        return (unpack(c["scalars"]).t < target_of(c["i"])) & (n[0] == Status.SUCCESS) & (n[1] < max_steps)
+        ok = (n[0] == Status.SUCCESS) & (n[1] < max_steps) & (unpack(c["scalars"])[0].t < t)
+        return ok if opts.stop_after is None else ok & (n[2] <= opts.stop_after)
 
-    def step_body(c):
-        s = unpack(c["scalars"])
+    def attempt(c, active):
+        """One attempted step from the carry ``c``: the carry after it (but the save
+        index and buffer), and what saving needs: ``(accept, t, h, y, y1, dense, t_new)``.
+
+        ``active`` is ``True`` (a Python bool) in the step loop outside vmap;
+        under vmap it is False for a member that is done, and the attempt is then
+        a rejected step that changes nothing.
+        """
+        s, _ = unpack(c["scalars"])
         t, memory = s.t, s.memory
         y, state = y_state(c)
         stop = target_of(c["i"]) if fixed else t_end
@@ -314,16 +326,18 @@ def integrate(
             err = select(ok, err, jnp.inf)
             finite = jnp.isfinite(err)
             accept, h_prop, memory = controller.adapt(h_try, err, order, memory)
+        if active is not True:
+            accept = accept & active
         # The step landed on stop exactly when h_try == stop - t (else h_try < stop - t).
         t_new = select(accept, select(h_try == stop - t, stop, t + h_try), t)
         h_next = h_prop if fixed else land(t_new, h_prop, t_end)
-        # The last attempted step is p_t, p_h; the inner loop only ends on an
-        # accepted step, so outside it this is the last accepted one.
-        scalars = pack(_Scalars(t_new, h_next, t, h_try, None, memory))
-        # The status reads t_new and the next step back from the vector: using
-        # the values themselves a second time would make each a kernel of its own.
-        # (The barrier keeps XLA from folding the reads back into those values.)
-        s_new = unpack(lax.optimization_barrier(scalars))
+        scalars = pack(t_new, h_next, memory, () if by_steps else (t, h_try))
+        if active is not True:
+            scalars = select(active, scalars, c["scalars"])
+        # The status reads the next step back from the vector: using the value
+        # itself a second time would make it a kernel of its own. (The barrier
+        # keeps XLA from folding the read back into that value.)
+        s_new, _ = unpack(lax.optimization_barrier(scalars))
 
         status = c["counters"][0]
         if fixed:
@@ -345,21 +359,22 @@ def integrate(
                 status = select(at_min & (status == Status.SUCCESS), Status.DT_MIN_REACHED, status)
         out_of_steps = (c["counters"][1] + 1 >= max_steps) & (s_new.t < t_end) & (status == Status.SUCCESS)
         status = select(out_of_steps, Status.MAX_STEPS_REACHED, status)
+        increments = jnp.stack(
+            [i32(0), i32(1), accept.astype(jnp.int32), (~accept).astype(jnp.int32), i32(res.num_fevals)]
+            + [i32(res.counts[k]) for k in solver.stat_names]
+        )
+        if active is not True:
+            status = select(active, status, c["counters"][0])
+            increments = active.astype(jnp.int32) * increments
 
         if stacked:
             new = dict(y=select(accept, jnp.stack([res.y1, res.state]), jnp.stack([y, res.rejected_state])))
         else:
             new = dict(y=select(accept, res.y1, y), state=tree_select(accept, res.state, res.rejected_state))
-        new.update(
-            scalars=scalars,
-            counters=c["counters"].at[0].set(jnp.asarray(status, jnp.int32)) + jnp.stack(
-                [i32(0), i32(1), accept.astype(jnp.int32), (~accept).astype(jnp.int32), i32(res.num_fevals)]
-                + [i32(res.counts[k]) for k in solver.stat_names]
-            ),
-            i=c["i"],
-        )
-        if interpolating:
-            new.update(p_y=c["y"], p_dense=res.dense)
+        new.update(scalars=scalars, counters=c["counters"].at[0].set(jnp.asarray(status, jnp.int32)) + increments)
+        if opts.regularise:
+            reg = step_regularisers(y, res.y1, res.y_error, state, res.state, h_try, rtol, atol)
+            new["reg"] = c["reg"] + select(accept, reg, jnp.zeros_like(reg))
         if dense:
             p = c["pieces"]
             row = select(accept, c["counters"][2], max_steps)
@@ -369,36 +384,111 @@ def integrate(
                 y0=put(p.y0, y), y1=put(p.y1, res.y1), data=put(p.data, res.dense),
                 num_pieces=c["counters"][2] + accept.astype(jnp.int32), interpolate=p.interpolate,
             )
-        return new
+        return new, (accept, t, h_try, y, res.y1, res.dense, t_new)
 
-    def save_cond(oc):
-        return oc[0] < n_ts
-
-    def save_body(oc):
-        i, ys, c = oc
-        c = lax.while_loop(step_cond, step_body, dict(c, i=i))
-        target = target_of(i)
-        s = unpack(c["scalars"])
-        val = y = y_state(c)[0]
-        if interpolating:
-            # Times 1 / p_h rather than divided by p_h: a division here would be a
-            # kernel of its own (XLA does not repeat costly scalar work per element).
-            theta = ((target - s.p_t) * s.p_h_inv).astype(dtype)
-            p_y = c["p_y"][0] if stacked else c["p_y"]
-            val = solver.interpolate(s.p_h.astype(dtype), p_y, y, c["p_dense"], theta)
-            val = select(target == s.t, y, val)
-        val = select(s.t >= target, val, jnp.nan)  # not reached after a failure
-        return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0, allow_negative_indices=False), c
-
-    # The save loop starts at ts[0] itself: there the step loop takes no step and
-    # the save is y0, so the buffer's initial value is never read and can be a
-    # literal placeholder (writing y0 into zeros would be a kernel to compile).
-    ys0 = finite_filler(jax.ShapeDtypeStruct((n_ts,) + y_flat.shape, dtype))
-    _, ys, out = lax.while_loop(save_cond, save_body, (i32(0), ys0, carry))
+    # Both loops start at ts[0], whose save is y0 itself.
+    if by_steps:
+        out, ys = _save_after_each_step(carry, y_flat, n_ts, dtype, interpolating, solver, target_of, going, t_end,
+                                        attempt)
+    else:
+        out, ys = _steps_between_saves(carry, y_flat, n_ts, dtype, interpolating, solver, target_of, going, unpack,
+                                       y_state, attempt)
     pieces = None
     if dense:
         p = out["pieces"]
         pieces = DenseOutput(p.t_start[:-1], p.h[:-1], p.y0[:-1], p.y1[:-1], p.data[:-1], p.num_pieces, p.interpolate)
+    outs = (ys, out["counters"], pieces)
     if opts.return_state:
-        return ys, out["counters"], pieces, y_state(out)[1]
-    return ys, out["counters"], pieces
+        outs += (y_state(out)[1],)
+    if opts.regularise:
+        outs += (out["reg"],)
+    return outs
+
+
+def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, unpack, y_state, attempt):
+    """The loop outside vmap: an outer loop over the save times, and an inner one that
+    takes steps until the last accepted step covers the next save time.
+
+    The inner loop carries no save buffer: XLA's CPU runtime runs a loop body
+    sequentially, without thread-pool overhead per kernel, only while its
+    buffers are small, and that decides speed on small problems. It carries the
+    last step's start and interpolation data instead (``p_y``, ``p_dense``).
+    Returns the final carry and the saves.
+    """
+    carry = dict(carry, i=jnp.asarray(0, jnp.int32))
+    if interpolating:
+        # Replaced by the first accepted step before any interpolation reads it.
+        carry.update(p_dense=finite_filler(jax.eval_shape(solver.dense_zeros, y0)), p_y=carry["y"])
+
+    def step_body(c):
+        new, (accept, t, h, y, y1, dense, t_new) = attempt(c, True)
+        new["i"] = c["i"]
+        if interpolating:
+            # p_y is the whole pair when y travels with the FSAL derivative:
+            # copying it is free, where slicing out y would be a kernel.
+            new.update(p_y=c["y"], p_dense=dense)
+        return new
+
+    def save_body(oc):
+        i, ys, c = oc
+        target = target_of(i)
+        c = lax.while_loop(lambda c: going(c, target), step_body, dict(c, i=i))
+        s, (p_t, p_h, p_h_inv) = unpack(c["scalars"])
+        val = y = y_state(c)[0]
+        if interpolating:
+            theta = ((target - p_t) * p_h_inv).astype(dtype)
+            p_y = y_state(dict(c, y=c["p_y"]))[0]
+            val = solver.interpolate(p_h.astype(dtype), p_y, y, c["p_dense"], theta)
+            val = select(target == s.t, y, val)
+        val = select(s.t >= target, val, jnp.nan)  # not reached after a failure
+        return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0, allow_negative_indices=False), c
+
+    # The buffer's initial value is never read (the first save is y0), so it can
+    # be a literal placeholder (writing y0 into zeros would be a kernel to compile).
+    ys0 = finite_filler(jax.ShapeDtypeStruct((n_ts,) + y0.shape, dtype))
+    _, ys, out = lax.while_loop(lambda oc: oc[0] < n_ts, save_body, (jnp.asarray(0, jnp.int32), ys0, carry))
+    return out, ys
+
+
+def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, t_end, attempt):
+    """The loop under vmap: one loop over steps; after each accepted step an inner loop
+    saves every save time the step covers, from the step's interpolant.
+
+    The loop runs until the last member is done (:func:`any_member`): a finished
+    member's iterations are rejected steps that change nothing. The save buffer
+    has one extra row, where the writes of a member whose step covers no save
+    time go, so that no iteration selects between two copies of a buffer (nor of
+    the dense output or a sensitivity method's step record). Returns the final
+    carry and the saves.
+    """
+    nan_ys = jnp.full((n_ts + 1,) + y0.shape, jnp.nan, dtype)
+    carry = dict(carry, i=jnp.asarray(1, jnp.int32), ys=lax.dynamic_update_index_in_dim(nan_ys, y0, 0, 0))
+
+    def save(i, ys, accept, t, h, y, y1, dense_data, t_new):
+        def due(i):
+            return accept & (i < n_ts) & (target_of(i) <= t_new)
+
+        def write(i, ys, val):
+            do = due(i)
+            return i + do.astype(jnp.int32), lax.dynamic_update_index_in_dim(ys, val, select(do, i, n_ts), 0)
+
+        if not interpolating:
+            # Every save time is a step end, and a step ends on at most one.
+            return write(i, ys, y1)
+        h_inv = 1 / select(h == 0, 1, h)
+
+        def body(iy):
+            i, ys = iy
+            target = target_of(i)
+            val = solver.interpolate(h.astype(dtype), y, y1, dense_data, ((target - t) * h_inv).astype(dtype))
+            return write(i, ys, select(target == t_new, y1, val))
+
+        return lax.while_loop(lambda iy: any_member(due(iy[0])), body, (i, ys))
+
+    def step_body(c):
+        new, (accept, t, h, y, y1, dense, t_new) = attempt(c, going(c, t_end))
+        new["i"], new["ys"] = save(c["i"], c["ys"], accept, t, h, y, y1, dense, t_new)
+        return new
+
+    out = lax.while_loop(lambda c: any_member(going(c, t_end)), step_body, carry)
+    return out, out["ys"][:n_ts]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Callable
+from typing import Any, Callable
 
 import equinox as eqx
 import jax
@@ -147,6 +147,8 @@ class Solution(eqx.Module):
         stats: ``num_steps``, ``num_accepted``, ``num_rejected``, ``num_fevals``
             and any solver-specific counters.
         status: 0 on success; see :class:`Status` and :attr:`message`.
+        regularisers: with ``solve(..., regularise=True)``, the solver-heuristic
+            regularisers (:class:`diffode.Regularisers`), else ``None``.
     """
 
     ts: Array
@@ -154,6 +156,7 @@ class Solution(eqx.Module):
     stats: Stats
     status: Int[Array, ""]
     dense_output: DenseOutput | None = None
+    regularisers: Any = None
     direction: Array | None = None
     unravel: Callable | None = eqx.field(static=True, default=None)
 

@@ -24,7 +24,9 @@ from ._solver import AbstractSolver
 from ._util import raise_on_failure
 from ._validate import check_max_steps, check_y0, rhs_structure_problem
 from .sensitivity import AbstractSensitivity, Auto, Direct, Problem, split_args
-from .sensitivity.direct import dense_solve
+from .sensitivity.direct import direct_solve
+from ._regularisers import Regularisers
+from ._explicit import ExplicitRK
 
 _COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
 
@@ -63,6 +65,7 @@ def _solve(
     sensitivity: Any = None,
     throw: bool = True,
     dense: bool = False,
+    regularise: bool = False,
     final_check: bool = True,  # private: False leaves the final status check to the caller
 ) -> Solution:
     """Solve ``dy/dt = f(t, y, args)`` from ``ts[0]`` to ``ts[-1]``, saving at every ``ts``.
@@ -99,6 +102,12 @@ def _solve(
         dense: keep every step's interpolant so that ``sol.evaluate(t)`` works. The
             interpolant is differentiated as :class:`Direct` does (forward mode through
             the steps, reverse mode by replaying them), whatever ``sensitivity`` is.
+        regularise: also return ``sol.regularisers`` (:class:`Regularisers`): the
+            accepted steps' integrated error estimate and stiffness estimate, for
+            adding ``lambda * sol.regularisers.error`` to a training loss (Pal et al.,
+            ICML 2021). Needs an adaptive explicit Runge-Kutta solver; differentiated
+            as :class:`Direct` does (``sensitivity`` must be ``None``, ``Auto`` or
+            ``Direct``).
 
     Returns:
         A :class:`Solution`.
@@ -170,13 +179,20 @@ def _solve(
         max_steps=max_steps, dense=dense, jac=None if jac is None else jac_flat, throw=throw,
     )
     method = Auto() if sensitivity is None else sensitivity
+    if regularise:
+        _check_regularise(solver, fixed, method)
+        opts = opts._replace(regularise=True)
     params, static = split_args((fc, jc, args))
     known_ts = known_value(ts_t)
     prob = Problem(f_flat, static, opts, known_ts)
     ts_arg = None if known_ts is not None else ts_t
-    if dense:
-        # The interpolation pieces are discrete data: Direct's rules differentiate them.
-        ys, counters, pieces = dense_solve(Direct(), integrate, prob, y_flat, ts_arg, params)
+    reg = None
+    if dense or regularise:
+        # Interpolation pieces and regularisers are discrete data: Direct's rules differentiate them.
+        direct = method if isinstance(method, Direct) else (
+            Direct(memory_budget=method.memory_budget) if isinstance(method, Auto) else Direct())
+        ys, counters, pieces, reg = direct_solve(direct, integrate, prob, y_flat, ts_arg, params)
+        reg = None if reg is None else Regularisers(reg[..., 0], reg[..., 1])
     else:
         ys, counters = method.apply(integrate, prob, y_flat, ts_arg, params)
         pieces = None
@@ -191,9 +207,25 @@ def _solve(
         stats=Stats(counters, stat_names, offset=1),
         status=status,
         dense_output=pieces,
+        regularisers=reg,
         direction=direction,
         unravel=unravel,
     )
+
+
+def _check_regularise(solver, fixed: bool, method) -> None:
+    """Raise unless ``solve(..., regularise=True)`` can compute and differentiate the regularisers."""
+    if not isinstance(solver, ExplicitRK) or fixed:
+        raise ValueError(
+            f"regularise=True needs an adaptive explicit Runge-Kutta solver (such as Tsit5), got "
+            f"{type(solver).__name__}{' with fixed steps' if fixed else ''}: the regularisers are its error "
+            "estimate and the stiffness estimate from its first and last stages"
+        )
+    if not isinstance(method, (Auto, Direct)):
+        raise ValueError(
+            f"regularise=True is differentiated by Direct (the regularisers are sums over the solver's "
+            f"discrete steps, which {type(method).__name__} does not replay): use sensitivity=None, Auto() or Direct()"
+        )
 
 
 def _flat_tolerance(name: str, tol, y0):

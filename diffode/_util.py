@@ -10,6 +10,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.custom_batching import custom_vmap
 
 
 def select(pred, on_true, on_false):
@@ -111,3 +112,49 @@ def failure_scale(status, throw: bool, dtype, messages: tuple[str, ...]):
     """
     scale = jnp.where(status == 0, 1, jnp.nan).astype(dtype)
     return raise_on_failure(scale, status, messages) if throw else scale
+
+
+@custom_vmap
+def any_member(pred):
+    """``pred`` itself; under ``jax.vmap``, whether it holds for any member of the batch (unbatched).
+
+    The predicate of a loop whose members finish at different iterations: with a
+    batched predicate ``lax.while_loop`` selects between the old and the new value
+    of its whole carry on every iteration (buffers of ``max_steps`` rows
+    included). With this one the loop runs until the last member is done, and
+    its body makes a finished member's iteration a no-op where it is cheap (a
+    rejected step, a write to a discarded row).
+    """
+    return pred
+
+
+@any_member.def_vmap
+def _any_member_vmap(axis_size, in_batched, pred):
+    (batched,) = in_batched
+    return (jnp.any(pred) if batched else pred), False
+
+
+def under_vmap(*trees) -> bool:
+    """Whether any array in ``trees`` is batched by a ``jax.vmap`` being traced.
+
+    Decided at trace time: a probe (``custom_vmap``) whose batching rule JAX calls
+    while it traces the vmap, and only then. Used to pick the loop structure
+    that suits a batch; when the rule is not called (nothing batched) the
+    unbatched structure is used, which is correct under vmap too.
+    """
+    leaves = [x for x in jtu.tree_leaves(trees) if isinstance(x, jax.Array)]
+    if not leaves:
+        return False
+    seen = []
+
+    @custom_vmap
+    def probe(xs):
+        return xs[0]
+
+    @probe.def_vmap
+    def _rule(axis_size, in_batched, xs):
+        seen.append(True)
+        return xs[0], in_batched[0][0]
+
+    probe(leaves)
+    return bool(seen)

@@ -103,7 +103,9 @@ def test_auto_choice():
     # choose(n, p): n states, p differentiated inputs.
     auto = diffode.Auto()
     assert isinstance(auto.choose(2, 4), diffode.ForwardSensitivity)
-    assert isinstance(auto.choose(64, 1000), diffode.InterpolatingAdjoint)
+    assert isinstance(auto.choose(64, 1000), diffode.Direct)
+    assert isinstance(auto.choose(64, 1000, diffode.Tsit5()), diffode.Direct)
+    assert isinstance(auto.choose(64, 1000, diffode.Kvaerno5()), diffode.InterpolatingAdjoint)
     # Never the backsolve adjoint, whatever the sizes.
     for n in (1, 8, 200):
         assert not isinstance(auto.choose(n, n), diffode.BacksolveAdjoint)

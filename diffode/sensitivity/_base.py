@@ -87,6 +87,14 @@ class AbstractSensitivity(eqx.Module):
     def cotangent(self, loop: Loop, prob: Problem, r, ys_bar, x_struct) -> tuple:
         raise NotImplementedError
 
+    def cotangent_batched(self, loop: Loop, prob_static: Problem, r, ys_bar, x_struct, r_axes, x_axes, size: int):
+        """Optionally, :meth:`cotangent` for a ``jax.vmap`` batch of ``size`` solves at once
+        (``r`` and ``ys_bar`` batched along ``r_axes`` and 0; ``prob_static`` the problem
+        without its arrays, which are ``r[-1]``): the input cotangents batched along 0
+        where ``x_axes`` has an axis and summed over the batch where it has none. ``None``
+        (the default) vmaps :meth:`cotangent` and sums afterwards."""
+        return None
+
     def check(self, prob: Problem) -> None:
         """Raise at trace time when the method cannot differentiate this problem."""
 
@@ -234,6 +242,9 @@ class SolveOp(ProblemOp):
     def transpose(self, r, y):
         r, prob = self.unpack(r)
         return self.method.cotangent(self.loop, prob, r, y, self.x_struct)
+
+    def transpose_batched(self, r, y, r_axes, x_axes, size):
+        return self.method.cotangent_batched(self.loop, self.prob_static, r, y, self.x_struct, r_axes, x_axes, size)
 
     def vjp_res(self, r, x, c):
         core, prob = self.unpack(r)

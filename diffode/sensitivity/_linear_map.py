@@ -142,6 +142,14 @@ class _Batched(LinearOp):
         return self._vmap(self.op.apply, (self.r_axes, self.x_axes))(r, x)
 
     def transpose(self, r, y):
+        # An op may transpose the whole batch itself (``transpose_batched``):
+        # the cotangent of an input the members share is then a sum it forms
+        # as it goes, rather than one copy per member summed at the end.
+        batched = getattr(self.op, "transpose_batched", None)
+        out = None if batched is None else batched(r, y, self.r_axes, self.x_axes, self.size)
+        if out is not None:
+            return jtu.tree_map(lambda v, ax: v if v is None or ax is None else jnp.moveaxis(v, 0, ax),
+                                out, self.x_axes, is_leaf=lambda v: v is None)
         out = self._vmap(self.op.transpose, (self.r_axes, 0))(r, y)
         return jtu.tree_map(_move_batch, out, self.x_axes, is_leaf=lambda v: v is None)
 

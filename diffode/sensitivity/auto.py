@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._base import AbstractSensitivity, loop_tangent
-from .direct import DEFAULT_MEMORY_BUDGET, check_budget
+from .._explicit import ExplicitRK
+from .direct import DEFAULT_MEMORY_BUDGET, Direct, check_budget
 from .forward import ForwardSensitivity
 from .interpolating import InterpolatingAdjoint
 
@@ -23,44 +24,67 @@ class Auto(AbstractSensitivity):
       in forward and reverse mode alike;
     * otherwise forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
       differentiates through the solver's steps, and reverse mode is
-      :class:`InterpolatingAdjoint`, which is stable on stiff problems. Backsolve is
-      never picked: re-solving ``y`` backwards is unstable for stiff
-      (implicit-solver) problems and gains only memory.
+      :class:`Direct` for explicit solvers and :class:`InterpolatingAdjoint` for
+      implicit ones. Backsolve is never picked: re-solving ``y`` backwards is
+      unstable for stiff (implicit-solver) problems and gains only memory.
 
-    ``max_forward_size`` comes from ``python -m benchmarks.auto_threshold``, which
-    times both on ``y' = tanh(W y + b)`` with growing ``n``: forward sensitivities
-    were faster up to ``n (p + 1) = 584`` and slower from ``1884`` (2-core CPU,
-    float64); 1024 lies between. See ``benchmarks/README.md``.
+    The rule is measured by ``python -m benchmarks.auto_threshold`` (gradient run
+    times, interleaved, 2-core CPU, float64; tables in ``benchmarks/README.md``):
+
+    * unbatched ``y' = tanh(W y + b)`` with Tsit5: ``ForwardSensitivity`` was 1.4x
+      faster than ``Direct`` at ``n (p + 1) = 84`` and 1.9x slower at 584; from 584
+      on ``Direct`` beat every other method, ``InterpolatingAdjoint`` by 2-37x;
+    * a neural ODE (MLP 2-16-16-2 or 2-64-64-2, ``vmap`` over 32 or 256 initial
+      states, shared parameters): ``Direct`` fastest, 60-100x ahead of
+      ``ForwardSensitivity`` and 60-430x ahead of ``InterpolatingAdjoint``;
+    * the stiff 1-D Brusselator (``p = 3``) with ``Rodas5P`` or ``Kvaerno5``: all
+      methods within 1.5x at ``n (p + 1) = 64``; from 256 on
+      ``InterpolatingAdjoint`` was fastest, ``Direct`` 3-27x and
+      ``ForwardSensitivity`` 25-36x slower (each implicit step replayed or
+      augmented costs a new factorisation of a larger matrix).
+
+    Hence ``max_forward_size = 128``, ``Direct`` above it for explicit solvers and
+    ``InterpolatingAdjoint`` for implicit ones.
 
     ``memory_budget`` (bytes, default ``DEFAULT_MEMORY_BUDGET`` = 1 GiB, ``None``: no
-    limit) is passed to :class:`InterpolatingAdjoint`: it bounds what the reverse pass
+    limit) is passed to the reverse-mode method: it bounds what the reverse pass
     keeps of the forward solution. Forward sensitivities keep no per-step record.
     """
 
-    max_forward_size: int = eqx.field(static=True, default=1024)
+    max_forward_size: int = eqx.field(static=True, default=128)
     memory_budget: int | None = eqx.field(static=True, default=DEFAULT_MEMORY_BUDGET)
 
     def __check_init__(self):
         check_budget("Auto", self.memory_budget)
 
-    def choose(self, n: int, p: int) -> AbstractSensitivity:
-        """The reverse-mode method for ``n`` states and ``p`` differentiated input entries."""
+    def choose(self, n: int, p: int, solver=None) -> AbstractSensitivity:
+        """The reverse-mode method for ``n`` states, ``p`` differentiated input entries and
+        ``solver`` (``None``: an explicit one)."""
         if n * (p + 1) <= self.max_forward_size:
             return ForwardSensitivity()
+        if solver is None or isinstance(solver, ExplicitRK):
+            return Direct(memory_budget=self.memory_budget)
         return InterpolatingAdjoint(memory_budget=self.memory_budget)
 
-    def _chosen(self, y0, ts, params, x) -> AbstractSensitivity:
+    def _chosen(self, prob, y0, ts, params, x) -> AbstractSensitivity:
         dy0, dts, dparams = x
         p = (0 if dy0 is None else jnp.size(y0)) + (0 if dts is None else jnp.size(ts))
         p += sum(jtu.tree_leaves(jtu.tree_map(lambda v, d: 0 if d is None else jnp.size(v), params, dparams)))
-        return self.choose(jnp.size(y0), p)
+        return self.choose(jnp.size(y0), p, prob.opts.solver)
 
     def fused_jvp(self, loop, prob, primals, x):
-        return self._chosen(primals[0], primals[1], primals[2], x).fused_jvp(loop, prob, primals, x)
+        return self._chosen(prob, primals[0], primals[1], primals[2], x).fused_jvp(loop, prob, primals, x)
 
     def tangent(self, loop, prob, r, x):
         return loop_tangent(loop, prob, r, x)
 
-    def cotangent(self, loop, prob, r, ys_bar, x_struct):
+    def _reverse(self, solver) -> AbstractSensitivity:
         # Only reached for large problems (small ones take ForwardSensitivity's fused rule).
-        return InterpolatingAdjoint(memory_budget=self.memory_budget).cotangent(loop, prob, r, ys_bar, x_struct)
+        return self.choose(self.max_forward_size + 1, self.max_forward_size, solver)
+
+    def cotangent(self, loop, prob, r, ys_bar, x_struct):
+        return self._reverse(prob.opts.solver).cotangent(loop, prob, r, ys_bar, x_struct)
+
+    def cotangent_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size):
+        method = self._reverse(prob_static.opts.solver)
+        return method.cotangent_batched(loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size)

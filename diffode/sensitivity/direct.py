@@ -12,6 +12,7 @@ optimal control and the transformed adjoint system", Numer. Math. 87, 2000).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -28,6 +29,7 @@ from .._integrate import internal_rhs, time_direction
 from .._radau import Radau5
 from .._rosenbrock import Rosenbrock
 from .._solution import DenseOutput, Status
+from .._regularisers import step_regularisers
 from .._solver import Tolerances
 from .._util import float0_zeros, select
 from ._base import (
@@ -57,8 +59,9 @@ class _Recorder:
     """Wraps a solver for :func:`integrate`; records every accepted step's ``t`` and ``h``
     and the state ``y`` at every ``stride``-th accepted step (rows ``0, 1, ...``)."""
 
-    def __init__(self, solver, max_steps: int, stride: int, rows: int, tdtype):
+    def __init__(self, solver, max_steps: int, stride: int, rows: int, tdtype, ring: bool = False):
         self.solver, self.max_steps, self.stride, self.rows, self.tdtype = solver, max_steps, stride, rows, tdtype
+        self.ring = ring  # step k in row k % rows (stride 1): the last `rows` steps
         self.stat_names = solver.stat_names
 
     def __getattr__(self, name):  # order, error_order, embedded, implicit, ...
@@ -71,22 +74,30 @@ class _Recorder:
         return self.solver.interpolate(h, y0, y1, dense, theta)
 
     def init(self, f, t0, y0, f0):
+        # One time row more than the steps recorded: a finished member of a
+        # vmapped batch keeps writing its rejected attempts at row num_accepted,
+        # and a short record (stride 1, rows < max_steps) drops its later steps
+        # there. Row 0 starts as a step of size 0 from (t0, y0): a batched
+        # replay reads it, with a zero cotangent, for members with no steps left.
+        time_rows = self.rows if self.ring else (self.rows if self.stride == 1 else self.max_steps) + 1
+        y_rows = self.rows if self.ring else self.rows + 1  # last row: discarded writes
         return (
             self.solver.init(f, t0, y0, f0),
             jnp.zeros((), jnp.int32),
-            jnp.zeros((self.max_steps,), self.tdtype),
-            jnp.zeros((self.max_steps,), self.tdtype),
-            jnp.zeros((self.rows + 1,) + y0.shape, y0.dtype),  # last row: discarded writes
+            jnp.zeros((time_rows,), self.tdtype).at[0].set(t0),
+            jnp.zeros((time_rows,), self.tdtype),
+            jnp.zeros((y_rows,) + y0.shape, y0.dtype).at[0].set(y0),
         )
 
     def step(self, f, t0, y0, h, state, tol):
         inner, count, t_buf, h_buf, y_buf = state
         res = self.solver.step(f, t0, y0, h, inner, tol)
         put = lambda buf, v, i: lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), i, 0)
-        t_buf = put(t_buf, t0, count)
-        h_buf = put(h_buf, h, count)
+        at = count % self.rows if self.ring else count
+        t_buf = put(t_buf, t0, at)
+        h_buf = put(h_buf, h, at)
         if self.stride == 1:
-            row = count
+            row = at
         else:
             row = select(count % self.stride == 0, count // self.stride, self.rows)
         y_buf = put(y_buf, y0, row)
@@ -165,6 +176,12 @@ class Direct(AbstractSensitivity):
 
             Step times and sizes (two scalars per step) are always stored, so the
             recomputed steps repeat the forward pass's exactly.
+
+            Under ``jax.vmap`` (``grad`` of a loss over a batch of solves) the
+            reverse pass takes the batch explicitly instead (:func:`replay_batched`):
+            one VJP for all members' step ``k``, shared parameters' cotangents
+            summed inside it, and a window of each member's last steps in place of
+            this layout.
         memory_budget: bytes the reverse pass may keep for its record of the
             accepted steps (step times and sizes, stored and recomputed states;
             per solve: under ``vmap`` per batch member). Default
@@ -202,6 +219,9 @@ class Direct(AbstractSensitivity):
     def cotangent(self, loop, prob, r, ys_bar, x_struct):
         y0, ts, params, _ = r
         return keep_present(x_struct, _replay(self, loop, prob, y0, ts, params, ys_bar))
+
+    def cotangent_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size):
+        return replay_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size)
 
 
 def stored_states(method: Direct, max_steps: int, state_bytes: int = 8, time_bytes: int = 8) -> int:
@@ -310,7 +330,8 @@ def record(layout: Layout, loop, f, y0, ts, args, opts):
     """The forward solve plus its record ``(t_buf, h_buf, y_buf)`` of the accepted steps,
     the states laid out as ``layout`` says."""
     rec = _Recorder(opts.solver, opts.max_steps, layout.stride, layout.rows, jnp.result_type(ts))
-    ys, counters, _, state = loop(f, y0, ts, args, opts._replace(solver=rec, dense=False, return_state=True))
+    opts = opts._replace(solver=rec, dense=False, return_state=True, regularise=False)
+    ys, counters, _, state = loop(f, y0, ts, args, opts)
     _, _, t_buf, h_buf, y_buf = state
     return ys, counters, (t_buf, h_buf, y_buf)
 
@@ -323,7 +344,9 @@ def record_layout(name, checkpoints, budget, y0, ts, opts) -> Layout:
 
 def step_function(prob, y0, ts) -> Callable:
     """``step(t, y, h, diff) -> (y1, dense)``: one step of the solve from ``y0`` saving at
-    ``ts``, exactly as the loop takes it (``diff`` the differentiated arguments)."""
+    ``ts``, exactly as the loop takes it (``diff`` the differentiated arguments); with
+    ``prob.opts.regularise``, ``(y1, dense, regularisers)``, the step's term of
+    :class:`~diffode._regularisers.Regularisers`."""
     static, f, opts = prob.static, prob.f, prob.opts
     solver = opts.solver
     direction = time_direction(ts)
@@ -334,6 +357,9 @@ def step_function(prob, y0, ts) -> Callable:
         rhs = internal_rhs(f, combine(a, static), direction, dtype, opts.jac)
         state = solver.init(rhs, t, y, rhs(t, y))
         res = solver.step(rhs, t, y, h.astype(dtype), state, tol)
+        if opts.regularise:
+            reg = step_regularisers(y, res.y1, res.y_error, state, res.state, h, tol.rtol, tol.atol)
+            return res.y1, res.dense, reg
         return res.y1, res.dense
 
     return step
@@ -416,11 +442,65 @@ def _bisect_back(lo, hi, y_lo, step, back_step, c, depth: int):
     return lax.while_loop(lambda st: st[0] > 0, body, (top, ys, los, his, tuple(c)))[4]
 
 
-def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None):
+def _interp(solver, dtype):
+    def interp(t, h, s, y, y1, dense):
+        theta = ((s - t) / h).astype(dtype)
+        return solver.interpolate(h.astype(dtype), y, y1, dense, theta)
+
+    return interp
+
+
+def _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc):
+    """Add the cotangents of the saves that step ``[t, t1]`` covers, last first.
+
+    ``sc = (i, y_b, y1_b, d_b, t_b, h_b, s_bar)``: the next save index (counting
+    down), the cotangents of the step's start, end, interpolation data, start
+    time and size, and of the internal save times; returned updated. A save at
+    the step's end point is the end state itself, not interpolated.
+    """
+
+    def save_cond(sc):
+        return (sc[0] >= 1) & (s_ts[sc[0]] > t)
+
+    def save_body(sc):
+        i, y_b, y1_b, d_b, t_b, h_b, s_b = sc
+        s = s_ts[i]
+        g = ys_bar[i]
+        _, vjp_i = jax.vjp(interp, t, h, s, y, y1, dense)
+        tb, hb, sb, yb, y1b, db = vjp_i(g)
+        exact = s == t1
+        z = lambda v: select(exact, jnp.zeros_like(v), v)  # noqa: E731
+        return (i - 1, y_b + z(yb), y1_b + select(exact, g, y1b), d_b + z(db), t_b + z(tb), h_b + z(hb),
+                s_b.at[i].add(z(sb)))
+
+    return lax.while_loop(save_cond, save_body, sc)
+
+
+def _time_cotangents(fixed, s_ts, num, k, i, t1, t_b, hb_total, tb, t_bar, s_bar):
+    """The cotangents of step ``k``'s start time and of the save times after its own.
+
+    The step that reaches a stop lands on it: ``h = stop - t`` depends on both;
+    otherwise ``t_{k+1} = t_k + h_k`` with ``h_k`` a constant of the scheme.
+    Returns ``(t_bar, s_bar)``, ``t_bar`` now the cotangent of ``t_k``.
+    """
+    if fixed:
+        j = i
+        lands = s_ts[i] == t1
+    else:
+        j = s_ts.shape[0] - 1
+        lands = k == num - 1
+    zero_t = jnp.zeros((), t_b.dtype)
+    t_new = t_b + tb + select(lands, -hb_total, t_bar)
+    return t_new, s_bar.at[j].add(select(lands, hb_total + t_bar, zero_t))
+
+
+def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=None):
     """``(dy0, dts, dparams)`` for the cotangent ``ys_bar``: the recorded steps, run backwards.
 
     ``pieces_bar`` (optional) holds cotangents of the dense output's rows
-    ``(t_start, h, y0, y1, data)``: row ``k`` is accepted step ``k``.
+    ``(t_start, h, y0, y1, data)``: row ``k`` is accepted step ``k``. ``reg_bar``
+    (optional) is the cotangent of the regularisers (``prob.opts.regularise``),
+    a sum of one term per accepted step.
     """
     static, f, opts = prob.static, prob.f, prob.opts
     ts_given = ts
@@ -428,70 +508,35 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None):
     layout = record_layout("Direct", method.checkpoints, method.memory_budget, y0, ts, opts)
     counters, (t_buf, h_buf, y_buf) = record(layout, loop, f, y0, ts, combine(diff, static), opts)[1:]
     ts = jnp.asarray(ts)
-    solver = opts.solver
     dtype, tdtype = y0.dtype, ts.dtype
-    n_ts = ts.shape[0]
     direction = time_direction(ts)
     s_ts = direction * ts
     num = counters[2]  # accepted steps
-    fixed = opts.fixed
-    step_map = step_function(prob, y0, ts)
-
-    def interp(t, h, s, y, y1, dense):
-        theta = ((s - t) / h).astype(dtype)
-        return solver.interpolate(h.astype(dtype), y, y1, dense, theta)
+    step_map = step_function(prob._replace(opts=opts._replace(regularise=reg_bar is not None)), y0, ts)
+    interp = _interp(opts.solver, dtype)
 
     def t_next(k):
         # End of step k: the next step's start, or the final time for the last one.
-        nxt = lax.dynamic_index_in_dim(t_buf, jnp.minimum(k + 1, t_buf.shape[0] - 1), keepdims=False)
-        return select(k + 1 >= num, s_ts[-1], nxt)
+        return select(k + 1 >= num, s_ts[-1], lax.dynamic_index_in_dim(t_buf, k + 1, keepdims=False))
 
     def back_step(k, y, c):
         """Cotangents through step k (start y) and the saves it covers."""
         i, y_bar, t_bar, a_bar, s_bar = c
-        t = t_buf[k]
-        t1 = t_next(k)
-        # The step that reaches a stop lands on it: h = stop - t depends on both.
-        if fixed:
-            j = i
-            lands = s_ts[i] == t1
-        else:
-            j = n_ts - 1
-            lands = k == num - 1
-        h = h_buf[k]
-        (y1, dense), vjp_step = jax.vjp(step_map, t, y, h, diff)
-
-        def save_cond(sc):
-            return (sc[0] >= 1) & (s_ts[sc[0]] > t)
-
-        def save_body(sc):
-            i, y_b, y1_b, d_b, t_b, h_b, s_b = sc
-            s = s_ts[i]
-            g = ys_bar[i]
-            _, vjp_i = jax.vjp(interp, t, h, s, y, y1, dense)
-            tb, hb, sb, yb, y1b, db = vjp_i(g)
-            exact = s == t1  # the loop saves the step's end point itself
-            z = lambda v: select(exact, jnp.zeros_like(v), v)
-            return (i - 1, y_b + z(yb), y1_b + select(exact, g, y1b), d_b + z(db), t_b + z(tb), h_b + z(hb),
-                    s_b.at[i].add(z(sb)))
-
+        t, h, t1 = t_buf[k], h_buf[k], t_next(k)
+        (y1, dense, *_), vjp_step = jax.vjp(step_map, t, y, h, diff)
         zero_t = jnp.zeros((), tdtype)
         sc = (i, jnp.zeros_like(y), y_bar, jnp.zeros_like(dense), zero_t, zero_t, s_bar)
         if pieces_bar is not None:
             pb = [lax.dynamic_index_in_dim(v, k, keepdims=False) for v in pieces_bar]
             sc = (i, pb[2].astype(dtype), y_bar + pb[3], pb[4], pb[0].astype(tdtype), pb[1].astype(tdtype), s_bar)
-        i, y_b, y1_b, d_b, t_b, h_b, s_bar = lax.while_loop(save_cond, save_body, sc)
-        tb, yb, hb, ab = vjp_step((y1_b, d_b))
-        h_b = h_b + hb
-        # t_{k+1} = stop if the step lands, else t_k + h_k (h_k a constant).
-        t_b = t_b + tb + select(lands, -h_b, t_bar)
-        s_bar = s_bar.at[j].add(select(lands, h_b + t_bar, zero_t))
-        a_bar = jtu.tree_map(jnp.add, a_bar, ab)
-        return (i, y_b + yb, t_b, a_bar, s_bar)
+        i, y_b, y1_b, d_b, t_b, h_b, s_bar = _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc)
+        tb, yb, hb, ab = vjp_step((y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),)))
+        t_bar, s_bar = _time_cotangents(opts.fixed, s_ts, num, k, i, t1, t_b, h_b + hb, tb, t_bar, s_bar)
+        return (i, y_b + yb, t_bar, jtu.tree_map(jnp.add, a_bar, ab), s_bar)
 
     zero_t = jnp.zeros((), tdtype)
     a_bar0 = jtu.tree_map(jnp.zeros_like, diff)
-    c = (jnp.asarray(n_ts - 1, jnp.int32), jnp.zeros_like(y0), zero_t, a_bar0, jnp.zeros_like(s_ts))
+    c = (jnp.asarray(ts.shape[0] - 1, jnp.int32), jnp.zeros_like(y0), zero_t, a_bar0, jnp.zeros_like(s_ts))
     c = run_back(layout, num, y_buf, lambda k, y: step_map(t_buf[k], y, h_buf[k], diff)[0], back_step, c)
     _, y_bar, t_bar, a_bar, s_bar = c
     y_bar = y_bar + ys_bar[0]
@@ -502,54 +547,231 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None):
 
 
 # ----------------------------------------------------------------------------
-# Dense output: the accepted steps' interpolation data, differentiated by Direct.
+# The reverse pass of a vmapped batch of solves, with the batch explicit: one
+# step VJP for all members, so that the cotangent of parameters the members
+# share is a sum the VJP forms itself (matrix products over the batch), never
+# a per-member copy of the parameters.
+# ----------------------------------------------------------------------------
+
+#: Bytes (for the whole batch) of the record a batched reverse pass keeps.
+WINDOW_BYTES = 2**21
+#: The fewest and most steps in that record's window.
+WINDOW_STEPS = (16, 1024)
+
+
+def _window_steps(max_steps: int, size: int, row_bytes: int) -> int:
+    """Steps in the batched reverse pass's window: as many as ``WINDOW_BYTES`` holds for the
+    whole batch, within ``WINDOW_STEPS`` (and never more than ``max_steps``)."""
+    least, most = WINDOW_STEPS
+    return min(max_steps, max(least, min(most, WINDOW_BYTES // max(1, size * row_bytes))))
+
+
+def _shared_axes_match(r_axes, x_axes, x_struct) -> bool:
+    """Whether every parameter with a tangent has a batched tangent exactly where its primal is batched."""
+    ok = []
+    jtu.tree_map(lambda present, ra, xa: ok.append(present is None or (ra is None) == (xa is None)),
+                 x_struct[2], r_axes[2], x_axes[2], is_leaf=lambda v: v is None)
+    return all(ok)
+
+
+def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size: int, reg_bar=None):
+    """The reverse pass of a ``jax.vmap`` batch of solves, the batch explicit.
+
+    Returns the batch's ``(dy0, dts, dparams)``: leaves batched along 0 where
+    ``x_axes`` has an axis and summed over the batch where it has none; ``None``
+    where this path does not apply (then :func:`_replay` is vmapped). ``reg_bar``
+    (optional, batched along 0) is the cotangent of the regularisers.
+
+    One VJP of the step map vmapped over the members differentiates step ``k`` of
+    every member at once: the cotangent of the parameters they share is a sum
+    that the VJP forms itself (products over the batch), never a per-member copy
+    of the parameters. The record is a window of the last ``W`` accepted steps
+    of each member (:func:`_window_steps`; a ring buffer, so no buffer is sized
+    by ``max_steps``): the reverse pass runs back through it; a member with more
+    steps re-runs its forward solve, stopped ``W`` steps earlier, for each
+    further window (``ceil(num / W)`` forward solves in all, one when every
+    member took at most ``W`` steps).
+    """
+    y0, ts, diff, _, arrays = r
+    ax_y0, ax_ts, ax_diff, _, ax_arrays = r_axes
+    if not _shared_axes_match(r_axes, x_axes, x_struct):
+        return None
+    opts = prob_static.opts
+    members = (arrays, y0, ts, diff)
+    m_axes = (ax_arrays, ax_y0, ax_ts, ax_diff)
+    n, dtype = y0.shape[0 if ax_y0 in (None, 1) else 1], y0.dtype
+    tdtype = jnp.result_type(prob_static.known_ts if ts is None else ts)
+    width = _window_steps(opts.max_steps, size, n * dtype.itemsize + 2 * jnp.dtype(tdtype).itemsize)
+    ring = width + 2  # the window, the start of the step after it, and the row a finished member writes
+    if method.memory_budget is not None and ring * (n * dtype.itemsize + 16) > method.memory_budget:
+        return None
+
+    def vm(fn, *rest_axes):
+        def call(arrays, y0, ts, diff, *rest):
+            prob = eqx.combine(arrays, prob_static)
+            return fn(prob, y0, prob_times(prob, ts), diff, *rest)
+
+        return jax.vmap(call, in_axes=m_axes + rest_axes, axis_size=size)
+
+    def rec(prob, y0, ts, diff, limit):
+        recorder = _Recorder(opts.solver, opts.max_steps, 1, ring, tdtype, ring=True)
+        o = opts._replace(solver=recorder, dense=False, return_state=True, stop_after=limit, regularise=False)
+        _, counters, _, state = loop(prob.f, y0, ts, prob.args(diff), o)
+        return counters, state[2:]
+
+    def times(prob, y0, ts, diff):
+        ts = jnp.asarray(ts)
+        direction = time_direction(ts)
+        return jnp.broadcast_to(direction, ()).astype(ts.dtype), direction * ts
+
+    direction, s_ts = vm(times)(*members)  # (B,), (B, n_ts)
+    interp = _interp(opts.solver, dtype)
+    step_b = vm(lambda prob, y0, ts, diff, t, y, h: step_function(prob, y0, ts)(t, y, h, diff), 0, 0, 0)
+    take = jax.vmap(lambda buf, k: lax.dynamic_index_in_dim(buf, k % ring, keepdims=False))
+    col = lambda mask, v: mask.reshape((-1,) + (1,) * (v.ndim - 1))  # noqa: E731
+
+    def member_saves(s_ts, g, t, h, t1, y, y1, dense, i, y_bar, s_bar, active):
+        zero_t = jnp.zeros((), s_ts.dtype)
+        sc = (select(active, i, 0), jnp.zeros_like(y), y_bar, jnp.zeros_like(dense), zero_t, zero_t, s_bar)
+        out = _save_cotangents(interp, s_ts, g, t, h, t1, y, y1, dense, sc)
+        return (select(active, out[0], i),) + tuple(out[1:])
+
+    def window_back(buffers, num, lo, hi, t_hi, c):
+        """Steps hi - 1 down to lo of every member, from the window ``buffers``."""
+        t_buf, h_buf, y_buf = buffers
+
+        def body(c):
+            k, i, y_bar, t_bar, s_bar, a_bar = c
+            active = k > lo
+            kk = jnp.maximum(k - 1, lo)  # a member with no step left replays a recorded one, cotangent 0
+            t, h, y = take(t_buf, kk), take(h_buf, kk), take(y_buf, kk)
+            t1 = jnp.where(kk + 1 >= hi, t_hi, take(t_buf, kk + 1))
+            (y1, dense, *_), vjp_step = jax.vjp(lambda t, y, h, d: step_b(arrays, y0, ts, d, t, y, h), t, y, h, diff)
+            i2, y_b, y1_b, d_b, t_b, h_b, s_bar2 = jax.vmap(member_saves)(
+                s_ts, ys_bar, t, h, t1, y, y1, dense, i, y_bar, s_bar, active)
+            cts = (y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),))
+            tb, yb, hb, ab = vjp_step(tuple(jnp.where(col(active, v), v, 0) for v in cts))
+            t_bar2, s_bar2 = jax.vmap(functools.partial(_time_cotangents, opts.fixed))(
+                s_ts, num, kk, i2, t1, t_b, h_b + hb, tb, t_bar, s_bar2)
+            keep = lambda new, old: jnp.where(col(active, new), new, old)  # noqa: E731
+            return (k - active.astype(k.dtype), i2, keep(y_b + yb, y_bar), keep(t_bar2, t_bar),
+                    keep(s_bar2, s_bar), jtu.tree_map(jnp.add, a_bar, ab))
+
+        return lax.while_loop(lambda c: jnp.any(c[0] > lo), body, (hi,) + c)[1:]
+
+    def chunk(c):
+        _, first, hi, num, status, back = c
+        # The first forward solve runs to the end; each later one stops at the
+        # start of the window replayed last (taking one step more, whose start
+        # time ends the window).
+        limit = jnp.where(first, opts.max_steps, hi)
+        counters, buffers = vm(rec, 0)(*members, limit)
+        num = jnp.where(first, counters[:, 2], num)
+        status = jnp.where(first, counters[:, 0], status)
+        hi = jnp.where(first, num, hi)
+        lo = jnp.maximum(hi - width, 0)
+        t_hi = jnp.where(hi >= num, s_ts[:, -1], take(buffers[0], hi))
+        back = window_back(buffers, num, lo, hi, t_hi, back)
+        return jnp.any(lo > 0), jnp.zeros((), bool), lo, num, status, back
+
+    i32 = jnp.zeros((size,), jnp.int32)
+    back0 = (jnp.full((size,), s_ts.shape[1] - 1, jnp.int32), jnp.zeros((size, n), dtype),
+             jnp.zeros((size,), s_ts.dtype), jnp.zeros_like(s_ts), jtu.tree_map(jnp.zeros_like, diff))
+    c = (jnp.ones((), bool), jnp.ones((), bool), i32, i32, i32, back0)
+    _, _, _, _, status, (_, y_bar, t_bar, s_bar, a_bar) = lax.while_loop(lambda c: c[0], chunk, c)
+
+    y_bar = y_bar + ys_bar[:, 0]
+    s_bar = s_bar.at[:, 0].add(t_bar)
+    bad = status != Status.SUCCESS
+    # A failed member has no derivative: NaN cotangents for it, and for the
+    # parameters it shares with the others (their cotangent is a sum).
+    y_bar = jnp.where(bad[:, None], jnp.nan, y_bar)
+    ts_bar = None if ts is None else jnp.where(bad[:, None], jnp.nan, (direction[:, None] * s_bar).astype(s_ts.dtype))
+    a_bar = jtu.tree_map(
+        lambda v, ax: v if v is None else jnp.where(jnp.any(bad), jnp.nan, v) if ax is None
+        else jnp.where(col(bad, v), jnp.nan, jnp.moveaxis(v, ax, 0)),
+        a_bar, ax_diff, is_leaf=lambda v: v is None)
+    dy0, dts, dparams = keep_present(x_struct, (y_bar, ts_bar, a_bar))
+    sum_if = lambda v, ax: None if v is None else (jnp.sum(v, 0) if ax is None else v)  # noqa: E731
+    return sum_if(dy0, x_axes[0]), sum_if(dts, x_axes[1]), dparams
+
+
+# ----------------------------------------------------------------------------
+# Outputs besides the saved states, differentiated by Direct: the dense output
+# (the accepted steps' interpolation data) and the solver-heuristic regularisers.
 # ----------------------------------------------------------------------------
 
 #: The differentiable rows of a dense output, in this order.
 _PIECE_FIELDS = ("t_start", "h", "y0", "y1", "data")
 
 
-def _dense_outputs(ys, pieces):
-    return (ys,) + tuple(getattr(pieces, k) for k in _PIECE_FIELDS)
+def _outputs(opts):
+    """``outputs(*loop(...))``: the differentiable outputs of a loop run with ``opts``:
+    ``ys``, then the dense output's rows (``opts.dense``), then the regularisers
+    (``opts.regularise``)."""
+
+    def outputs(ys, counters, pieces, *reg):
+        out = (ys,)
+        if opts.dense:
+            out += tuple(getattr(pieces, k) for k in _PIECE_FIELDS)
+        return out + tuple(reg)
+
+    return outputs
 
 
-class _DenseOp(ProblemOp):
-    """Tangent of ``(ys, dense pieces)``: the loop's JVP forward, the step replay backwards."""
+class _OutputsOp(ProblemOp):
+    """Tangent of :func:`_outputs`: the loop's JVP forward, the step replay backwards."""
 
     def __init__(self, method: Direct, loop, prob_static, x_struct, out_struct):
         self.method, self.loop, self.prob_static, self.x_struct, self.out = method, loop, prob_static, x_struct, out_struct
 
     def apply(self, r, x):
         r, prob = self.unpack(r)
-        return loop_tangent(self.loop, prob, r, x, outputs=lambda ys, counters, pieces: _dense_outputs(ys, pieces))
+        return loop_tangent(self.loop, prob, r, x, outputs=_outputs(prob.opts))
 
     def transpose(self, r, cts):
         (y0, ts, params, _), prob = self.unpack(r)
-        ys_bar, *pieces_bar = cts
-        out = _replay(self.method, self.loop, prob._replace(opts=prob.opts._replace(dense=False)),
-                      y0, ts, params, ys_bar, pieces_bar)
+        opts = prob.opts
+        ys_bar, *rest = cts
+        pieces_bar = rest[: len(_PIECE_FIELDS)] if opts.dense else None
+        reg_bar = rest[-1] if opts.regularise else None
+        out = _replay(self.method, self.loop, prob._replace(opts=opts._replace(dense=False)),
+                      y0, ts, params, ys_bar, pieces_bar, reg_bar)
         return keep_present(self.x_struct, out)
 
     def vjp_res(self, r, x, c):
         raise NotImplementedError(
-            "Direct: reverse-over-reverse differentiation through dense output (Solution.evaluate) is not "
-            "supported; use forward-over-reverse (jax.hessian, jax.jacfwd of jax.grad) instead."
+            "Direct: reverse-over-reverse differentiation through dense output (Solution.evaluate) or "
+            "regularisers is not supported; use forward-over-reverse (jax.hessian, jax.jacfwd of "
+            "jax.grad) instead."
         )
+
+    def transpose_batched(self, r, cts, r_axes, x_axes, size):
+        opts = self.prob_static.opts
+        if opts.dense:
+            return None
+        ys_bar, *rest = cts
+        return replay_batched(self.method, self.loop, self.prob_static, r, ys_bar, self.x_struct, r_axes, x_axes,
+                              size, rest[-1] if opts.regularise else None)
 
     def out_struct(self, r, x):
         return self.out
 
 
-def dense_solve(method: Direct, loop, prob, y0, ts, params):
-    """``(ys, counters, pieces)`` of ``loop`` with dense output, differentiable by ``method``'s rules
-    (forward mode through the loop, reverse mode by the step replay; ``checkpoints`` apply)."""
+def direct_solve(method: Direct, loop, prob, y0, ts, params):
+    """``(ys, counters, pieces, regularisers)`` of ``loop`` with the outputs ``prob.opts`` asks
+    for (dense output with ``dense``, else ``pieces`` is ``None``; the ``[error, stiffness]``
+    regularisers with ``regularise``, else ``None``), all differentiable by ``method``'s
+    rules (forward mode through the loop, reverse mode by the step replay;
+    ``checkpoints`` apply)."""
     method.check(prob)
-    opts = prob.opts._replace(dense=True)
-    prob = prob._replace(opts=opts)
+    opts = prob.opts
+    outputs = _outputs(opts)
 
     def primal(prob, y0, ts, params):
-        ys, counters, pieces = loop(prob.f, y0, prob_times(prob, ts), prob.args(params), prob.opts)
-        return _dense_outputs(ys, pieces), counters, pieces.num_pieces
+        ys, counters, pieces, *reg = loop(prob.f, y0, prob_times(prob, ts), prob.args(params), prob.opts)
+        num = pieces.num_pieces if opts.dense else counters[2]
+        return outputs(ys, counters, pieces, *reg), counters, num
 
     def rule(prob, y0, ts, params, x, primal_call):
         outs, counters, num = primal_call(y0, ts, params)
@@ -558,12 +780,16 @@ def dense_solve(method: Direct, loop, prob, y0, ts, params):
             return (outs, counters, num), zero_out
         structs = jtu.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), outs)
         arrays, prob_static = split_problem(prob)
-        op = _DenseOp(method, loop, prob_static, jtu.tree_map(lambda _: True, x), structs)
+        op = _OutputsOp(method, loop, prob_static, jtu.tree_map(lambda _: True, x), structs)
         douts = linear_map(op, (y0, ts, params, outs[0], arrays), x)
         scale = failure_scale(counters, prob.opts.throw, outs[0].dtype)
         douts = tuple(d * scale.astype(d.dtype) for d in douts)
         return (outs, counters, num), (douts, zero_out[1], zero_out[2])
 
     outs, counters, num = custom_solve_jvp(primal, prob, rule, y0, ts, params)
-    ys, t_start, h, py0, py1, data = outs
-    return ys, counters, DenseOutput(t_start, h, py0, py1, data, num, opts.solver.interpolate)
+    ys, rest = outs[0], outs[1:]
+    pieces = None
+    if opts.dense:
+        t_start, h, py0, py1, data = rest[: len(_PIECE_FIELDS)]
+        pieces = DenseOutput(t_start, h, py0, py1, data, num, opts.solver.interpolate)
+    return ys, counters, pieces, rest[-1] if opts.regularise else None

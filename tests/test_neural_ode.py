@@ -1,0 +1,200 @@
+"""Batched solves and their reverse mode, as neural-ODE training writes them: an
+``equinox.Module`` vector field, ``jax.vmap`` over initial states with shared
+parameters, ``grad`` of a loss over the batch; and the solver-heuristic regularisers.
+
+References: every member of a vmapped solve against its own unbatched solve (the
+loop must not change a member's steps); the batched reverse pass against the
+unbatched one summed over members (a different code path: one member at a
+time, checkpoint layouts, no windows) and against forward mode through the loop
+(``jax.jacfwd``), which differentiates the same discrete solution independently.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import diffode
+from diffode.sensitivity import direct as direct_module
+
+
+class Field(eqx.Module):
+    """An MLP vector field, scaled by ``args`` (a per-member or shared array)."""
+
+    mlp: eqx.nn.MLP
+
+    def __init__(self, width, dtype, key):
+        mlp = eqx.nn.MLP(2, 2, width, 2, activation=jnp.tanh, key=key)
+        self.mlp = jax.tree_util.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, mlp)
+
+    def __call__(self, t, y, args):
+        return args * self.mlp(y) - 0.1 * y
+
+
+MODEL = Field(8, jnp.float64, jax.random.PRNGKey(0))
+Y0S = jax.random.normal(jax.random.PRNGKey(1), (5, 2))
+SCALES = jnp.linspace(0.5, 3.0, 5)  # members take different numbers of steps
+TS = jnp.linspace(0.0, 3.0, 9)
+WEIGHTS = jnp.sin(jnp.arange(9 * 2.0)).reshape(9, 2)
+
+
+def _solve(model, y0, ts, scale, **kw):
+    kw = dict(rtol=1e-8, atol=1e-8) | kw
+    return diffode.solve(model, y0, ts, scale, **kw)
+
+
+def _loss(model, y0s, ts, scales, method, **kw):
+    ys = jax.vmap(lambda y, s: _solve(model, y, ts, s, sensitivity=method, **kw).ys)(y0s, scales)
+    return jnp.sum(jnp.sin(ys) * WEIGHTS.astype(ys.dtype))
+
+
+def _max_rel(a, b):
+    errs = jax.tree_util.tree_map(lambda x, y: float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y))), a, b)
+    return max(jax.tree_util.tree_leaves(errs))
+
+
+def test_vmapped_members_take_their_own_steps():
+    """Reference: each member solved alone. Same steps, same saves (up to
+    the rounding of batched matrix products and Newton iterations), explicit and implicit."""
+    for solver in (diffode.Tsit5(), diffode.Kvaerno5()):
+        batched = jax.jit(jax.vmap(lambda y, s: _solve(MODEL, y, TS, s, solver=solver)))(Y0S, SCALES)
+        steps = []
+        for m in range(Y0S.shape[0]):
+            one = _solve(MODEL, Y0S[m], TS, SCALES[m], solver=solver)
+            steps.append(int(one.stats["num_accepted"]))
+            assert int(batched.stats["num_steps"][m]) == int(one.stats["num_steps"])
+            np.testing.assert_allclose(batched.ys[m], one.ys, rtol=1e-9, atol=1e-11)
+        assert len(set(steps)) > 1, "members must finish at different steps for this test to mean anything"
+
+
+def test_vmap_of_vmap_and_dense():
+    """Nested batches and dense output: reference, the unbatched solve."""
+    y0s = Y0S.reshape(5, 1, 2)
+
+    def run(y, s):
+        sol = _solve(MODEL, y, TS, s, dense=True)
+        return sol.ys, sol.evaluate(1.234)
+
+    ys, mid = jax.jit(jax.vmap(jax.vmap(run, (0, None)), (0, 0)))(y0s, SCALES)
+    one = _solve(MODEL, Y0S[3], TS, SCALES[3], dense=True)
+    np.testing.assert_allclose(ys[3, 0], one.ys, rtol=1e-9)
+    np.testing.assert_allclose(mid[3, 0], one.evaluate(1.234), rtol=1e-9)
+
+
+@pytest.fixture
+def small_window(monkeypatch):
+    """A 4-step window, so that members with more steps re-run their forward solve."""
+    monkeypatch.setattr(direct_module, "WINDOW_BYTES", 1)
+    monkeypatch.setattr(direct_module, "WINDOW_STEPS", (4, 4))
+
+
+@pytest.mark.parametrize("windows", ["one", "several"])
+def test_batched_direct_matches_unbatched(windows, request):
+    """grad of a loss over a vmapped batch (shared module parameters, per-member y0,
+    args and shared ts), by the batched reverse pass, against the same gradient
+    assembled from unbatched reverse passes, and against forward mode."""
+    if windows == "several":
+        request.getfixturevalue("small_window")
+    method = diffode.Direct()
+    grad = eqx.filter_jit(eqx.filter_grad(lambda a: _loss(a[0], a[1], a[2], a[3], method)))
+    got = grad((MODEL, Y0S, TS, SCALES))
+    counts = jax.vmap(lambda y, s: _solve(MODEL, y, TS, s).stats["num_accepted"])(Y0S, SCALES)
+    if windows == "several":
+        assert int(jnp.max(counts)) > 8
+
+    def one(a):
+        ys = _solve(a[0], a[1], a[2], a[3], sensitivity=method).ys
+        return jnp.sum(jnp.sin(ys) * WEIGHTS)
+
+    one_grad = eqx.filter_jit(eqx.filter_grad(one))
+    parts = [one_grad((MODEL, Y0S[m], TS, SCALES[m])) for m in range(5)]
+    ref_model = jax.tree_util.tree_map(lambda *g: sum(g), *[p[0] for p in parts])
+    assert _max_rel(got[0], ref_model) < 1e-10
+    np.testing.assert_allclose(got[1], jnp.stack([p[1] for p in parts]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[2], sum(p[2] for p in parts), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got[3], jnp.stack([p[3] for p in parts]), rtol=1e-10)
+    # Forward mode through the loop: the same discrete derivative, by another path.
+    fwd = jax.jit(jax.jacfwd(lambda s: _loss(MODEL, Y0S, TS, s, method)))(SCALES)
+    np.testing.assert_allclose(got[3], fwd, rtol=1e-9)
+
+
+def test_batched_failure_is_not_silent():
+    """One member fails (max_steps) with throw=False: its y0 cotangent is NaN, the
+    others' are exact, and the shared parameters' cotangent (a sum) is NaN."""
+    scales = SCALES.at[4].set(400.0)
+
+    def loss(model, y0s):
+        ys = jax.vmap(lambda y, s: _solve(model, y, TS, s, throw=False, max_steps=60, sensitivity=diffode.Direct()).ys)(
+            y0s, scales)
+        return jnp.sum(jnp.where(jnp.isfinite(ys), jnp.sin(ys) * WEIGHTS, 0.0))
+
+    g_model, g_y0 = eqx.filter_jit(eqx.filter_grad(lambda a: loss(*a)))((MODEL, Y0S))
+    assert bool(jnp.all(jnp.isnan(g_y0[4])))
+    assert all(bool(jnp.all(jnp.isnan(v))) for v in jax.tree_util.tree_leaves(g_model))
+    healthy = jax.jit(jax.grad(lambda y: jnp.sum(jnp.sin(_solve(
+        MODEL, y, TS, SCALES[1], max_steps=60, sensitivity=diffode.Direct()).ys) * WEIGHTS)))
+    np.testing.assert_allclose(g_y0[1], healthy(Y0S[1]), rtol=1e-8)
+    with pytest.raises(Exception, match="max_steps"):
+        jax.block_until_ready(eqx.filter_jit(eqx.filter_grad(
+            lambda m: _loss(m, Y0S, TS, scales, diffode.Direct(), max_steps=60)))(MODEL))
+
+
+@pytest.mark.parametrize("method", [diffode.Auto(), diffode.InterpolatingAdjoint(), diffode.BacksolveAdjoint()])
+def test_training_step_every_method_float32(method):
+    """The diffrax idiom in float32: an eqx.Module as f, vmap over y0, an optax step.
+    Reference: the float64 gradient by forward mode (float32 rounding and the
+    method's own error at rtol 1e-5 bound the difference)."""
+    model32 = Field(8, jnp.float32, jax.random.PRNGKey(0))
+    y0s = Y0S.astype(jnp.float32)
+    ts = TS.astype(jnp.float32)
+    scales = SCALES.astype(jnp.float32)
+    opt = optax.adam(1e-2)
+
+    @eqx.filter_jit
+    def step(model, state):
+        loss, grads = eqx.filter_value_and_grad(
+            lambda m: _loss(m, y0s, ts, scales, method, rtol=1e-5, atol=1e-6))(model)
+        updates, state = opt.update(grads, state)
+        return eqx.apply_updates(model, updates), state, loss, grads
+
+    model, _, loss, grads = step(model32, opt.init(eqx.filter(model32, eqx.is_array)))
+    assert loss.dtype == jnp.float32
+    assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(grads))
+    ref = eqx.filter_jit(eqx.filter_jacfwd(lambda m: _loss(m, Y0S, TS, SCALES, diffode.Direct())))(MODEL)
+    assert _max_rel(grads, ref) < 2e-3
+
+
+def test_regularisers_value_and_derivatives():
+    """The regularisers: positive; reverse mode (the step replay, batched and not)
+    equals forward mode through the loop; under jit, vmap and grad alike.
+
+    The regularisers are sums over the accepted steps, so two differently compiled
+    programs whose rounding differs near an accept/reject decision may take
+    different steps: the derivatives then agree to the tolerance (1e-6), not to
+    rounding error."""
+
+    def reg(model, y0s, scales, **kw):
+        sols = jax.vmap(lambda y, s: _solve(model, y, TS, s, regularise=True, rtol=1e-6, atol=1e-6, **kw))(y0s, scales)
+        return jnp.sum(sols.regularisers.error + 0.01 * sols.regularisers.stiffness + jnp.sum(sols.ys[:, -1], -1))
+
+    sol = _solve(MODEL, Y0S[0], TS, SCALES[0], regularise=True)
+    assert float(sol.regularisers.error) > 0 and float(sol.regularisers.stiffness) > 0
+    rev = eqx.filter_jit(eqx.filter_grad(lambda a: reg(*a)))((MODEL, Y0S, SCALES))
+    fwd = jax.jit(jax.jacfwd(lambda s: reg(MODEL, Y0S, s)))(SCALES)
+    np.testing.assert_allclose(rev[2], fwd, rtol=1e-6)
+    assert float(jnp.min(jnp.abs(fwd))) > 0.1
+    fwd_model = eqx.filter_jit(eqx.filter_jacfwd(lambda m: reg(m, Y0S, SCALES)))(MODEL)
+    assert _max_rel(rev[0], fwd_model) < 1e-6
+    # Per-member gradients (vmap of grad, the unbatched replay with checkpoints).
+    per = jax.jit(jax.vmap(jax.grad(lambda s, y: reg(MODEL, y[None], s[None], sensitivity=diffode.Direct(
+        checkpoints=2)))))(SCALES, Y0S)
+    np.testing.assert_allclose(per, fwd, rtol=1e-5)
+
+
+def test_regularise_errors():
+    with pytest.raises(ValueError, match="explicit Runge-Kutta"):
+        _solve(MODEL, Y0S[0], TS, 1.0, regularise=True, solver=diffode.Kvaerno5())
+    with pytest.raises(ValueError, match="Direct"):
+        _solve(MODEL, Y0S[0], TS, 1.0, regularise=True, sensitivity=diffode.InterpolatingAdjoint())
