@@ -480,8 +480,10 @@ def _time_cotangents(fixed, s_ts, num, k, i, t1, t_b, hb_total, tb, t_bar, s_bar
     """The cotangents of step ``k``'s start time and of the save times after its own.
 
     The step that reaches a stop lands on it: ``h = stop - t`` depends on both;
-    otherwise ``t_{k+1} = t_k + h_k`` with ``h_k`` a constant of the scheme.
-    Returns ``(t_bar, s_bar)``, ``t_bar`` now the cotangent of ``t_k``.
+    otherwise ``t_{k+1} = t_k + h_k`` with ``h_k`` a constant of the scheme. ``i``
+    is the save index before the step's saves were run back (with fixed steps,
+    the save the step lands on). Returns ``(t_bar, s_bar)``, ``t_bar`` now the
+    cotangent of ``t_k``.
     """
     if fixed:
         j = i
@@ -529,10 +531,10 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
         if pieces_bar is not None:
             pb = [lax.dynamic_index_in_dim(v, k, keepdims=False) for v in pieces_bar]
             sc = (i, pb[2].astype(dtype), y_bar + pb[3], pb[4], pb[0].astype(tdtype), pb[1].astype(tdtype), s_bar)
-        i, y_b, y1_b, d_b, t_b, h_b, s_bar = _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc)
+        i_next, y_b, y1_b, d_b, t_b, h_b, s_bar = _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc)
         tb, yb, hb, ab = vjp_step((y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),)))
         t_bar, s_bar = _time_cotangents(opts.fixed, s_ts, num, k, i, t1, t_b, h_b + hb, tb, t_bar, s_bar)
-        return (i, y_b + yb, t_bar, jtu.tree_map(jnp.add, a_bar, ab), s_bar)
+        return (i_next, y_b + yb, t_bar, jtu.tree_map(jnp.add, a_bar, ab), s_bar)
 
     zero_t = jnp.zeros((), tdtype)
     a_bar0 = jtu.tree_map(jnp.zeros_like, diff)
@@ -652,7 +654,7 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
             cts = (y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),))
             tb, yb, hb, ab = vjp_step(tuple(jnp.where(col(active, v), v, 0) for v in cts))
             t_bar2, s_bar2 = jax.vmap(functools.partial(_time_cotangents, opts.fixed))(
-                s_ts, num, kk, i2, t1, t_b, h_b + hb, tb, t_bar, s_bar2)
+                s_ts, num, kk, i, t1, t_b, h_b + hb, tb, t_bar, s_bar2)
             keep = lambda new, old: jnp.where(col(active, new), new, old)  # noqa: E731
             return (k - active.astype(k.dtype), i2, keep(y_b + yb, y_bar), keep(t_bar2, t_bar),
                     keep(s_bar2, s_bar), jtu.tree_map(jnp.add, a_bar, ab))
