@@ -247,7 +247,7 @@ def integrate(
     # steps and saves after each, so that members are not held to each other's
     # save times.
     by_steps = under_vmap(y_flat, ts_t, args, f0, [x for x in jtu.tree_leaves(opts) if isinstance(x, jax.Array)])
-    piece = [] if by_steps else [None] * 3
+    n_last = 0 if by_steps else 3  # p_t, p_h, 1 / p_h
 
     def pack(t, h, memory, last=()) -> Array:
         entries = [t, h, *last]
@@ -257,7 +257,7 @@ def integrate(
 
     def unpack(v: Array):
         t, h, *rest = _unstack(v)
-        last, memory = rest[: len(piece)], rest[len(piece):]
+        last, memory = rest[:n_last], rest[n_last:]
         memory = [m.astype(d) for m, d in zip(memory, memory_dtypes)]
         return _Scalars(t, h, jtu.tree_unflatten(memory_def, memory)), last
 

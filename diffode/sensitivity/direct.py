@@ -74,12 +74,12 @@ class _Recorder:
         return self.solver.interpolate(h, y0, y1, dense, theta)
 
     def init(self, f, t0, y0, f0):
-        # One time row more than the steps recorded: a finished member of a
-        # vmapped batch keeps writing its rejected attempts at row num_accepted,
-        # and a short record (stride 1, rows < max_steps) drops its later steps
-        # there. Row 0 starts as a step of size 0 from (t0, y0): a batched
-        # replay reads it, with a zero cotangent, for members with no steps left.
-        time_rows = self.rows if self.ring else (self.rows if self.stride == 1 else self.max_steps) + 1
+        # One time row more than max_steps: a finished member of a vmapped batch
+        # keeps writing its rejected attempts at row num_accepted (a ring has
+        # rows to spare for it). Row 0 starts as a step of size 0 from (t0, y0):
+        # a batched replay reads it, with a zero cotangent, for members with no
+        # steps left.
+        time_rows = self.rows if self.ring else self.max_steps + 1
         y_rows = self.rows if self.ring else self.rows + 1  # last row: discarded writes
         return (
             self.solver.init(f, t0, y0, f0),
@@ -326,11 +326,12 @@ def _too_small(name, what, need, budget, max_steps, state_bytes) -> str:
             f"more than its memory_budget={budget} bytes.")
 
 
-def record(layout: Layout, loop, f, y0, ts, args, opts):
+def record(layout: Layout, loop, f, y0, ts, args, opts, ring: bool = False, stop_after=None):
     """The forward solve plus its record ``(t_buf, h_buf, y_buf)`` of the accepted steps,
-    the states laid out as ``layout`` says."""
-    rec = _Recorder(opts.solver, opts.max_steps, layout.stride, layout.rows, jnp.result_type(ts))
-    opts = opts._replace(solver=rec, dense=False, return_state=True, regularise=False)
+    the states laid out as ``layout`` says; with ``ring``, the last ``layout.rows``
+    steps (stride 1), the solve stopped after ``stop_after`` + 1 accepted steps."""
+    rec = _Recorder(opts.solver, opts.max_steps, layout.stride, layout.rows, jnp.result_type(ts), ring)
+    opts = opts._replace(solver=rec, dense=False, return_state=True, regularise=False, stop_after=stop_after)
     ys, counters, _, state = loop(f, y0, ts, args, opts)
     _, _, t_buf, h_buf, y_buf = state
     return ys, counters, (t_buf, h_buf, y_buf)
@@ -616,10 +617,7 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
         return jax.vmap(call, in_axes=m_axes + rest_axes, axis_size=size)
 
     def rec(prob, y0, ts, diff, limit):
-        recorder = _Recorder(opts.solver, opts.max_steps, 1, ring, tdtype, ring=True)
-        o = opts._replace(solver=recorder, dense=False, return_state=True, stop_after=limit, regularise=False)
-        _, counters, _, state = loop(prob.f, y0, ts, prob.args(diff), o)
-        return counters, state[2:]
+        return record(Layout(1, ring), loop, prob.f, y0, ts, prob.args(diff), opts, ring=True, stop_after=limit)[1:]
 
     def times(prob, y0, ts, diff):
         ts = jnp.asarray(ts)
