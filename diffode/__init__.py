@@ -1,7 +1,7 @@
 """diffode: differentiable ODE solvers and sensitivities in JAX."""
 
 from ._controller import PIDController, max_norm, rms_norm
-from ._explicit import (
+from .solvers.explicit_rk import (
     RK4,
     Bosh3,
     Dopri5,
@@ -13,10 +13,11 @@ from ._explicit import (
     Ralston,
     Tsit5,
 )
-from ._implicit import SDIRK, ImplicitEuler, Kvaerno3, Kvaerno5
-from ._linsolve import GMRES, LU, AbstractLinearSolver
-from ._radau import Radau5
-from ._rosenbrock import Rodas5, Rodas5P, Rosenbrock, RosenbrockTableau
+from .solvers.sdirk import SDIRK, ImplicitEuler, Kvaerno3, Kvaerno5
+from .solvers.linear import GMRES, LU, AbstractLinearSolver
+from .solvers.colouring import Sparsity
+from .solvers.radau import Radau5
+from .solvers.rosenbrock import Rodas5, Rodas5P, Rosenbrock, RosenbrockTableau
 from .sensitivity import (
     AbstractSensitivity,
     Auto,
@@ -28,8 +29,8 @@ from .sensitivity import (
 from ._regularisers import Regularisers
 from ._solution import MESSAGES, Solution, Stats, Status
 from ._solve import solve
-from ._solver import AbstractSolver, FlatRHS, StepResult, Tolerances
-from ._tableau import ButcherTableau
+from .solvers.base import AbstractSolver, FlatRHS, StepResult, Tolerances
+from .solvers.butcher import ButcherTableau
 from .steady import (
     STEADY_STATE_MESSAGES,
     AbstractSteadyStateMethod,
@@ -85,6 +86,7 @@ __all__ = [
     "Regularisers",
     "Solution",
     "solve",
+    "Sparsity",
     "Stats",
     "Status",
     "STEADY_STATE_MESSAGES",

@@ -18,7 +18,7 @@ from jaxtyping import Array, PyTree
 from ._controller import PIDController, initial_step
 from ._regularisers import step_regularisers
 from ._solution import DenseOutput, Status
-from ._solver import AbstractSolver, FlatRHS, Tolerances
+from .solvers.base import AbstractSolver, FlatRHS, Tolerances
 from ._util import any_member, finite_filler, select, tree_select, under_vmap
 from ._validate import all_finite
 

@@ -21,11 +21,15 @@ class Regularisers(eqx.Module):
     Attributes:
         error: ``sum_k E_k |h_k|``, with ``E_k`` the step's scaled error estimate
             (the root-mean-square of ``y_error / (atol + rtol * max(|y_k|, |y_{k+1}|))``,
-            the ratio the step-size controller tests against 1).
+            the ratio the step-size controller tests against 1): Pal et al.'s ``R_E``.
         stiffness: ``sum_k S_k |h_k|``, with ``S_k = ||f(t_{k+1}, y_{k+1}) - f(t_k, y_k)|| /
-            ||y_{k+1} - y_k||`` (2-norms), an estimate of the largest eigenvalue
-            magnitude of the Jacobian along the step, so that ``S_k |h_k|`` is the
-            quantity that limits an explicit method's step.
+            ||y_{k+1} - y_k||`` (2-norms): for an autonomous ``f``, the norm of the
+            Jacobian averaged over the step, applied to the step's direction, a lower
+            bound on its largest singular value there (exact for a linear ``f`` whose
+            matrix is normal with eigenvalues of one magnitude). ``S_k |h_k|`` is the
+            quantity that limits an explicit method's step when stability does.
+            It uses ``f`` at the step's two ends, which the solver has already
+            evaluated (Pal et al. use their solver's own eigenvalue estimate).
 
     Both are differentiable (forward mode through the steps; reverse mode by
     :class:`diffode.Direct`'s replay), with the step sizes and the error's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any, Callable
 
 import equinox as eqx
@@ -17,16 +18,17 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._controller import PIDController
-from ._explicit import Tsit5
+from .solvers.explicit_rk import Tsit5
 from ._integrate import IntegrateOptions, integrate, known_value, time_direction
 from ._solution import MESSAGE_LIST, MESSAGES, Solution, Stats, Status
-from ._solver import AbstractSolver
+from .solvers.base import AbstractSolver
 from ._util import raise_on_failure
+from .solvers.colouring import Sparsity
 from ._validate import check_max_steps, check_y0, rhs_structure_problem
 from .sensitivity import AbstractSensitivity, Auto, Direct, Problem, split_args
 from .sensitivity.direct import direct_solve
 from ._regularisers import Regularisers
-from ._explicit import ExplicitRK
+from .solvers.explicit_rk import ExplicitRK
 
 _COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
 
@@ -62,6 +64,7 @@ def _solve(
     max_steps: int = 4096,
     controller: PIDController | None = None,
     jac: Callable[[Array, PyTree, Any], Array] | None = None,
+    jac_sparsity: Any = None,
     sensitivity: Any = None,
     throw: bool = True,
     dense: bool = False,
@@ -80,7 +83,10 @@ def _solve(
         rtol, atol: relative and absolute tolerances of the local error test:
             scalars, or per component (an array shaped like ``y0``, or a pytree
             with ``y0``'s structure whose leaves broadcast to its leaves). They are
-            not differentiated.
+            not differentiated. ``rtol`` below 4 epsilons of the state's dtype
+            (4.8e-7 in float32, 8.9e-16 in float64) is raised to that, with a
+            warning: rounding makes tighter tolerances unreachable. Neural ODEs in
+            float32 usually train at ``rtol=1e-3``, ``atol=1e-6``.
         dt0: initial step; chosen automatically when ``None`` (Hairer, Norsett and
             Wanner, vol. I, II.4). Required for fixed steps.
         adaptive: ``False`` takes fixed steps of ``dt0``, landing exactly on
@@ -91,6 +97,13 @@ def _solve(
         jac: ``jac(t, y, args)``, the Jacobian of ``f`` with respect to ``y`` as an
             ``(n, n)`` matrix over the raveled state (``jax.flatten_util.ravel_pytree``
             order). Only implicit solvers use it; by default they take ``jax.jacfwd``.
+        jac_sparsity: where the Jacobian may be nonzero, as in scipy's ``solve_ivp``:
+            a boolean (or 0/1) ``(n, n)`` array (NumPy, JAX outside ``jit``, or a
+            scipy sparse matrix) over the raveled state. Implicit solvers then form
+            the Jacobian from one ``jax.jvp`` per colour of a column colouring
+            (:mod:`diffode.solvers.colouring`; about 8 for a 2-D five-point stencil
+            with two species) instead of ``n``. An entry missing from the pattern
+            is read as zero. Not with ``jac``.
         sensitivity: how the solve is differentiated: :class:`Direct`,
             :class:`ForwardSensitivity`, :class:`BacksolveAdjoint`,
             :class:`InterpolatingAdjoint` or :class:`Auto` (``None``: ``Auto()``).
@@ -162,6 +175,13 @@ def _solve(
                 f"must be ({n}, {n}) over the raveled state"
             )
 
+    sparsity = None
+    if jac_sparsity is not None:
+        if jac is not None:
+            raise ValueError("give jac or jac_sparsity, not both (jac_sparsity builds the Jacobian from f)")
+        sparsity = jac_sparsity if isinstance(jac_sparsity, Sparsity) else Sparsity(jac_sparsity)
+        sparsity.check_size(n)
+
     def flatten(out):
         return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
 
@@ -173,10 +193,14 @@ def _solve(
         _, jc, args = a
         return jnp.asarray(jc(lax.convert_element_type(t, tdtype), unravel(y), args), dtype)
 
+    def coloured_jac(t, y, a):
+        return sparsity.jacobian(lambda z: f_flat(t, z, a), y)
+
     rtol, atol = (_flat_tolerance(name, tol, y0) for name, tol in (("rtol", rtol), ("atol", atol)))
+    rtol = _resolvable_rtol(rtol, dtype)
     opts = IntegrateOptions(
-        solver=solver, controller=controller, rtol=rtol, atol=atol, dt0=dt0, fixed=fixed,
-        max_steps=max_steps, dense=dense, jac=None if jac is None else jac_flat, throw=throw,
+        solver=solver, controller=controller, rtol=rtol, atol=atol, dt0=dt0, fixed=fixed, max_steps=max_steps,
+        dense=dense, jac=jac_flat if jac is not None else coloured_jac if sparsity is not None else None, throw=throw,
     )
     method = Auto() if sensitivity is None else sensitivity
     if regularise:
@@ -226,6 +250,37 @@ def _check_regularise(solver, fixed: bool, method) -> None:
             f"regularise=True is differentiated by Direct (the regularisers are sums over the solver's "
             f"discrete steps, which {type(method).__name__} does not replay): use sensitivity=None, Auto() or Direct()"
         )
+
+
+#: The smallest relative tolerance a solve runs with, in units of the state dtype's epsilon.
+RTOL_FLOOR_EPS = 4
+
+
+def _resolvable_rtol(rtol, dtype):
+    """``rtol`` raised to ``RTOL_FLOOR_EPS`` epsilons of the state's dtype where it is positive
+    and smaller (zero, absolute control alone, and negative values, which the input
+    check reports, are left as they are).
+
+    Below that floor the rounding error of a step, about ``eps * |y|``, is as large
+    as the error allowed, so the controller rejects steps and shrinks them until
+    ``max_steps`` runs out, and the solution is no more accurate for it (scipy's
+    ``solve_ivp`` raises its ``rtol`` to ``100 * eps`` for the same reason). A static
+    tolerance that is raised gives a warning when the solve is traced; a traced
+    one is raised silently (its value is unknown then).
+    """
+    floor = RTOL_FLOOR_EPS * float(jnp.finfo(dtype).eps)
+    if isinstance(rtol, jax.Array):
+        return jnp.where((rtol > 0) & (rtol < floor), jnp.asarray(floor, rtol.dtype), rtol)
+    low = (np.asarray(rtol) > 0) & (np.asarray(rtol) < floor)
+    if np.any(low):
+        warnings.warn(
+            f"rtol={np.min(np.asarray(rtol)[low]):.3g} is below what {jnp.dtype(dtype).name} resolves: solving with "
+            f"rtol={floor:.3g} ({RTOL_FLOOR_EPS} x eps) where it is smaller; use float64 states "
+            f"(jax.config.update('jax_enable_x64', True)) for tighter tolerances",
+            stacklevel=3,
+        )
+        return np.where(low, floor, rtol)
+    return rtol
 
 
 def _flat_tolerance(name: str, tol, y0):
@@ -322,6 +377,8 @@ def solve(f, y0, ts, args=None, **options) -> Solution:
     except TypeError:
         pass  # _solve's own check explains what is wrong with y0
     opts["max_steps"] = check_max_steps(opts["max_steps"])  # a NumPy int must not become an array
+    if opts["jac_sparsity"] is not None and not isinstance(opts["jac_sparsity"], Sparsity):
+        opts["jac_sparsity"] = Sparsity(opts["jac_sparsity"])  # static data, not a traced array
     sol = _solve_compiled(f, y0, _KnownTimes(ts), args, **opts)
     if not opts["throw"]:
         return sol

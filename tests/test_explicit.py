@@ -129,7 +129,7 @@ def test_stage_loop_gradients_match_unrolled_stages(solver_cls):
 def test_default_stage_form_follows_state_size():
     # stage_loop=None loops below UNROLL_MIN_SIZE components and unrolls from
     # there; an explicit True or False is kept whatever the size.
-    from diffode._explicit import UNROLL_MIN_SIZE
+    from diffode.solvers.explicit_rk import UNROLL_MIN_SIZE
 
     small, large = jnp.zeros(UNROLL_MIN_SIZE - 1), jnp.zeros(UNROLL_MIN_SIZE)
     assert diffode.Tsit5().loops_stages(small) and not diffode.Tsit5().loops_stages(large)
@@ -143,7 +143,7 @@ def test_unrolled_default_matches_stage_loop_on_large_state(num_save):
     # loop (its stage sums and the interpolation are then dots) computes the
     # same steps up to rounding in the order of the sums. With 2 save times
     # there is no interpolation; with 5 the saves between steps interpolate.
-    from diffode._explicit import UNROLL_MIN_SIZE
+    from diffode.solvers.explicit_rk import UNROLL_MIN_SIZE
 
     n = UNROLL_MIN_SIZE
     rates = jnp.linspace(0.5, 2.0, n)

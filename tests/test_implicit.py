@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import diffode
-from diffode._implicit import (
+from diffode.solvers.sdirk import (
     IMPLICIT_EULER_TABLEAU,
     KVAERNO3_TABLEAU,
     KVAERNO5_TABLEAU,
@@ -18,8 +18,8 @@ from diffode._implicit import (
     Kvaerno3,
     Kvaerno5,
 )
-from diffode._linsolve import GMRES, LU
-from diffode._tableau import ButcherTableau
+from diffode.solvers.linear import GMRES, LU
+from diffode.solvers.butcher import ButcherTableau
 from tests import problems
 
 # ----------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_solver_attributes():
     for cls, order, err_order in ((ImplicitEuler, 1, 2), (Kvaerno3, 3, 3), (Kvaerno5, 5, 5)):
         s = cls()
         assert s.order == order and s.error_order == err_order
-        assert s.embedded and s.implicit
+        assert s.embedded
         assert s.stat_names == ("num_jac_evals", "num_lu_decomps", "num_newton_iters")
     assert ImplicitEuler().tableau is IMPLICIT_EULER_TABLEAU
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import diffode
-from diffode._implicit import ImplicitEuler, Kvaerno3, Kvaerno5
+from diffode.solvers.sdirk import ImplicitEuler, Kvaerno3, Kvaerno5
 from diffode.sensitivity.direct import Direct
 
 from .problems import lotka_volterra

@@ -193,6 +193,39 @@ def test_regularisers_value_and_derivatives():
     np.testing.assert_allclose(per, fwd, rtol=1e-5)
 
 
+def test_regularisers_exact_stiffness_and_error_scale():
+    """Exact values and derivatives whatever the steps. For ``y' = s A y`` with ``A = -0.1 I
+    + 2 J`` (``J`` the quarter turn), ``||A v|| = sqrt(4.01) ||v||`` for every ``v``, so
+    every accepted step's ``S_k = |s| sqrt(4.01)`` and ``stiffness = |s| sqrt(4.01) T``:
+    its derivative (reverse mode, batched) is ``sign(s) sqrt(4.01) T`` in ``s`` and 0
+    in ``y0``. The error estimate of a linear problem is linear in ``y0`` at fixed steps,
+    and its tolerance scale is held fixed, so the derivative in ``y0`` of ``error`` is
+    ``error`` along ``y0`` (with ``atol = 0`` the scaled errors, hence the steps and
+    the value, are the same at ``y0`` and ``2 y0``)."""
+    a = jnp.array([[-0.1, 2.0], [-2.0, -0.1]])
+    y0, t_end = jnp.array([1.0, 0.5]), 3.0
+
+    def reg(s, y):
+        sol = diffode.solve(lambda t, y, s: s * (a @ y), y, jnp.array([0.0, t_end]), s, rtol=1e-6, atol=0.0,
+                            regularise=True, sensitivity=diffode.Direct())
+        return jnp.stack([sol.regularisers.stiffness, sol.regularisers.error])
+
+    @jax.jit
+    @jax.vmap
+    def run(s, y):
+        out, vjp = jax.vjp(reg, s, y)
+        return out, jax.vmap(vjp)(jnp.eye(2))
+
+    vals, (ds, dy) = run(jnp.array([1.5, -1.5, 1.5]), jnp.stack([y0, y0, 2 * y0]))
+    np.testing.assert_allclose(vals[:, 0], 1.5 * np.sqrt(4.01) * t_end, rtol=1e-12)
+    np.testing.assert_allclose(ds[:, 0], np.sqrt(4.01) * t_end * np.array([1, -1, 1]), rtol=1e-10)
+    np.testing.assert_allclose(dy[:, 0], 0.0, atol=1e-10)
+    # error: the same value at 2 y0 (same steps), and d/de error(y + e y) = error.
+    assert float(vals[0, 1]) > 0
+    np.testing.assert_allclose(vals[2, 1], vals[0, 1], rtol=1e-10)
+    np.testing.assert_allclose(jnp.sum(dy[:, 1] * jnp.stack([y0, y0, 2 * y0]), -1), vals[:, 1], rtol=1e-8)
+
+
 def test_regularise_errors():
     with pytest.raises(ValueError, match="explicit Runge-Kutta"):
         _solve(MODEL, Y0S[0], TS, 1.0, regularise=True, solver=diffode.Kvaerno5())

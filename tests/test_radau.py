@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import diffode
-from diffode._radau import (
+from diffode.solvers.radau import (
     RADAU_A,
     RADAU_ALPHA,
     RADAU_BETA,
@@ -120,7 +120,7 @@ def test_coefficients():
 
 def test_properties():
     s = Radau5()
-    assert s.order == 5 and s.error_order == 4 and s.embedded and s.implicit
+    assert s.order == 5 and s.error_order == 4 and s.embedded
     assert s.stat_names == ("num_jac_evals", "num_lu_decomps", "num_newton_iters")
     with pytest.raises(ValueError):
         Radau5(max_iters=0)
@@ -196,7 +196,7 @@ def test_local_error_and_estimate_orders():
     # formula), which is why error_order is 4. Observed slopes 5.9-6.05 and
     # 3.99-4.15 for h = 1/8 .. 1/64.
     from diffode._controller import rms_norm
-    from diffode._solver import FlatRHS, Tolerances
+    from diffode.solvers.base import FlatRHS, Tolerances
 
     f = FlatRHS(lambda t, y: KEPLER.f(t, y, None))
     tol = Tolerances(jnp.asarray(1e-14), jnp.asarray(1e-14), rms_norm)
@@ -304,7 +304,9 @@ def test_robertson_stats():
     steps = st["num_steps"]
     # SciPy Radau needs 573 steps at rtol 1e-8: the same method, a similar count.
     assert 300 < steps < 1200, st
-    assert st["num_lu_decomps"] == 2 * steps  # real + complex per attempted step
+    # Real + complex per attempted step, skipped where neither h nor J changed.
+    lu = st["num_lu_decomps"]
+    assert lu % 2 == 0 and steps < lu <= 2 * steps, st
     assert steps <= st["num_newton_iters"] <= 7 * steps
     # 3 f per iteration, f(t1, y1) per step, the extra estimate on the first
     # step / after rejections, plus f0 and the initial-step probe.

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import diffode
-from diffode._radau import Radau5
+from diffode.solvers.radau import Radau5
 from diffode.sensitivity.direct import Direct
 
 from . import problems

@@ -396,6 +396,25 @@ def test_mixed_float32_float64_leaves():
     assert mid["a"].dtype == jnp.float32 and mid["b"].dtype == jnp.float64
 
 
+def oscillator(t, y, args):
+    return jnp.stack([y[1], -y[0]])
+
+
+def test_rtol_below_float32_resolution_is_raised_with_a_warning():
+    # rtol = 1e-12 is 1e-5 epsilons of float32: no step can meet it, and without the
+    # floor the controller shrinks the steps until max_steps runs out. With the
+    # floor (4 eps = 4.8e-7) the solve succeeds; its error against cos(t) is a few
+    # float32 roundings per step over about 80 steps, so 1e-5 bounds it.
+    y0, ts = jnp.array([1.0, 0.0], jnp.float32), jnp.linspace(0.0, 10.0, 5, dtype=jnp.float32)
+    with pytest.warns(UserWarning, match="below what float32 resolves"):
+        sol = jax.jit(lambda y: solve(oscillator, y, ts, rtol=1e-12, atol=1e-14))(y0)
+    assert sol.status == 0
+    np.testing.assert_allclose(sol.ys[:, 0], np.cos(np.asarray(ts, np.float64)), atol=1e-5)
+    # A traced rtol is raised as well (no warning: its value is unknown when traced).
+    traced = jax.jit(lambda r: solve(oscillator, y0, ts, rtol=r, atol=1e-14).stats["num_steps"])
+    assert traced(jnp.float32(1e-12)) == sol.stats["num_steps"]
+
+
 # --------------------------------------------------------------------------
 # Tolerances per component.
 # --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._base import AbstractSensitivity, loop_tangent
-from .._explicit import ExplicitRK
+from ..solvers.explicit_rk import ExplicitRK
 from .direct import DEFAULT_MEMORY_BUDGET, Direct, check_budget
 from .forward import ForwardSensitivity
 from .interpolating import InterpolatingAdjoint

@@ -23,14 +23,14 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax import lax
 
-from .._explicit import ExplicitRK
-from .._implicit import SDIRK
+from ..solvers.explicit_rk import ExplicitRK
+from ..solvers.sdirk import SDIRK
 from .._integrate import internal_rhs, time_direction
-from .._radau import Radau5
-from .._rosenbrock import Rosenbrock
+from ..solvers.radau import Radau5
+from ..solvers.rosenbrock import Rosenbrock
 from .._solution import DenseOutput, Status
 from .._regularisers import step_regularisers
-from .._solver import Tolerances
+from ..solvers.base import Tolerances
 from .._util import float0_zeros, select
 from ._base import (
     AbstractSensitivity,
@@ -64,7 +64,7 @@ class _Recorder:
         self.ring = ring  # step k in row k % rows (stride 1): the last `rows` steps
         self.stat_names = solver.stat_names
 
-    def __getattr__(self, name):  # order, error_order, embedded, implicit, ...
+    def __getattr__(self, name):  # order, error_order, embedded, ...
         return getattr(self.solver, name)
 
     def dense_zeros(self, y0):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Callable, ClassVar
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from .._linsolve import LU, AbstractLinearSolver
+from ..solvers.base import FlatRHS
+from ..solvers.linear import AbstractLinearSolver, ShiftedJacobian
 from ._result import STAT_NAMES
 
 #: ``g(y)``: the right-hand side at the fixed ``t`` and ``args``, on flat states.
@@ -39,26 +39,24 @@ class AbstractSteadyStateMethod(eqx.Module):
         raise NotImplementedError
 
 
-def jacobian_operator(g: Residual, y: Array, shift: Array | None = None):
-    """``(matvec, matrix)`` of ``A = shift I - J`` (``A = J`` when ``shift`` is ``None``), ``J = dg/dy(y)``.
-
-    ``matvec`` is one ``jax.jvp``; ``matrix()`` forms ``A`` with ``jax.jacfwd``.
-    """
-
-    def matvec(v):
-        jv = jax.jvp(g, (y,), (v,))[1]
-        return jv if shift is None else shift * v - jv
-
-    def matrix():
-        j = jax.jacfwd(g)(y)
-        return j if shift is None else shift * jnp.eye(y.shape[0], dtype=j.dtype) - j
-
-    return matvec, matrix
+def jacobian_operator(
+    g: Residual, y: Array, shift: Array | None = None, linear_solver: AbstractLinearSolver | None = None
+) -> ShiftedJacobian:
+    """``A = shift I - J`` (``A = J`` when ``shift`` is ``None``), ``J = dg/dy(y)``, as an
+    operator of :mod:`diffode.solvers.linear`. With ``linear_solver``, ``J`` is kept as that
+    solver keeps it (:class:`~diffode.LU`: formed with ``jax.jacfwd``); without, the
+    operator only offers products (one ``jax.jvp`` or ``jax.vjp``)."""
+    rhs = FlatRHS(lambda t, v: g(v))
+    t = jnp.zeros((), y.dtype)
+    jac = None if linear_solver is None else linear_solver.linearise(rhs, t, y)
+    if shift is None:
+        return ShiftedJacobian(rhs, t, y, jac, None, -jnp.ones((), y.dtype))
+    return ShiftedJacobian(rhs, t, y, jac, shift, jnp.ones((), y.dtype))
 
 
-def forms_matrix(linear_solver: AbstractLinearSolver) -> bool:
-    """Whether the linear solver builds a dense matrix (counted as a Jacobian evaluation)."""
-    return isinstance(linear_solver, LU)
+def linear_solve(linear_solver: AbstractLinearSolver, op: ShiftedJacobian, b: Array) -> tuple[Array, Array]:
+    """``(x, ok)`` with ``op x = b``: one factorisation, one solve."""
+    return linear_solver.compute(linear_solver.init(op), op, b)
 
 
 def max_abs(x: Array) -> Array:

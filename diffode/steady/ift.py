@@ -37,7 +37,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._linsolve import AbstractLinearSolver
+from ..solvers.linear import AbstractLinearSolver
 from .._util import check_status, failure_scale as status_scale, float0_zeros, select
 from ._base import AbstractSteadyStateMethod, jacobian_operator, max_abs
 from ._result import SINGULAR_DERIVATIVE_MESSAGE, STEADY_STATE_MESSAGE_LIST
@@ -63,21 +63,22 @@ def ift_tangent(
     ``converged`` (a failed root raises its own error in :func:`failure_scale`).
     """
     rhs = jax.jvp(lambda th: g(y, th, other), (theta,), (dtheta,))[1]
-    matvec, _ = jacobian_operator(lambda v: g(v, theta, other), y)
+    matvec = jacobian_operator(lambda v: g(v, theta, other), y).mv
     # The factorisation is built from constants, so no derivative of it is ever
     # formed; it only has to invert the operator that matvec applies.
     y0, theta0 = lax.stop_gradient((y, theta))
-    factors = linear_solver.factor(*jacobian_operator(lambda v: g(v, theta0, other), y0))
+    op = jacobian_operator(lambda v: g(v, theta0, other), y0, linear_solver=linear_solver)
+    state = linear_solver.init(op)
 
     def checked(x, ok):
         x = jnp.where(ok, x, jnp.nan)
         return eqx.error_if(x, ~ok & converged, SINGULAR_DERIVATIVE_MESSAGE) if throw else x
 
-    def solve(mv, b):
-        return checked(*linear_solver.solve_factored(factors, mv, b))
+    def solve(_, b):
+        return checked(*linear_solver.compute(state, op, b))
 
-    def transpose_solve(mv_t, b):
-        return checked(*linear_solver.solve_factored(factors, mv_t, b, transpose=True))
+    def transpose_solve(_, b):
+        return checked(*linear_solver.compute(state, op, b, transpose=True))
 
     return lax.custom_linear_solve(matvec, -rhs, solve, transpose_solve)
 

@@ -7,11 +7,11 @@ import jax.lax as lax
 import jax.numpy as jnp
 
 from .._controller import PIDController
-from .._linsolve import LU, AbstractLinearSolver
-from .._rosenbrock import Rodas5P
+from ..solvers.linear import LU, AbstractLinearSolver
+from ..solvers.rosenbrock import Rodas5P
 from .._solution import Status
 from .._integrate import IntegrateOptions, integrate
-from .._solver import AbstractSolver
+from ..solvers.base import AbstractSolver
 from .._util import select
 from ._base import AbstractSteadyStateMethod, counters, max_abs
 from ._result import STAT_NAMES

@@ -6,9 +6,9 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 
-from .._linsolve import LU, AbstractLinearSolver
+from ..solvers.linear import LU, AbstractLinearSolver
 from .._util import select
-from ._base import AbstractSteadyStateMethod, counters, forms_matrix, jacobian_operator, max_abs
+from ._base import AbstractSteadyStateMethod, counters, jacobian_operator, linear_solve, max_abs
 from ._result import SteadyStateStatus as S
 
 
@@ -54,7 +54,7 @@ class Newton(AbstractSteadyStateMethod):
     def find(self, g, y0, tol, max_steps):
         dtype = y0.dtype
         ls = self.linear_solver
-        jac_per_iter = int(forms_matrix(ls))
+        jac_per_iter = int(ls.forms_jacobian)
 
         def phi_of(fy):
             return 0.5 * jnp.sum(fy * fy)
@@ -94,8 +94,7 @@ class Newton(AbstractSteadyStateMethod):
 
         def body(c):
             k, y, fy, phi, _, cnt = c
-            matvec, matrix = jacobian_operator(g, y)
-            delta, solved = ls.solve_factored(ls.factor(matvec, matrix), matvec, -fy)
+            delta, solved = linear_solve(ls, jacobian_operator(g, y, linear_solver=ls), -fy)
             y_t, f_t, phi_t, ok, any_finite, nev, nback = line_search(y, delta, phi, select(solved, 1.0, 0.0))
             ok = solved & ok
             r = max_abs(f_t)

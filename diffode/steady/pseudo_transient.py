@@ -6,9 +6,9 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 
-from .._linsolve import LU, AbstractLinearSolver
+from ..solvers.linear import LU, AbstractLinearSolver
 from .._util import select
-from ._base import AbstractSteadyStateMethod, counters, forms_matrix, jacobian_operator, max_abs
+from ._base import AbstractSteadyStateMethod, counters, jacobian_operator, linear_solve, max_abs
 from ._result import SteadyStateStatus as S
 
 
@@ -58,7 +58,7 @@ class PseudoTransient(AbstractSteadyStateMethod):
     def find(self, g, y0, tol, max_steps):
         dtype = y0.dtype
         ls = self.linear_solver
-        jac_per_iter = int(forms_matrix(ls))
+        jac_per_iter = int(ls.forms_jacobian)
         tiny = jnp.finfo(dtype).tiny
         f0 = g(y0)
         r0 = max_abs(f0)
@@ -75,8 +75,7 @@ class PseudoTransient(AbstractSteadyStateMethod):
 
         def body(c):
             k, y, fy, nf, dt, saw_nan, _, cnt = c
-            matvec, matrix = jacobian_operator(g, y, 1 / dt)
-            delta, solved = ls.solve_factored(ls.factor(matvec, matrix), matvec, fy)
+            delta, solved = linear_solve(ls, jacobian_operator(g, y, 1 / dt, ls), fy)
             y_t = y + delta
             f_t = g(y_t)
             nf_t = jnp.linalg.norm(f_t)

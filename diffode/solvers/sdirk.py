@@ -3,7 +3,7 @@
 One generic stepper, :class:`SDIRK`, driven by a :class:`ButcherTableau` whose
 ``a`` is lower triangular with a constant diagonal ``gamma`` (the first stage
 may be explicit: ESDIRK). Each implicit stage is solved by simplified Newton
-(:mod:`diffode._newton`) with the iteration matrix ``I - gamma h J``, so one
+(:mod:`diffode.solvers.stage_newton`) with the iteration matrix ``I - gamma h J``, so one
 factorisation serves every stage of a step (Hairer and Wanner, "Solving
 Ordinary Differential Equations II", IV.6 and IV.8).
 
@@ -33,12 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from ._explicit import hermite
-from ._linsolve import GMRES, LU, AbstractLinearSolver
-from ._newton import CONVERGED, FAILED, NONFINITE, RUNNING, effective_kappa, first_eta, newton_iteration
-from ._solver import AbstractTableauSolver, StepResult
-from ._tableau import ButcherTableau
-from ._util import select
+from .._util import select
+from . import linear
+from .base import AbstractTableauSolver, StepResult
+from .butcher import ButcherTableau
+from .explicit_rk import hermite
+from .linear import LU, AbstractLinearSolver
+from .stage_newton import CONVERGED, FAILED, NONFINITE, RUNNING, effective_kappa, first_eta, stage_newton_iteration
 
 
 class SDIRKState(NamedTuple):
@@ -47,13 +48,14 @@ class SDIRKState(NamedTuple):
     ``f0``: ``f(t0, y0)`` (the previous step's last stage derivative).
     ``new_jac``: recompute ``J`` at the start of the next attempt.
     ``eta``: Newton's last ``eta`` (HW IV.8), seeds the first convergence test.
-    ``cache``: the linear solver's cache (``J`` and its LU factors for :class:`LU`).
+    ``matrix``: the iteration matrix ``I - gamma h J`` as the linear solver keeps
+    it (for :class:`LU`: ``J`` and the LU factors; see :mod:`diffode.solvers.linear`).
     """
 
     f0: Float[Array, " n"]
     new_jac: Bool[Array, ""]
     eta: Array
-    cache: object
+    matrix: linear.IterationMatrix
 
 
 class SDIRK(AbstractTableauSolver):
@@ -77,8 +79,8 @@ class SDIRK(AbstractTableauSolver):
 
     Args:
         tableau: the method.
-        linear_solver: :class:`~diffode._linsolve.LU` (default) or
-            :class:`~diffode._linsolve.GMRES`.
+        linear_solver: any linear solver (:mod:`diffode.solvers.linear`):
+            :class:`~diffode.LU` (default) or :class:`~diffode.GMRES`.
         max_iters: Newton iteration cap per stage.
         kappa: Newton stops when ``eta ||dz|| <= kappa`` in the tolerance-scaled
             norm (HW IV.8; they recommend values around 1e-2 .. 1e-1).
@@ -118,19 +120,16 @@ class SDIRK(AbstractTableauSolver):
         if not self.kappa > 0:
             raise ValueError(f"kappa must be positive, got {self.kappa!r}")
         if not isinstance(self.linear_solver, AbstractLinearSolver):
-            raise TypeError(f"linear_solver must be LU() or GMRES(...), got {self.linear_solver!r}")
-
-    @property
-    def implicit(self) -> bool:
-        return True
+            raise TypeError(f"linear_solver must be a diffode linear solver, got {self.linear_solver!r}")
 
     @property
     def gamma(self) -> float:
         return float(self.tableau.a[-1, -1])
 
     def init(self, f, t0, y0, f0):
-        cache = self.linear_solver.init(t0, y0)
-        return SDIRKState(f0, jnp.asarray(True), jnp.ones((), y0.dtype), cache)
+        one = jnp.ones((), y0.dtype)
+        matrix = linear.iteration_matrix(self.linear_solver, f, t0, y0, (one,), (one,))
+        return SDIRKState(f0, jnp.asarray(True), one, matrix)
 
     def dense_zeros(self, y0):
         return jnp.zeros((2,) + y0.shape, y0.dtype)
@@ -148,8 +147,10 @@ class SDIRK(AbstractTableauSolver):
 
         # J and its factors only steer simplified Newton: the derivative of the
         # step comes from the implicit function theorem below, not from them.
-        cache, num_jac, num_lu = self.linear_solver.prepare(f, t0, y0, gh, state.cache, state.new_jac)
-        cache = lax.stop_gradient(cache)
+        matrix, num_jac, num_lu = linear.update(
+            self.linear_solver, f, t0, y0, state.matrix, state.new_jac, (jnp.ones((), dtype),), (gh,)
+        )
+        matrix = lax.stop_gradient(matrix)
         kappa = effective_kappa(self.kappa, tol, dtype)
         ks0 = jnp.zeros((s,) + y0.shape, dtype)
         if first == 1:
@@ -166,7 +167,7 @@ class SDIRK(AbstractTableauSolver):
             return k_impl - jax.vmap(lambda t, y: f(t, y))(ts, ys)
 
         def newton(_residual, _guess):
-            ks, eta, theta_max, iters, status = self._newton_stages(f, t0, y0, h, gh, ks0, cache, tol, kappa, state.eta)
+            ks, eta, theta_max, iters, status = self._newton_stages(f, t0, y0, h, gh, ks0, matrix, tol, kappa, state.eta)
             # Integer aux outputs would get int tangents in custom_root's JVP
             # rule (JAX wants float0): pass them as (exact) floats.
             return ks[first:], (eta, theta_max, iters.astype(dtype), status.astype(dtype))
@@ -187,16 +188,16 @@ class SDIRK(AbstractTableauSolver):
 
         slow = theta_max > self.jac_theta
         fresh = state.new_jac
-        accepted_state = SDIRKState(f1, slow, eta, cache)
+        accepted_state = SDIRKState(f1, slow, eta, matrix)
         # A rejected attempt restarts from the same (t0, y0): a J computed there
         # is still exact, so only an older one is worth recomputing.
         rejected_state = SDIRKState(
-            f0, (~ok | slow) & ~fresh, select(ok, eta, jnp.ones((), dtype)), cache
+            f0, (~ok | slow) & ~fresh, select(ok, eta, jnp.ones((), dtype)), matrix
         )
         counts = dict(num_jac_evals=num_jac, num_lu_decomps=num_lu, num_newton_iters=iters)
         return StepResult(y1, y_error, jnp.stack([f0, f1]), accepted_state, rejected_state, ok, iters, counts)
 
-    def _newton_stages(self, f, t0, y0, h, gh, ks0, cache, tol, kappa, eta0):
+    def _newton_stages(self, f, t0, y0, h, gh, ks0, matrix, tol, kappa, eta0):
         """All implicit stages by simplified Newton in one ``lax.while_loop``.
 
         Returns ``(ks, eta, theta_max, iters, status)``; ``ks`` are the stage
@@ -227,8 +228,8 @@ class SDIRK(AbstractTableauSolver):
             i, k, z, ks, ndz_prev, eta, theta_max, iters, _ = cr
             base = y0 + h * (a_strict[i] @ ks)
             ti = t0 + c[i] * h
-            z, ndz, theta, eta, st = newton_iteration(
-                f, self.linear_solver, cache, ti, base, z, gh, tol, k, ndz_prev, first_eta(eta), self.max_iters,
+            z, ndz, theta, eta, st = stage_newton_iteration(
+                f, self.linear_solver, matrix, ti, base, z, gh, tol, k, ndz_prev, first_eta(eta), self.max_iters,
                 kappa,
             )
             conv = st == CONVERGED
@@ -259,25 +260,15 @@ class SDIRK(AbstractTableauSolver):
     def _tangent_solve(self, g, b):
         """Solve ``g(x) = b`` for the linearised stage residual ``g = dG/dK`` (``custom_root``).
 
-        With :class:`LU`, ``g`` is materialised as the ``(m n) x (m n)`` matrix
-        ``I - (J_i h a_ij)`` (``m`` implicit stages; block lower triangular) and
-        solved exactly, so derivatives are the exact implicit-function-theorem
-        derivatives at the converged stages. With :class:`GMRES` the solve stays
-        matrix-free (``jax.scipy.sparse.linalg.gmres`` on ``g`` with the linear
-        solver's ``rtol``), so derivatives are accurate to about that ``rtol``.
+        ``g`` is ``I - (J_i h a_ij)`` on the ``m`` implicit stages (block lower
+        triangular), solved by the step's linear solver
+        (:func:`diffode.solvers.linear.solve_linear_map`): :class:`~diffode.LU`
+        forms the ``(m n) x (m n)`` matrix and solves exactly, so derivatives are
+        the exact implicit-function-theorem derivatives at the converged stages;
+        :class:`~diffode.GMRES` stays matrix-free, so derivatives are accurate
+        to about its ``rtol``.
         """
-        ls = self.linear_solver
-        if isinstance(ls, GMRES):
-            # jssl.gmres alone cannot be transposed when b is a linear input (its
-            # tolerance depends on ||b||): wrap it so reverse mode solves g^T.
-            def krylov(op, rhs):
-                return ls._gmres(op, rhs, restart=min(ls.restart, rhs.size))
-
-            return lax.custom_linear_solve(g, b, solve=krylov, transpose_solve=krylov)
-        mn = b.size
-        basis = jnp.eye(mn, dtype=b.dtype).reshape((mn,) + b.shape)
-        mat = jax.vmap(g)(basis).reshape(mn, mn).T  # column k is g(e_k)
-        return jnp.linalg.solve(mat, b.reshape(mn)).reshape(b.shape)
+        return linear.solve_linear_map(self.linear_solver, g, b)
 
     def interpolate(self, h, y0, y1, dense, theta):
         """Cubic Hermite from the step's end values and slopes."""

@@ -10,9 +10,9 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 
-from ._solver import AbstractTableauSolver, StepResult
-from ._tableau import ButcherTableau
-from ._util import finite_filler
+from .base import AbstractTableauSolver, StepResult
+from .butcher import ButcherTableau
+from .._util import finite_filler
 
 
 def _lincomb(coeffs, ks):

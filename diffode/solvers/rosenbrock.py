@@ -25,30 +25,13 @@ import dataclasses
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import numpy as np
 from jaxtyping import Array
 
-from ._explicit import _lincomb
-from ._solver import AbstractTableauSolver, FlatRHS, StepResult, Tolerances
-
-# ----------------------------------------------------------------------------
-# The linear algebra: every use of W = I - gamma h J goes through these two
-# functions, so that a matrix-free (Krylov) solver can replace them.
-# ----------------------------------------------------------------------------
-
-
-def _factor_w(f: FlatRHS, t0: Array, y0: Array, gamma_h: Array) -> tuple[Array, Array]:
-    """Build and factor ``W = I - gamma_h * J(t0, y0)``. One Jacobian, one LU."""
-    jac = f.jac(t0, y0)
-    w = jnp.eye(y0.shape[0], dtype=y0.dtype) - gamma_h * jac.astype(y0.dtype)
-    return jsl.lu_factor(w)
-
-
-def _solve_w(factors: tuple[Array, Array], rhs: Array) -> Array:
-    """Solve ``W u = rhs`` with the factors from :func:`_factor_w`."""
-    return jsl.lu_solve(factors, rhs)
-
+from . import linear
+from .base import AbstractTableauSolver, FlatRHS, StepResult, Tolerances
+from .explicit_rk import _lincomb
+from .linear import LU, AbstractLinearSolver
 
 # ----------------------------------------------------------------------------
 # Coefficients.
@@ -298,16 +281,30 @@ class Rosenbrock(AbstractTableauSolver):
 
     Per step: one Jacobian ``f.jac(t0, y0)``, one ``df/dt`` (a ``jvp``), one LU
     of ``W = I - gamma h J`` and ``s`` evaluations of ``f`` and solves with ``W``
-    (Hairer and Wanner vol. II, IV.7, (7.4')). No Newton iteration:
+    (Hairer and Wanner vol. II, IV.7, (7.4')). With ``linear_solver=GMRES(...)``
+    no Jacobian is formed and each solve is a matrix-free Krylov solve; the
+    method's order then holds only as far as ``rtol`` of GMRES resolves ``W``
+    (keep it well below the solve's ``rtol``). No Newton iteration:
     ``num_newton_iters`` stays 0 and is reported for uniform statistics. A step
     whose result is not finite (for example a singular ``W``) returns
     ``ok=False`` and the loop retries with a smaller step.
 
     The solver state is empty: every step evaluates ``f``, ``J`` and ``df/dt``
     at its own start.
+
+    Args:
+        tableau: the method.
+        linear_solver: solves with ``W`` (:mod:`diffode.solvers.linear`):
+            :class:`~diffode.LU` (default) or :class:`~diffode.GMRES`, or any
+            other linear solver.
     """
 
     tableau: RosenbrockTableau = eqx.field(static=True)
+    linear_solver: AbstractLinearSolver = eqx.field(default_factory=LU)
+
+    def __check_init__(self):
+        if not isinstance(self.linear_solver, AbstractLinearSolver):
+            raise TypeError(f"linear_solver must be a diffode linear solver, got {self.linear_solver!r}")
 
     stat_names = ("num_jac_evals", "num_lu_decomps", "num_newton_iters")
 
@@ -318,10 +315,6 @@ class Rosenbrock(AbstractTableauSolver):
         convention as the explicit 5(4) pairs)."""
         eo = self.tableau.embedded_order
         return self.tableau.order if eo is None else eo + 1
-
-    @property
-    def implicit(self) -> bool:
-        return True
 
     def init(self, f: FlatRHS, t0: Array, y0: Array, f0: Array) -> tuple:
         return ()
@@ -336,7 +329,9 @@ class Rosenbrock(AbstractTableauSolver):
         g = tab.gamma
         a, C, c, d = tab.a, tab.C, tab.c, tab.d
         gh = g * h
-        factors = _factor_w(f, t0, y0, gh)
+        ls = self.linear_solver
+        one = jnp.ones((), y0.dtype)
+        matrix, num_jac, num_lu = linear.update(ls, f, t0, y0, None, True, (one,), (jnp.asarray(gh, y0.dtype),))
         need_ft = bool(np.any(d != 0))
         # gamma h^2 df/dt, scaled per stage by the literal d_i.
         # h df/dt first (the barrier keeps XLA from reassociating): gamma h^2
@@ -356,7 +351,7 @@ class Rosenbrock(AbstractTableauSolver):
                 rhs = rhs + _lincomb(g * C[i, :i], us)
             if d[i] != 0:
                 rhs = rhs + float(d[i]) * ft
-            us.append(_solve_w(factors, rhs))
+            us.append(linear.solve(ls, f, matrix, rhs))
         s = tab.num_stages
         if np.array_equal(tab.m[: s - 1], a[s - 1, : s - 1]) and tab.m[s - 1] == 1.0:
             y1 = arg + us[-1]  # stiffly accurate: y1 = U_s + u_s
@@ -371,8 +366,7 @@ class Rosenbrock(AbstractTableauSolver):
         # One reduction for both (inf - inf is NaN, so nothing cancels); a
         # spurious overflow of the sum needs values near the largest float.
         finite = jnp.all(jnp.isfinite(y1 if y_error is None else y1 + y_error))
-        one = jnp.ones((), jnp.int32)
-        counts = {"num_jac_evals": one, "num_lu_decomps": one, "num_newton_iters": jnp.zeros((), jnp.int32)}
+        counts = {"num_jac_evals": num_jac, "num_lu_decomps": num_lu, "num_newton_iters": jnp.zeros((), jnp.int32)}
         return StepResult(y1, y_error, dense, (), (), finite, s, counts)
 
     def interpolate(self, h: Array, y0: Array, y1: Array, dense: Array, theta: Array) -> Array:

@@ -14,8 +14,9 @@ class FlatRHS:
 
     Besides being callable it offers the derivatives implicit solvers need:
     :meth:`jac` (the user's Jacobian when one was given to ``solve``, else
-    ``jax.jacfwd``), :meth:`jvp` (``J @ v`` without forming ``J``) and
-    :meth:`dfdt` (for Rosenbrock methods on non-autonomous problems).
+    ``jax.jacfwd``), :meth:`jvp` (``J @ v`` without forming ``J``), :meth:`vjp`
+    (``J^T @ v``, for transposed solves) and :meth:`dfdt` (for Rosenbrock
+    methods on non-autonomous problems).
     """
 
     def __init__(self, fn: Callable[[Array, Array], Array], jac_fn: Callable[[Array, Array], Array] | None = None):
@@ -32,6 +33,9 @@ class FlatRHS:
 
     def jvp(self, t: Array, y: Array, v: Array) -> Array:
         return jax.jvp(lambda z: self.fn(t, z), (y,), (v,))[1]
+
+    def vjp(self, t: Array, y: Array, v: Array) -> Array:
+        return jax.vjp(lambda z: self.fn(t, z), y)[1](v)[0]
 
     def dfdt(self, t: Array, y: Array) -> Array:
         return jax.jvp(lambda s: self.fn(s, y), (t,), (jax.numpy.ones_like(t),))[1]
@@ -95,11 +99,54 @@ class StepResult(NamedTuple):
 
 
 class AbstractSolver(eqx.Module):
-    """Base class of all steppers.
+    """Base class of all steppers: the only interface the solve loop uses.
 
-    Subclasses set ``order`` and implement :meth:`init` and :meth:`step`. The
-    solve loop owns time, step-size control, saving and error handling; a solver
-    only maps ``(t0, y0, h, state)`` to a :class:`StepResult`.
+    The loop owns time, step-size control, saving and error handling; a solver
+    only maps ``(t0, y0, h, state)`` to a :class:`StepResult` on flat ``(n,)``
+    states. To write a new solver:
+
+    1. Subclass ``AbstractSolver`` (or :class:`AbstractTableauSolver` when a
+       tableau gives the order). Configuration goes in fields: static ones
+       (``eqx.field(static=True)``) for Python numbers and tables, plain ones
+       for sub-modules such as a linear solver.
+    2. Give ``order`` (the method's order), ``error_order`` (the local order of
+       the error estimate, which sets the controller's exponent; defaults to
+       ``order``) and ``embedded`` (whether :meth:`step` returns an error
+       estimate; without one the solver runs with fixed steps only).
+    3. Implement :meth:`init`: the state carried from step to step (a pytree of
+       arrays of fixed shapes, since it rides in a ``lax.while_loop``), given
+       ``f0 = f(t0, y0)``. Reuse ``f0`` (FSAL) through the state if the method
+       can.
+    4. Implement :meth:`step`: one attempt from ``(t0, y0)`` with step ``h``.
+       Return the :class:`StepResult`: ``y1``, the error estimate ``y_error``
+       (or ``None``), the ``dense`` data for :meth:`interpolate`, the state
+       for the next step if the loop accepts the step and the one if it
+       rejects it, ``ok`` (false when the solver itself failed, for instance
+       Newton did not converge: the loop then shrinks ``h``), the number of
+       ``f`` evaluations and the solver's counters (named in ``stat_names``).
+       Evaluate ``f`` only through the :class:`FlatRHS` passed in, which
+       offers ``jac``, ``jvp``, ``vjp`` and ``dfdt`` as well. ``tol`` gives the
+       solve's tolerances for inner iterations. Everything must be traceable
+       (no Python control flow on values) and should be differentiable by
+       ``jax.jvp`` (the sensitivity methods differentiate steps; an inner
+       iteration belongs inside ``lax.custom_root`` so that only its root is
+       differentiated, as in :mod:`diffode.solvers.sdirk` and
+       :mod:`diffode.solvers.radau`).
+    5. Implement :meth:`dense_zeros` (zeros shaped like ``StepResult.dense``)
+       and :meth:`interpolate` (the state at ``t0 + theta h`` from a step's end
+       points and its ``dense`` data).
+    6. Implicit methods solve their linear systems through
+       :mod:`diffode.solvers.linear`: take a ``linear_solver`` field, keep a
+       :class:`~diffode.solvers.linear.IterationMatrix` in the state, call
+       :func:`~diffode.solvers.linear.update` once per step (it decides when to
+       re-evaluate ``J`` and when to refactor) and
+       :func:`~diffode.solvers.linear.solve` per solve; simplified Newton
+       iterations share :mod:`diffode.solvers.stage_newton`'s convergence test.
+    7. Test it: its order of convergence, against a reference solution, under
+       ``jit``, ``vmap`` and ``grad`` (see ``tests/test_explicit.py`` and
+       ``tests/test_implicit.py``). The sensitivity method ``Direct`` replays
+       only the built-in solver families; other solvers use
+       ``ForwardSensitivity`` or an adjoint.
     """
 
     #: Names of the solver-specific counters reported in ``Solution.stats``.
@@ -118,10 +165,6 @@ class AbstractSolver(eqx.Module):
     def embedded(self) -> bool:
         """Whether :meth:`step` returns an error estimate (adaptive stepping)."""
         raise NotImplementedError
-
-    @property
-    def implicit(self) -> bool:
-        return False
 
     def dense_zeros(self, y0: Array) -> Array:
         """Zeros shaped like ``StepResult.dense`` (initial loop carry)."""

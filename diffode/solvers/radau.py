@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.scipy.linalg import lu_factor, lu_solve
 from jaxtyping import Array
 
-from ._solver import AbstractSolver, StepResult
-from ._util import select
+from .._util import select
+from . import linear
+from .base import AbstractSolver, StepResult
+from .linear import LU, AbstractLinearSolver
+from .stage_newton import convergence_test
 
 # ----------------------------------------------------------------------------
 # Coefficients. Radau IIA, s = 3 (HW vol. II, Table IV.5.6): nodes and matrix A.
@@ -72,7 +74,8 @@ RADAU_VINV = np.linalg.inv(RADAU_C[:, None] ** np.arange(1, 4)[None, :])
 class RadauState(NamedTuple):
     """What a step carries to the next one.
 
-    ``f0``: ``f(t0, y0)`` at the step's start. ``jac``: the Jacobian in use.
+    ``f0``: ``f(t0, y0)`` at the step's start. ``matrix``: the Jacobian in use and
+    the factors of the real and the complex system (:mod:`diffode.solvers.linear`).
     ``dense``, ``h``: the last accepted step's collocation polynomial coefficients
     and size (starting values by extrapolation). ``need_jac``: evaluate ``J`` at the
     start of the next step. ``fresh_start``: first step or after a rejection (HW's
@@ -82,7 +85,7 @@ class RadauState(NamedTuple):
     """
 
     f0: Array
-    jac: Array
+    matrix: linear.IterationMatrix
     dense: Array
     h: Array
     need_jac: Array
@@ -96,13 +99,11 @@ def _matmul3(m: np.ndarray, x: Array) -> Array:
     return jnp.asarray(m, x.dtype) @ x
 
 
-def _dense_tangent_solve(g, b: Array) -> Array:
-    """Solve ``g(x) = b`` for the linear map ``g`` on stage arrays (3, n): its
-    3n x 3n matrix, built column by column, and a dense LU solve."""
-    m = b.size
-    basis = jnp.eye(m, dtype=b.dtype).reshape((m,) + b.shape)
-    cols = jax.vmap(g)(basis).reshape(m, m)  # row j is g(e_j), column j of the matrix
-    return lu_solve(lu_factor(cols.T), b.reshape(m)).reshape(b.shape)
+def _shifts(h: Array) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    """Shifts and scales of the real and the complex Newton system, ``gamma/h I - J``
+    and ``(alpha + i beta)/h I - J``."""
+    one = jnp.ones((), h.dtype)
+    return (RADAU_GAMMA / h, complex(RADAU_ALPHA, RADAU_BETA) / h), (one, one)
 
 
 class Radau5(AbstractSolver):
@@ -125,14 +126,20 @@ class Radau5(AbstractSolver):
             at ``y0``) of the transformed increments, as in RADAU5. ``None`` uses
             RADAU5's ``max(10 eps / rtol, min(0.03, sqrt(rtol)))`` with the solve's
             (untransformed) ``rtol``.
+        linear_solver: solves the real and the complex system
+            (:mod:`diffode.solvers.linear`): :class:`~diffode.LU` (default; the
+            complex system in complex arithmetic) or :class:`~diffode.GMRES`
+            (matrix-free, complex Krylov iterations for the complex system), or
+            any other linear solver.
 
     A step fails (``ok=False``: the loop rejects it and shrinks ``h``) when Newton
     diverges (``theta >= 0.99``), when its predicted error after the remaining
     iterations still exceeds ``kappa``, at the iteration cap, or on non-finite
     values. After a rejection ``J`` is re-evaluated at ``y0`` unless it already was.
 
-    Statistics: ``num_jac_evals``; ``num_lu_decomps`` (each step factorises the
-    real and the complex matrix, counted as 2); ``num_newton_iters`` (each
+    Statistics: ``num_jac_evals``; ``num_lu_decomps`` (a step factorises the
+    real and the complex matrix, counted as 2, unless neither ``J`` nor ``h``
+    changed since the last factorisation; 0 with matrix-free GMRES); ``num_newton_iters`` (each
     iteration costs 3 evaluations of ``f``). ``num_fevals`` counts evaluations of
     ``f`` only: 3 per Newton iteration, 1 per step for ``f(t1, y1)`` (the next
     step's ``f0``) and 1 for the extra filtered error estimate, taken on the first
@@ -146,7 +153,8 @@ class Radau5(AbstractSolver):
     Newton ``while_loop`` is never differentiated. Their derivative is that of the
     exact root by the implicit function theorem, ``dZ = -(dG/dZ)^-1 (dG/dp) dp`` for
     ``G(Z) = Z - h (A (x) I) F(Z)``, with the exact ``3n x 3n`` Jacobian ``dG/dZ``
-    (formed column by column, dense LU) evaluated at the computed stages. ``y1``
+    (with :class:`~diffode.LU`: formed column by column and factorised; with
+    :class:`~diffode.GMRES`: matrix-free) evaluated at the computed stages. ``y1``
     and the dense coefficients are linear in ``Z``; a step is therefore
     differentiable by ``jax.jvp`` and ``jax.vjp`` (the ``Direct`` sensitivity method
     replays it). The error estimate ``y_error`` is not differentiated (the
@@ -162,6 +170,7 @@ class Radau5(AbstractSolver):
     max_iters: int = eqx.field(static=True, default=7)
     jac_reuse_theta: float = eqx.field(static=True, default=1e-3)
     newton_tol: float | None = eqx.field(static=True, default=None)
+    linear_solver: AbstractLinearSolver = eqx.field(default_factory=LU)
 
     stat_names = ("num_jac_evals", "num_lu_decomps", "num_newton_iters")
 
@@ -172,6 +181,8 @@ class Radau5(AbstractSolver):
             raise ValueError(f"Radau5: jac_reuse_theta must be >= 0, got {self.jac_reuse_theta!r}")
         if self.newton_tol is not None and not self.newton_tol > 0:
             raise ValueError(f"Radau5: newton_tol must be positive, got {self.newton_tol!r}")
+        if not isinstance(self.linear_solver, AbstractLinearSolver):
+            raise TypeError(f"Radau5: linear_solver must be a diffode linear solver, got {self.linear_solver!r}")
 
     @property
     def order(self) -> int:
@@ -185,19 +196,16 @@ class Radau5(AbstractSolver):
     def embedded(self) -> bool:
         return True
 
-    @property
-    def implicit(self) -> bool:
-        return True
-
     def dense_zeros(self, y0):
         return jnp.zeros((3,) + y0.shape, y0.dtype)
 
     def init(self, f, t0, y0, f0):
         n = y0.shape[0]
         dtype = y0.dtype
+        shifts, scales = _shifts(jnp.ones((), dtype))
         return RadauState(
             f0=f0,
-            jac=jnp.zeros((n, n), dtype),
+            matrix=linear.iteration_matrix(self.linear_solver, f, t0, y0, shifts, scales),
             dense=jnp.zeros((3, n), dtype),
             h=jnp.ones((), dtype),
             need_jac=jnp.array(True),
@@ -208,20 +216,19 @@ class Radau5(AbstractSolver):
 
     def step(self, f, t0, y0, h, state: RadauState, tol):
         dtype = y0.dtype
-        cdtype = jnp.result_type(dtype, jnp.complex64)
-        n = y0.shape[0]
         eps = jnp.finfo(dtype).eps
-        eye = jnp.eye(n, dtype=dtype)
+        ls = self.linear_solver
 
-        # Jacobian: reused unless the last step asked for a new one. It only
-        # enters the Newton matrices and the error filter, whose derivatives do
-        # not matter for the converged iterates, hence stop_gradient.
+        # The real system gamma/h I - J and the complex one (alpha + i beta)/h I - J
+        # (system 0 and 1), with J reused unless the last step asked for a new
+        # one (see diffode.solvers.linear). They only steer the Newton
+        # iteration and the error filter, whose derivatives do not matter for
+        # the converged iterates, hence stop_gradient.
         need_jac = state.need_jac
-        jac = lax.cond(need_jac, lambda: f.jac(t0, y0).astype(dtype), lambda: state.jac)
-        jac = lax.stop_gradient(jac)
         hs = lax.stop_gradient(h)
-        lu1 = lu_factor((RADAU_GAMMA / hs) * eye - jac)
-        lu2 = lu_factor((complex(RADAU_ALPHA, RADAU_BETA) / hs) * eye.astype(cdtype) - jac.astype(cdtype))
+        shifts, scales = _shifts(hs)
+        matrix, num_jac, num_lu = linear.update(ls, f, t0, y0, state.matrix, need_jac, shifts, scales)
+        matrix = lax.stop_gradient(matrix)
 
         # Starting values: the last accepted step's collocation polynomial,
         # continued to the new nodes (zero on the first step, where dense = 0).
@@ -235,8 +242,7 @@ class Radau5(AbstractSolver):
         else:
             fnewt = jnp.asarray(self.newton_tol, dtype)
         t_nodes = t0 + jnp.asarray(RADAU_C, jnp.result_type(t0)) * h
-        lam1 = RADAU_GAMMA / hs
-        lam2 = complex(RADAU_ALPHA, RADAU_BETA) / hs
+        lam1, lam2 = shifts
         # From the init state (the first step, or a step that Direct replays in
         # reverse mode) Newton polishes the root: a tighter tolerance (above
         # rounding), more iterations, no early exit on slow convergence.
@@ -258,30 +264,24 @@ class Radau5(AbstractSolver):
             g = _matmul3(RADAU_TI, fz)
             r1 = g[0] - lam1 * w[0]
             r2 = lax.complex(g[1], g[2]) - lam2 * lax.complex(w[1], w[2])
-            d1 = lu_solve(lu1, r1)
-            d2 = lu_solve(lu2, r2.astype(cdtype))
+            d1 = linear.solve(ls, f, matrix, r1, system=0)
+            d2 = linear.solve(ls, f, matrix, r2, system=1)
             dw = jnp.stack([d1, jnp.real(d2), jnp.imag(d2)])
             dyno = tol.scaled_norm(dw, y0)
+            # The rate is the geometric mean of the last two ratios from the
+            # third iteration on (HW IV.8, (8.23)); divergence at theta = 0.99.
+            test = convergence_test(k, dyno, dyno_old, thq_old, theta, faccon, fnewt, kmax,
+                                    mean_rate=True, max_theta=0.99)
             k = k + 1
-            # Convergence rate (HW IV.8, (8.23)): from the second iteration on;
-            # the geometric mean of the last two ratios from the third on.
-            have = k >= 2
-            thq = dyno / dyno_old
-            theta = select(have, select(k == 2, thq, jnp.sqrt(thq * thq_old)), theta)
-            thq_old = select(have, thq, thq_old)
-            diverge = have & ~(theta < 0.99)
-            faccon = select(have & ~diverge, theta / (1.0 - theta), faccon)
             w = w + dw
-            converged = faccon * dyno <= fnewt
-            finite = jnp.isfinite(dyno)
-            # Predicted error after the remaining iterations still too large.
-            left = (kmax - 1 - k).astype(dtype)
-            slow = ~cold & have & (k < kmax) & (faccon * dyno * theta**left >= fnewt)
-            stop = (faccon * dyno <= fnewt_stop) | ~finite | diverge | slow | (k >= kmax)
-            # Polishing stops when the rate stalls (at rounding level: 'diverge'),
+            # f is checked itself: a matrix-free solve may turn NaN into a zero increment.
+            finite = jnp.isfinite(dyno) & jnp.all(jnp.isfinite(fz))
+            slow = ~cold & test.too_slow
+            stop = (test.eta * dyno <= fnewt_stop) | ~finite | test.diverged | slow | (k >= kmax)
+            # Polishing stops when the rate stalls (at rounding level: 'diverged'),
             # and the step is still ok if the kappa test holds.
-            ok = converged & finite & (cold | ~diverge)
-            return k, w, dyno, thq_old, theta, faccon, stop, ok
+            ok = test.converged & finite & (cold | ~test.diverged)
+            return k, w, dyno, test.ratio, test.theta, test.eta, stop, ok
 
         def newton(_, z_start):
             # Simplified Newton in the transformed variables W = (T^-1 (x) I) Z.
@@ -302,7 +302,7 @@ class Radau5(AbstractSolver):
         # 3n x 3n Jacobian dG/dZ (not Newton's approximate J). Forward mode
         # (jax.jvp through the loop) and reverse mode (jax.vjp of one step, as
         # Direct does) both use it; the primal just runs `newton`.
-        z, aux = lax.custom_root(residual, z0, newton, _dense_tangent_solve, has_aux=True)
+        z, aux = lax.custom_root(residual, z0, newton, self._tangent_solve, has_aux=True)
         aux = lax.stop_gradient(aux)
         iters, theta, faccon, ok = aux[0].astype(jnp.int32), aux[1], aux[2], aux[3] > 0.5
         y1 = y0 + z[2]
@@ -315,30 +315,36 @@ class Radau5(AbstractSolver):
         zs, f0s, t0s, y0s, y1s = lax.stop_gradient((z, state.f0, t0, y0, y1))
         v = jnp.asarray(RADAU_E[0], dtype) * zs[0]
         v = (v + jnp.asarray(RADAU_E[1], dtype) * zs[1] + jnp.asarray(RADAU_E[2], dtype) * zs[2]) / hs
-        err = lu_solve(lu1, f0s + v)
+        err = linear.solve(ls, f, matrix, f0s + v)
         big = tol.scaled_norm(err, jnp.maximum(jnp.abs(y0s), jnp.abs(y1s))) >= 1.0
         redo = state.fresh_start & ok & big
-        err = lax.cond(redo, lambda: lu_solve(lu1, f(t0s, y0s + err) + v), lambda: err)
+        err = lax.cond(redo, lambda: linear.solve(ls, f, matrix, f(t0s, y0s + err) + v), lambda: err)
         err = lax.stop_gradient(err)
 
         f1 = f(t0 + h, y1)
         i32 = lambda x: jnp.asarray(x, jnp.int32)
         accepted = RadauState(
-            f0=f1, jac=jac, dense=dense, h=h, need_jac=theta > self.jac_reuse_theta,
+            f0=f1, matrix=matrix, dense=dense, h=h, need_jac=theta > self.jac_reuse_theta,
             fresh_start=jnp.array(False), faccon=faccon, cold=jnp.array(False),
         )
         # After a rejection J is re-evaluated at y0 unless it already was (HW).
         rejected = RadauState(
-            f0=state.f0, jac=jac, dense=state.dense, h=state.h, need_jac=~need_jac,
+            f0=state.f0, matrix=matrix, dense=state.dense, h=state.h, need_jac=~need_jac,
             fresh_start=jnp.array(True), faccon=faccon, cold=jnp.array(False),
         )
         counts = {
-            "num_jac_evals": i32(need_jac),
-            "num_lu_decomps": i32(2),
+            "num_jac_evals": num_jac,
+            "num_lu_decomps": num_lu,
             "num_newton_iters": iters,
         }
         nfev = 3 * iters + 1 + i32(redo)
         return StepResult(y1, err, dense, accepted, rejected, ok, nfev, counts)
+
+    def _tangent_solve(self, g, b):
+        """Solve ``g(x) = b`` for the linearised collocation equations (``custom_root``):
+        the exact ``3n x 3n`` system, by this solver's linear solver (LU: formed
+        column by column and factorised)."""
+        return linear.solve_linear_map(self.linear_solver, g, b)
 
     def interpolate(self, h, y0, y1, dense, theta):
         """The collocation polynomial (degree 3) at ``t0 + theta h``."""
