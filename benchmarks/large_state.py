@@ -12,7 +12,7 @@ interleaved with them (``benchmarks/_timing.py``):
 * explicit: ``y' = -a y``, ``y0 = 1``, Tsit5, rtol = 1e-3, atol = 1e-6, t in
   [0, 1], saved at t = 0 and 1 (and at 11 times in two extra cases), float64 at
   n = 1e3 to 1e6 and float32 at 1e6. diffode's default (stages looped below
-  ``diffode._explicit.UNROLL_MIN_SIZE`` components, unrolled from there) and
+  ``diffode.solvers.explicit_rk.UNROLL_MIN_SIZE`` components, unrolled from there) and
   ``Tsit5(stage_loop=True)`` against diffrax ``Tsit5`` + ``PIDController``;
 * implicit: ``y' = -a lam y`` with ``lam`` cycling through 1, 10, 100, 1000
   (stiff, diagonal), Kvaerno5, rtol = 1e-4, atol = 1e-6, float64. diffode with
@@ -47,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import diffode  # noqa: E402
-from diffode._explicit import UNROLL_MIN_SIZE  # noqa: E402
+from diffode.solvers.explicit_rk import UNROLL_MIN_SIZE  # noqa: E402
 
 from . import _timing  # noqa: E402
 from .solve_lv import environment  # noqa: E402
