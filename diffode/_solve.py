@@ -275,8 +275,8 @@ def _resolvable_rtol(rtol, dtype):
     if np.any(low):
         warnings.warn(
             f"rtol={np.min(np.asarray(rtol)[low]):.3g} is below what {jnp.dtype(dtype).name} resolves: solving with "
-            f"rtol={floor:.3g} ({RTOL_FLOOR_EPS} x eps) where it is smaller; use float64 states "
-            f"(jax.config.update('jax_enable_x64', True)) for tighter tolerances",
+            f"rtol={floor:.3g} ({RTOL_FLOOR_EPS} x eps) where it is smaller; tighter tolerances need float64 "
+            f"states (JAX's 64-bit mode, which the caller switches on)",
             stacklevel=3,
         )
         return np.where(low, floor, rtol)
