@@ -271,10 +271,11 @@ def _resolvable_rtol(rtol, dtype):
     floor = RTOL_FLOOR_EPS * float(jnp.finfo(dtype).eps)
     if isinstance(rtol, jax.Array):
         return jnp.where((rtol > 0) & (rtol < floor), jnp.asarray(floor, rtol.dtype), rtol)
-    low = (np.asarray(rtol) > 0) & (np.asarray(rtol) < floor)
+    values = np.asarray(rtol)
+    low = (values > 0) & (values < floor)
     if np.any(low):
         warnings.warn(
-            f"rtol={np.min(np.asarray(rtol)[low]):.3g} is below what {jnp.dtype(dtype).name} resolves: solving with "
+            f"rtol={np.min(values[low]):.3g} is below what {jnp.dtype(dtype).name} resolves: solving with "
             f"rtol={floor:.3g} ({RTOL_FLOOR_EPS} x eps) where it is smaller; tighter tolerances need float64 "
             f"states (JAX's 64-bit mode, which the caller switches on)",
             stacklevel=3,

@@ -53,10 +53,10 @@ def colour_columns(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     first" ordering), each given the smallest colour none of its neighbours
     (columns sharing a row with it) holds.
     """
-    by_col = np.argsort(cols, kind="stable")
-    col_rows = np.split(rows[by_col], np.cumsum(np.bincount(cols, minlength=n))[:-1])
-    by_row = np.argsort(rows, kind="stable")
-    row_cols = np.split(cols[by_row], np.cumsum(np.bincount(rows, minlength=n))[:-1])
+    def grouped(keys, values):  # values[keys == k] for k = 0 .. n - 1
+        return np.split(values[np.argsort(keys, kind="stable")], np.cumsum(np.bincount(keys, minlength=n))[:-1])
+
+    col_rows, row_cols = grouped(cols, rows), grouped(rows, cols)
     colour = np.full(n, -1, np.int64)
     for j in np.argsort(-np.array([len(r) for r in col_rows]), kind="stable"):
         taken = set()
