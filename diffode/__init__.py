@@ -15,6 +15,7 @@ from .solvers.explicit_rk import (
 )
 from .solvers.sdirk import SDIRK, ImplicitEuler, Kvaerno3, Kvaerno5
 from .solvers.linear import GMRES, LU, AbstractLinearSolver
+from .solvers.structured import BandedLU, SparseLU
 from .solvers.colouring import Sparsity
 from .solvers.radau import Radau5
 from .solvers.rosenbrock import Rodas5, Rodas5P, Rosenbrock, RosenbrockTableau
@@ -68,6 +69,8 @@ __all__ = [
     "Kvaerno3",
     "Kvaerno5",
     "LU",
+    "BandedLU",
+    "SparseLU",
     "max_norm",
     "MESSAGES",
     "Midpoint",

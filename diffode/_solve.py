@@ -3,6 +3,7 @@ hand-over of the loop to the sensitivity method."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -24,6 +25,8 @@ from ._solution import MESSAGE_LIST, MESSAGES, Solution, Stats, Status
 from .solvers.base import AbstractSolver
 from ._util import raise_on_failure
 from .solvers.colouring import Sparsity
+from .solvers.linear import GMRES, LU
+from .solvers.structured import SparseLU
 from ._validate import check_max_steps, check_y0, rhs_structure_problem
 from .sensitivity import AbstractSensitivity, Auto, Direct, Problem, split_args
 from .sensitivity.direct import direct_solve
@@ -102,8 +105,11 @@ def _solve(
             scipy sparse matrix) over the raveled state. Implicit solvers then form
             the Jacobian from one ``jax.jvp`` per colour of a column colouring
             (:mod:`diffode.solvers.colouring`; about 8 for a 2-D five-point stencil
-            with two species) instead of ``n``. An entry missing from the pattern
-            is read as zero. Not with ``jac``.
+            with two species) instead of ``n``, and an implicit solver whose
+            ``linear_solver`` is dense :class:`LU` (the default) uses
+            :class:`SparseLU` for the pattern instead (also as a :class:`GMRES`
+            preconditioner). An entry missing from the pattern is read as zero.
+            Not with ``jac``.
         sensitivity: how the solve is differentiated: :class:`Direct`,
             :class:`ForwardSensitivity`, :class:`BacksolveAdjoint`,
             :class:`InterpolatingAdjoint` or :class:`Auto` (``None``: ``Auto()``).
@@ -181,6 +187,7 @@ def _solve(
             raise ValueError("give jac or jac_sparsity, not both (jac_sparsity builds the Jacobian from f)")
         sparsity = jac_sparsity if isinstance(jac_sparsity, Sparsity) else Sparsity(jac_sparsity)
         sparsity.check_size(n)
+        solver = _sparse_default(solver, sparsity)
 
     def flatten(out):
         return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
@@ -235,6 +242,19 @@ def _solve(
         direction=direction,
         unravel=unravel,
     )
+
+
+def _sparse_default(solver: AbstractSolver, sparsity: Sparsity) -> AbstractSolver:
+    """``solver`` with its dense :class:`LU` (or a :class:`GMRES`'s dense LU
+    preconditioner) replaced by :class:`SparseLU` for ``sparsity``."""
+    ls = getattr(solver, "linear_solver", None)
+    if type(ls) is LU:
+        new = SparseLU(sparsity)
+    elif isinstance(ls, GMRES) and type(ls.preconditioner) is LU:
+        new = dataclasses.replace(ls, preconditioner=SparseLU(sparsity))
+    else:
+        return solver
+    return eqx.tree_at(lambda s: s.linear_solver, solver, new)
 
 
 def _check_regularise(solver, fixed: bool, method) -> None:

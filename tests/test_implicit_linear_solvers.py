@@ -74,3 +74,18 @@ def test_linear_solver_is_validated():
             make(linear_solver="lu")
     with pytest.raises(TypeError, match="preconditioner"):
         diffode.GMRES(preconditioner=3)
+
+
+def test_rosenbrock_reports_a_linear_solve_that_failed():
+    """A Rosenbrock step has no Newton test to catch a bad solve: GMRES that cannot
+    reach its rtol (one Krylov vector, one restart) must fail the solve, not pass
+    an inaccurate step. A GMRES that can converge succeeds (the control)."""
+    def run(gmres):
+        return diffode.solve(rhs, jnp.asarray(Y0), jnp.asarray([0.0, T1]), 1.0, max_steps=100, throw=False,
+                             solver=diffode.Rodas5P(linear_solver=gmres))
+
+    bad = run(diffode.GMRES(rtol=1e-12, restart=1, maxiter=1))
+    assert int(bad.status) != 0 and bool(jnp.all(jnp.isnan(bad.ys[-1])))
+    good = run(diffode.GMRES(rtol=1e-12))
+    assert int(good.status) == 0
+    np.testing.assert_allclose(np.asarray(good.ys[-1]), exact(1.0), rtol=1e-4, atol=1e-8)  # default rtol 1e-6

@@ -53,7 +53,8 @@ def test_solve_matches_dense_solve(linsolve):
     y = jnp.asarray(RNG.standard_normal(N))
     b = jnp.asarray(RNG.standard_normal(N))
     matrix, nj, nlu = prepared(linsolve, f, y, 0.3)
-    x = linear.solve(linsolve, f, matrix, b)
+    x, ok = linear.solve(linsolve, f, matrix, b)
+    assert bool(ok)
     # Both solve to ~1e-12 relative (LU: backward stable, cond(W) ~ 10; GMRES: its rtol).
     np.testing.assert_allclose(np.asarray(x), exact_solve(0.3, b), rtol=1e-10, atol=1e-12)
     if isinstance(linsolve, GMRES):
@@ -61,7 +62,8 @@ def test_solve_matches_dense_solve(linsolve):
     else:
         assert int(nj) == 1 and int(nlu) == 1
     # The transposed solve: W^T x = b.
-    xt = linear.solve(linsolve, f, matrix, b, transpose=True)
+    xt, ok = linear.solve(linsolve, f, matrix, b, transpose=True)
+    assert bool(ok)
     want = np.linalg.solve((np.eye(N) - 0.3 * J_MAT).T, np.asarray(b))
     np.testing.assert_allclose(np.asarray(xt), want, rtol=1e-10, atol=1e-12)
 
@@ -79,11 +81,11 @@ def test_lu_reuses_jacobian_and_factorisation():
     # Same gamma_h, keep J: nothing recomputed, same answer.
     matrix, nj, nlu = prep(0.5, matrix, False)
     assert (int(nj), int(nlu)) == (0, 0)
-    np.testing.assert_allclose(np.asarray(linear.solve(lu, f, matrix, b)), exact_solve(0.5, b), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(linear.solve(lu, f, matrix, b)[0]), exact_solve(0.5, b), rtol=1e-12)
     # New gamma_h: only the factorisation is redone, from the kept J.
     matrix, nj, nlu = prep(0.25, matrix, False)
     assert (int(nj), int(nlu)) == (0, 1)
-    np.testing.assert_allclose(np.asarray(linear.solve(lu, f, matrix, b)), exact_solve(0.25, b), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(linear.solve(lu, f, matrix, b)[0]), exact_solve(0.25, b), rtol=1e-12)
     np.testing.assert_array_equal(np.asarray(matrix.jac), J_MAT)
 
 
@@ -116,7 +118,7 @@ def test_complex_shift(linsolve):
     b = jnp.asarray(RNG.standard_normal(N) + 1j * RNG.standard_normal(N))
     a = (2.0 + 3.0j) * np.eye(N) - J_MAT
     for transpose in (False, True):
-        x = linear.solve(linsolve, f, matrix, b, system=1, transpose=transpose)
+        x, _ = linear.solve(linsolve, f, matrix, b, system=1, transpose=transpose)
         want = np.linalg.solve(a.T if transpose else a, np.asarray(b))
         np.testing.assert_allclose(np.asarray(x), want, rtol=1e-10, atol=1e-12)
 

@@ -106,6 +106,8 @@ def test_auto_choice():
     assert isinstance(auto.choose(64, 1000), diffode.Direct)
     assert isinstance(auto.choose(64, 1000, diffode.Tsit5()), diffode.Direct)
     assert isinstance(auto.choose(64, 1000, diffode.Kvaerno5()), diffode.InterpolatingAdjoint)
+    # A structured linear solver: the adjoint's augmented system would be factorised densely.
+    assert isinstance(auto.choose(64, 1000, diffode.Kvaerno5(linear_solver=diffode.BandedLU(1, 1))), diffode.Direct)
     # Never the backsolve adjoint, whatever the sizes.
     for n in (1, 8, 200):
         assert not isinstance(auto.choose(n, n), diffode.BacksolveAdjoint)

@@ -80,7 +80,16 @@ class Sparsity:
     """
 
     def __init__(self, pattern):
-        n, rows, cols = _nonzeros(pattern)
+        self._build(*_nonzeros(pattern))
+
+    @classmethod
+    def from_nonzeros(cls, n: int, rows: np.ndarray, cols: np.ndarray) -> "Sparsity":
+        """The pattern of ``n`` unknowns with nonzeros at ``(rows[k], cols[k])``."""
+        self = cls.__new__(cls)
+        self._build(n, np.asarray(rows, np.int64), np.asarray(cols, np.int64))
+        return self
+
+    def _build(self, n: int, rows: np.ndarray, cols: np.ndarray) -> None:
         diag = np.arange(n)
         flat = np.unique(np.concatenate([rows * n + cols, diag * n + diag]))  # sorted, with the diagonal
         self.n, self.rows, self.cols = n, flat // n, flat % n

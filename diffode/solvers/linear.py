@@ -17,7 +17,7 @@ with three calls:
 
 1. ``jac = solver.linearise(f, t, y)``: what the solver keeps of ``J`` at
    ``(t, y)`` (a pytree): the dense matrix for :class:`LU`, nothing for
-   matrix-free :class:`GMRES`; a banded solver would keep the band. The
+   matrix-free :class:`GMRES`; the blocks for the structured solvers. The
    Jacobian-reuse policy below may keep it for many steps.
 2. ``state = solver.init(op)``: factor once (LU factors of ``op``; a
    preconditioner's setup; nothing). ``op`` carries ``jac`` (maybe from an
@@ -40,9 +40,9 @@ operators; :func:`update` re-evaluates ``J`` only when the stepper asks for it
 the conditional work becomes a select (both branches run), while the returned
 counts stay per batch member.
 
-Adding a linear solver (a banded LU, a sparse solve from a sparsity pattern, a
-block-diagonal preconditioner) is one new subclass implementing the three calls;
-no stepper changes. See ``docs/stiff.md``, "Linear solvers".
+Adding a linear solver is one new subclass implementing the three calls; no
+stepper changes (``structured.py`` adds the banded and sparse LU this way). See
+``docs/stiff.md``, "Linear solvers".
 """
 
 from __future__ import annotations
@@ -334,11 +334,14 @@ class GMRES(AbstractLinearSolver):
         x, _ = jssl.gmres(matvec, b / scale, tol=self._tol(b.dtype), atol=0.0, restart=min(self.restart, b.size),
                           maxiter=self.maxiter, M=m, solve_method="incremental")
         x = x * scale
-        # jax's GMRES reports no convergence flag: check the true residual (one
-        # more product, dropped by XLA where ok is unused). A factor of 10
-        # allows for the recursive residual's drift.
-        res = jnp.linalg.norm(b - matvec(x))
-        ok = jnp.all(jnp.isfinite(x)) & (res <= 10 * self._tol(b.dtype) * nb)
+        # jax's GMRES reports no convergence flag: check the residual it iterated
+        # on (preconditioned, when there is a preconditioner) explicitly, with one
+        # more product (dropped by XLA where ok is unused). A factor of 10 allows
+        # for the recursive residual's drift.
+        r, ref = b - matvec(x), nb
+        if m is not None:
+            r, ref = m(r), jnp.linalg.norm(m(b))
+        ok = jnp.all(jnp.isfinite(x)) & (jnp.linalg.norm(r) <= 10 * self._tol(b.dtype) * ref)
         return x, ok
 
 
@@ -446,7 +449,9 @@ def update(
 def solve(
     linear_solver: AbstractLinearSolver, f: FlatRHS, matrix: IterationMatrix, b: Array, system: int = 0,
     transpose: bool = False,
-) -> Array:
-    """``x`` with ``(shift I - scale J) x = b`` for system ``system`` of the last :func:`update`."""
+) -> tuple[Array, Bool[Array, ""]]:
+    """``(x, ok)`` with ``(shift I - scale J) x = b`` for system ``system`` of the last
+    :func:`update`; ``ok`` as the linear solver's ``compute`` reports it (false for a
+    singular operator or a Krylov solve that did not converge)."""
     op = ShiftedJacobian(f, matrix.t, matrix.y, matrix.jac, matrix.shifts[system], matrix.scales[system])
-    return linear_solver.compute(matrix.factors[system], op, b, transpose)[0]
+    return linear_solver.compute(matrix.factors[system], op, b, transpose)

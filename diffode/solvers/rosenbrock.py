@@ -286,8 +286,9 @@ class Rosenbrock(AbstractTableauSolver):
     method's order then holds only as far as ``rtol`` of GMRES resolves ``W``
     (keep it well below the solve's ``rtol``). No Newton iteration:
     ``num_newton_iters`` stays 0 and is reported for uniform statistics. A step
-    whose result is not finite (for example a singular ``W``) returns
-    ``ok=False`` and the loop retries with a smaller step.
+    whose result is not finite, or whose linear solves failed (a singular
+    ``W``, GMRES short of its ``rtol``), returns ``ok=False`` and the loop
+    retries with a smaller step.
 
     The solver state is empty: every step evaluates ``f``, ``J`` and ``df/dt``
     at its own start.
@@ -338,6 +339,7 @@ class Rosenbrock(AbstractTableauSolver):
         # alone overflows float32 for steps near 1e19.
         ft = gh * lax.optimization_barrier(h * f.dfdt(t0, y0)) if need_ft else None
         us = []
+        solved = jnp.ones((), bool)
         arg = y0
         for i in range(tab.num_stages):
             if i > 0:
@@ -351,7 +353,9 @@ class Rosenbrock(AbstractTableauSolver):
                 rhs = rhs + _lincomb(g * C[i, :i], us)
             if d[i] != 0:
                 rhs = rhs + float(d[i]) * ft
-            us.append(linear.solve(ls, f, matrix, rhs))
+            u, ok = linear.solve(ls, f, matrix, rhs)
+            us.append(u)
+            solved = solved & ok
         s = tab.num_stages
         if np.array_equal(tab.m[: s - 1], a[s - 1, : s - 1]) and tab.m[s - 1] == 1.0:
             y1 = arg + us[-1]  # stiffly accurate: y1 = U_s + u_s
@@ -365,7 +369,7 @@ class Rosenbrock(AbstractTableauSolver):
             dense = jnp.stack([_lincomb(row, us) for row in hi])
         # One reduction for both (inf - inf is NaN, so nothing cancels); a
         # spurious overflow of the sum needs values near the largest float.
-        finite = jnp.all(jnp.isfinite(y1 if y_error is None else y1 + y_error))
+        finite = solved & jnp.all(jnp.isfinite(y1 if y_error is None else y1 + y_error))
         counts = {"num_jac_evals": num_jac, "num_lu_decomps": num_lu, "num_newton_iters": jnp.zeros((), jnp.int32)}
         return StepResult(y1, y_error, dense, (), (), finite, s, counts)
 
