@@ -197,15 +197,9 @@ class LUFactors(eqx.Module):
     singular: Bool[Array, ""]
 
 
-class LU(AbstractLinearSolver):
-    """Dense LU with partial pivoting; real or complex operators.
-
-    ``linearise`` forms ``J`` (the user's ``jac`` when ``solve`` got one, else
-    ``jax.jacfwd``); ``init`` factorises ``shift I - scale J``. With the reuse
-    policy of :func:`update`, ``J`` is kept until the stepper asks for a new one
-    and the factors as long as neither ``J`` nor the shift changes (all stages
-    of a step, every step of a fixed-step solve).
-    """
+class AbstractDirectSolver(AbstractLinearSolver):
+    """A linear solver that forms ``J`` in :meth:`linearise` and factorises in :meth:`init`
+    (both counted): dense :class:`LU` and the structured solvers."""
 
     @property
     def forms_jacobian(self) -> bool:
@@ -214,6 +208,17 @@ class LU(AbstractLinearSolver):
     @property
     def factorises(self) -> bool:
         return True
+
+
+class LU(AbstractDirectSolver):
+    """Dense LU with partial pivoting; real or complex operators.
+
+    ``linearise`` forms ``J`` (the user's ``jac`` when ``solve`` got one, else
+    ``jax.jacfwd``); ``init`` factorises ``shift I - scale J``. With the reuse
+    policy of :func:`update`, ``J`` is kept until the stepper asks for a new one
+    and the factors as long as neither ``J`` nor the shift changes (all stages
+    of a step, every step of a fixed-step solve).
+    """
 
     def linearise(self, f, t, y):
         return f.jac(t, y).astype(y.dtype)

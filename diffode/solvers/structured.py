@@ -38,7 +38,7 @@ import numpy as np
 from jaxtyping import Array, Bool
 
 from .colouring import Sparsity
-from .linear import LU, AbstractLinearSolver, ShiftedJacobian
+from .linear import LU, AbstractDirectSolver, ShiftedJacobian
 
 # ----------------------------------------------------------------------------
 # The level structure (NumPy, at trace time)
@@ -236,18 +236,10 @@ def _solve_transpose(fac: BlockFactors, b: Array) -> Array:
                   (fac.inverse, fac.below, w), reverse=True)
 
 
-class BlockTridiagonalLU(AbstractLinearSolver):
+class BlockTridiagonalLU(AbstractDirectSolver):
     """Shared by :class:`SparseLU` and :class:`BandedLU`: the three calls of the protocol
     on a :class:`BlockStructure`; operators of another size (augmented sensitivity
     systems, the stage systems of derivative rules) are solved by dense :class:`LU`."""
-
-    @property
-    def forms_jacobian(self) -> bool:
-        return True
-
-    @property
-    def factorises(self) -> bool:
-        return True
 
     def structure(self, n: int) -> BlockStructure:
         raise NotImplementedError
