@@ -119,9 +119,14 @@ class Sparsity:
         s[self.colours, np.arange(self.n)] = 1.0
         return jnp.asarray(s, dtype)
 
+    def compressed(self, jvp: Callable[[Array], Array], dtype) -> Array:
+        """``(n, num_colours)``: column ``c`` is ``jvp`` of colour ``c``'s seed, the sum of
+        its columns of ``J`` (one vmapped call)."""
+        return jax.vmap(jvp, out_axes=1)(self.seeds(dtype))
+
     def jacobian(self, fn: Callable[[Array], Array], y: Array) -> Array:
         """The dense ``(n, n)`` Jacobian of ``fn`` at ``y``: one ``jvp`` per colour, then
         each nonzero read from the product of its column's colour."""
-        compressed = jax.vmap(lambda s: jax.jvp(fn, (y,), (s,))[1], out_axes=1)(self.seeds(y.dtype))
+        compressed = self.compressed(lambda s: jax.jvp(fn, (y,), (s,))[1], y.dtype)
         values = compressed[self.rows, self.colours[self.cols]]
         return jnp.zeros((self.n, self.n), values.dtype).at[self.rows, self.cols].set(values)

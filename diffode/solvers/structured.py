@@ -30,7 +30,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import equinox as eqx
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
@@ -258,7 +257,7 @@ class BlockTridiagonalLU(AbstractDirectSolver):
             return LU().linearise(f, t, y)
         st = self.structure(y.shape[0])
         sp = st.sparsity
-        compressed = jax.vmap(lambda s: f.jvp(t, y, s), out_axes=1)(sp.seeds(y.dtype))
+        compressed = sp.compressed(lambda s: f.jvp(t, y, s), y.dtype)
         flat = jnp.concatenate([compressed.reshape(-1), jnp.zeros((1,), y.dtype)])
         take = flat[st.take]
         return Blocks(take[0], take[1], take[2])
