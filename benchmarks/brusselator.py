@@ -71,6 +71,12 @@ at N = 4, 8 and 16 (N = 4 seeds the run-time extrapolation), diffode ``Rodas5P``
 ``Kvaerno5`` with ``RecursiveCheckpointAdjoint``, against central differences
 (steps 0.1%, 0.2% and 0.4% of each parameter, Richardson-extrapolated) of the reference
 solver at rtol = 1e-10.
+
+``--grad-accuracy N``: the gradient's error at rtol 1e-6, 1e-7, 1e-8 against a reference
+from two independent tight solves (:func:`tight_gradient`), diffode ``Auto`` with
+``Rodas5P`` (with and without ``jac_sparsity``) and ``Radau5`` against diffrax.
+``--grad-memory N``: the compiled gradient's planned temporaries at ``max_steps`` 1e3,
+1e4 and 1e5.
 """
 
 from __future__ import annotations
@@ -756,6 +762,126 @@ def run_gradients(sizes, cap: float, names: list[str] | None, log) -> dict[str, 
     return out
 
 
+def tight_gradient(N: int, log) -> tuple[np.ndarray, float]:
+    """A reference gradient from two independent tight solves: ``Direct`` through ``Radau5``
+    at rtol 1e-11 (the discrete derivative of a very accurate solution) and
+    ``InterpolatingAdjoint`` (the continuous adjoint equations, solved backwards) through
+    ``Rodas5P`` at rtol 1e-10; returns the first and their largest relative difference."""
+    pb = Bruss(N)
+    f, y0, ts, n2 = pb.rhs(), jnp.asarray(pb.y0()), jnp.asarray([T0, T1]), N * N
+    p = jnp.asarray(PARAMS)
+
+    def grad(solver, method, rtol):
+        def loss(q):
+            sol = diffode.solve(f, y0, ts, q, solver=solver, rtol=rtol, atol=rtol / 100, max_steps=200_000,
+                                sensitivity=method)
+            return jnp.sum(sol.ys[-1][:n2])
+
+        return np.asarray(jax.jit(jax.grad(loss))(p))
+
+    t0 = time.perf_counter()
+    a = grad(diffode.Radau5(), diffode.Direct(memory_budget=None), 1e-11)
+    b = grad(diffode.Rodas5P(), diffode.InterpolatingAdjoint(memory_budget=None), 1e-10)
+    spread = float(np.max(np.abs(a - b) / np.abs(a)))
+    log(f"grad accuracy N={N}: reference {a} (Radau5 Direct 1e-11 vs Rodas5P InterpolatingAdjoint 1e-10: "
+        f"{spread:.1e}) "
+        f"in {time.perf_counter() - t0:.1f} s")
+    return a, spread
+
+
+def run_gradient_accuracy(N: int, rtols, log) -> dict[str, Any]:
+    """Gradient error against :func:`tight_gradient` and run time, per tolerance (atol = rtol/100):
+    diffode ``Auto`` with ``Rodas5P`` (with and without ``jac_sparsity``) and with ``Radau5``,
+    and diffrax ``Kvaerno5`` + ``RecursiveCheckpointAdjoint``."""
+    import diffrax
+
+    ref, spread = tight_gradient(N, log)
+    pb = Bruss(N)
+    f, y0, ts, n2 = pb.rhs(), jnp.asarray(pb.y0()), jnp.asarray([T0, T1]), N * N
+    p = jnp.asarray(PARAMS)
+
+    def diffode_grad(solver, rtol, **kw):
+        def loss(q):
+            sol = diffode.solve(f, y0, ts, q, solver=solver, rtol=rtol, atol=rtol / 100, max_steps=MAX_STEPS, **kw)
+            return jnp.sum(sol.ys[-1][:n2])
+
+        return jax.grad(loss)
+
+    def diffrax_grad(rtol):
+        def loss(q):
+            sol = diffrax.diffeqsolve(diffrax.ODETerm(f), diffrax.Kvaerno5(), T0, T1, None, y0, q,
+                                      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=rtol / 100),
+                                      max_steps=MAX_STEPS, adjoint=diffrax.RecursiveCheckpointAdjoint())
+            return jnp.sum(sol.ys[-1][:n2])
+
+        return jax.grad(loss)
+
+    cands = {
+        "diffode Rodas5P Auto": lambda r: diffode_grad(diffode.Rodas5P(), r),
+        "diffode Rodas5P Auto +sparsity": lambda r: diffode_grad(diffode.Rodas5P(), r, jac_sparsity=pb.sparsity()),
+        "diffode Radau5 Auto": lambda r: diffode_grad(diffode.Radau5(), r),
+        "diffrax Kvaerno5 RecursiveCheckpointAdjoint": diffrax_grad,
+    }
+    res: dict[str, list[dict[str, Any]]] = {}
+    for name, make in cands.items():
+        rows = res.setdefault(name, [])
+        for rtol in rtols:
+            if name.startswith("diffrax") and rtol < 1e-6:
+                continue  # 10 s at 1e-6 (N = 8); tighter ones grow past the script's budget
+            c, exe = compile_aot(make(rtol), p)
+            t_first = blocked(exe, p)
+            times = [blocked(exe, p) for _ in range(repeats_for(t_first))] or [t_first]
+            g = np.asarray(exe(p))
+            err = float(np.max(np.abs(g - ref) / np.abs(ref)))
+            rows.append(dict(rtol=rtol, run_s=_timing.median(times), compile_s=c, max_rel_error=err))
+            log(f"grad accuracy N={N} {name} rtol {rtol:g}: run {_timing.median(times):.3f} s, error {err:.1e}")
+    return dict(N=N, reference=ref.tolist(), reference_spread=spread,
+                reference_how="Radau5 + Direct at rtol 1e-11 (atol 1e-13); spread = max relative difference "
+                              "to Rodas5P + InterpolatingAdjoint at rtol 1e-10", results=res)
+
+
+def run_gradient_memory(N: int, max_steps_list, log) -> dict[str, Any]:
+    """Planned temporaries (``memory_analysis().temp_size_in_bytes``) of the compiled
+    ``jax.grad`` of :func:`gradient_candidates`' loss for several ``max_steps``: diffode
+    ``Rodas5P`` with ``Auto``, ``Direct`` and ``InterpolatingAdjoint`` (default budgets),
+    and diffrax ``Kvaerno5`` with ``RecursiveCheckpointAdjoint``. Compiled, not run."""
+    import diffrax
+
+    pb = Bruss(N)
+    f, y0, ts, n2 = pb.rhs(), jnp.asarray(pb.y0()), jnp.asarray([T0, T1]), N * N
+    p = jnp.asarray(PARAMS)
+
+    def diffode_loss(method, max_steps):
+        def loss(q):
+            sol = diffode.solve(f, y0, ts, q, solver=diffode.Rodas5P(), rtol=RTOL, atol=ATOL, max_steps=max_steps,
+                                sensitivity=method)
+            return jnp.sum(sol.ys[-1][:n2])
+
+        return loss
+
+    def diffrax_loss(max_steps):
+        def loss(q):
+            sol = diffrax.diffeqsolve(diffrax.ODETerm(f), diffrax.Kvaerno5(), T0, T1, None, y0, q,
+                                      stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
+                                      max_steps=max_steps, adjoint=diffrax.RecursiveCheckpointAdjoint())
+            return jnp.sum(sol.ys[-1][:n2])
+
+        return loss
+
+    cands = {"diffode Rodas5P Auto": lambda m: diffode_loss(diffode.Auto(), m),
+             "diffode Rodas5P Direct": lambda m: diffode_loss(diffode.Direct(), m),
+             "diffode Rodas5P InterpolatingAdjoint": lambda m: diffode_loss(diffode.InterpolatingAdjoint(), m),
+             "diffrax Kvaerno5 RecursiveCheckpointAdjoint": diffrax_loss}
+    res: dict[str, dict[str, float]] = {}
+    for name, make in cands.items():
+        for m in max_steps_list:
+            compiled = jax.jit(jax.grad(make(m))).lower(p).compile()
+            mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+            res.setdefault(name, {})[str(m)] = mib
+            log(f"grad memory N={N} {name} max_steps={m}: {mib:.1f} MiB")
+    return dict(N=N, unit="MiB of planned temporaries", results=res)
+
+
 # ---------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------
@@ -806,6 +932,19 @@ def report(out: dict[str, Any]) -> str:
                                  f"max rel err {r['max_rel_error']:.1e}")
                 else:
                     lines.append(f"  {name}: {r}")
+    if "gradient_memory" in out:
+        gm = out["gradient_memory"]
+        lines.append(f"# gradient memory N={gm['N']} ({gm['unit']}) at max_steps " + ", ".join(
+            next(iter(gm["results"].values())).keys()))
+        for name, row in gm["results"].items():
+            lines.append(f"  {name}: " + ", ".join(f"{v:.1f}" for v in row.values()))
+    if "gradient_accuracy" in out:
+        ga = out["gradient_accuracy"]
+        lines.append(f"# gradient accuracy N={ga['N']}: reference {np.array(ga['reference'])} "
+                     f"(two-method spread {ga['reference_spread']:.1e})")
+        for name, rows in ga["results"].items():
+            lines.append(f"  {name}: " + "; ".join(f"rtol {r['rtol']:g}: {r['run_s']:.3f} s, {r['max_rel_error']:.1e}"
+                                                   for r in rows))
     return "\n".join(lines)
 
 
@@ -822,6 +961,10 @@ def main(argv=None) -> None:
                     help="work-precision plot at N = 16 (8 with --quick), saved to PATH")
     ap.add_argument("--grad", action="store_true", help="gradient part at N = 4, 8 and 16 (4, 8 with --quick)")
     ap.add_argument("--grad-only", action="store_true", help="only the gradient part")
+    ap.add_argument("--grad-accuracy", type=int, metavar="N",
+                    help="gradient error against a tight two-method reference at rtol 1e-6, 1e-7, 1e-8, on N x N")
+    ap.add_argument("--grad-memory", type=int, metavar="N",
+                    help="compiled memory of the gradients at max_steps 1e3, 1e4, 1e5, on N x N")
     ap.add_argument("--grad-methods", help="comma-separated substrings of the gradient candidates' names "
                     "(default: all); --sizes picks their N (those <= 16)")
     a = ap.parse_args(argv)
@@ -853,7 +996,7 @@ def main(argv=None) -> None:
         cap_s=a.cap, max_steps=MAX_STEPS, sizes=[])
     history: dict[str, list[tuple[int, float]]] = {}
     keep: dict[str, Runner] = {}
-    for N in [] if a.grad_only else sizes:
+    for N in [] if a.grad_only or ((a.grad_accuracy or a.grad_memory) and not a.sizes) else sizes:
         so, runners = run_size(N, names, history, a.cap, log)
         # The reference against the same solver at 100x tighter tolerances (N <= 16; minutes at N = 32).
         so["reference_check"] = "not run at N > 16 (time)" if N > 16 else "not run (--quick)"
@@ -881,6 +1024,10 @@ def main(argv=None) -> None:
         grad_sizes = [N for N in sizes if N <= 16] if a.sizes else [4, 8] if a.quick else [4, 8, 16]
         grad_names = [s.strip() for s in a.grad_methods.split(",")] if a.grad_methods else None
         out["gradients"] = run_gradients(grad_sizes, a.cap, grad_names, log)
+    if a.grad_memory:
+        out["gradient_memory"] = run_gradient_memory(a.grad_memory, (10**3, 10**4, 10**5), log)
+    if a.grad_accuracy:
+        out["gradient_accuracy"] = run_gradient_accuracy(a.grad_accuracy, (1e-6, 1e-7, 1e-8), log)
     out["wall_s"] = time.perf_counter() - t_start
     print(report(out))
     if a.out:

@@ -25,11 +25,11 @@ def _forced(t, y, k):
     return -k * y + jnp.sin(t) * jnp.linspace(0.0, 1.0, y.shape[0])
 
 
-def _grad(method):
+def _grad(method, max_steps=MAX_STEPS):
     """The compiled gradient and its planned temporary bytes."""
 
     def loss(k, ts):
-        ys = diffode.solve(_forced, Y0, ts, k, sensitivity=method, rtol=1e-8, atol=1e-8, max_steps=MAX_STEPS).ys
+        ys = diffode.solve(_forced, Y0, ts, k, sensitivity=method, rtol=1e-8, atol=1e-8, max_steps=max_steps).ys
         return jnp.sum(ys[-1] ** 2) + jnp.sum(ys[1]) + jnp.sum(ys[2] ** 2)
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jnp.array(0.3), TS).compile()
@@ -45,6 +45,18 @@ def test_layouts_follow_the_budget():
     assert _layout(TIMES + 47 * STATE) == Layout(23, 23)  # sqrt(N) checkpoints, buffered segments
     assert _layout(TIMES + 20 * STATE) == Layout(47, 11, 7)  # checkpoints, bisected segments
     assert _layout(TIMES + 5 * STATE) == Layout(MAX_STEPS, 1, 2)  # bisection, stack too shallow
+
+
+def test_default_record_does_not_grow_with_max_steps():
+    # Up to RECORD_STEPS (4096) steps every state; beyond, a window of 4096 steps and
+    # one checkpoint per window: from 1e4 to 1e6 steps the states kept grow by one per
+    # 4096 steps, and the record's bytes by those and 16 bytes per step for (t, h).
+    assert plan("Direct", None, 2**30, 4096, STATE, 8) == Layout(1, 4096)
+    layouts = {m: plan("Direct", None, 2**30, m, STATE, 8) for m in (10**4, 10**5, 10**6)}
+    assert all(lay.stride == lay.window == 4096 for lay in layouts.values())
+    assert [lay.states() for lay in layouts.values()] == [3 + 4097 + 4096, 25 + 4097 + 4096, 245 + 4097 + 4096]
+    # No budget: every state, as asked.
+    assert plan("Direct", None, None, 10**5, STATE, 8) == Layout(1, 10**5)
 
 
 def _assert_within_budget_and_unchanged(method, want):
@@ -63,6 +75,37 @@ def _assert_within_budget_and_unchanged(method, want):
 def test_direct_within_budget():
     want, _ = _grad(Direct(memory_budget=None))
     _assert_within_budget_and_unchanged(Direct(memory_budget=TIMES + 20 * STATE), want)  # bisected segments
+
+
+def test_direct_windowed_record():
+    # max_steps above RECORD_STEPS and a budget for a window of 71 steps (2 x 71 + 1
+    # states) and a checkpoint per window (71): the 135 steps are one segment
+    # recomputed from its checkpoint and 64 read from the window; the same gradient.
+    max_steps = 5000
+    times = 2 * max_steps * 8
+    assert plan("Direct", None, times + 216 * STATE, max_steps, STATE, 8) == Layout(71, 71, 0, 71)
+    want, _ = _grad(Direct(memory_budget=None))
+    got, temp = _grad(Direct(memory_budget=times + 216 * STATE), max_steps)
+    assert temp < times + 216 * STATE + WORKING_SET
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-12)
+
+
+def test_planned_memory_does_not_grow_with_max_steps():
+    # The compiled reverse pass with the default budget: max_steps 1e4 and 1e5 plan the
+    # same window; what grows is (t, h) per step and one state per 4096 steps (1.5 MB
+    # here), not the 430 MB that every state of 1e5 steps would take.
+    def temp(method, max_steps):
+        def loss(k):
+            sol = diffode.solve(_forced, Y0, TS, k, sensitivity=method, rtol=1e-8, atol=1e-8, max_steps=max_steps)
+            return jnp.sum(sol.ys[-1] ** 2)
+
+        return jax.jit(jax.grad(loss)).lower(jnp.array(0.3)).compile().memory_analysis().temp_size_in_bytes
+
+    for method in (Direct(), InterpolatingAdjoint()):
+        small, large = temp(method, 10**4), temp(method, 10**5)
+        assert large - small < 2 * 90_000 * 8 + 22 * STATE + 2**20, (type(method).__name__, small, large)
+        assert large < 2 * 4097 * STATE + 2 * 10**5 * 8 + WORKING_SET + 2**20, (type(method).__name__, large)
 
 
 def test_interpolating_and_auto_within_budget():

@@ -227,6 +227,45 @@ def test_van_der_pol_stiff_against_radau():
     assert int(sol.stats["num_accepted"]) < 2000  # observed 848 (+346 rejected)
 
 
+def test_stage_loop_equals_unrolled_stages():
+    """The stages in one fori_loop (the default with GMRES) and unrolled (the default with
+    LU) are the same method: the same steps and the same values up to the order of the
+    sums. With LU on Robertson at rtol 1e-6; with GMRES on the rescaled Kepler problem at
+    rtol 1e-8 (Robertson's W is too ill-conditioned for GMRES's roundoff, which differs
+    between the two compiled forms, not to change a step decision), where the Direct
+    gradient with respect to y0, which replays the loop, agrees too."""
+
+    def run(problem, ts, loop, linear_solver, rtol):
+        solver = Rodas5P(linear_solver=linear_solver, stage_loop=loop)
+
+        def loss(y0):
+            sol = diffode.solve(problem.f, y0, ts, problem.args, solver=solver, rtol=rtol, atol=rtol * 1e-4,
+                                sensitivity=diffode.Direct())
+            return jnp.sum(sol.ys[-1] * jnp.arange(1.0, 1.0 + y0.shape[0]) ** 3), sol
+
+        return loss
+
+    assert Rodas5P(linear_solver=diffode.GMRES()).loops_stages() and not Rodas5P().loops_stages()
+    rob = problems.robertson()
+    a, b = (jax.jit(run(rob, jnp.asarray(ROB_TS), loop, diffode.LU(), 1e-6))(rob.y0)[1] for loop in (True, False))
+    assert int(a.stats["num_accepted"]) == int(b.stats["num_accepted"]) > 50
+    np.testing.assert_allclose(a.ys, b.ys, rtol=1e-10, atol=1e-15)
+
+    ts = jnp.asarray(KEPLER.ts(4))
+    gmres = diffode.GMRES(rtol=1e-13)
+    (_, a), ga = jax.jit(jax.value_and_grad(run(KEPLER, ts, True, gmres, 1e-8), has_aux=True))(KEPLER.y0)
+    b = jax.jit(run(KEPLER, ts, False, gmres, 1e-8))(KEPLER.y0)[1]
+    assert int(a.stats["num_accepted"]) == int(b.stats["num_accepted"]) > 20
+    np.testing.assert_allclose(a.ys, b.ys, rtol=1e-10, atol=1e-15)
+    # The gradient that replays the looped GMRES steps equals the default's (unrolled, LU):
+    # at GMRES rtol 1e-13 both solve W to roundoff. (Compiling the unrolled GMRES
+    # gradient takes 4x as long as the looped one.)
+    (_, c), gc = jax.jit(jax.value_and_grad(run(KEPLER, ts, False, diffode.LU(), 1e-8), has_aux=True))(KEPLER.y0)
+    assert int(c.stats["num_accepted"]) == int(a.stats["num_accepted"])
+    np.testing.assert_allclose(ga, gc, rtol=1e-9)
+    assert np.all(np.isfinite(ga)) and np.all(np.abs(ga) > 1e-3)
+
+
 # --------------------------------------------------------------------------
 # Dense output.
 # --------------------------------------------------------------------------

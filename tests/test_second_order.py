@@ -48,7 +48,8 @@ def tree_negative(t, y, args):
     return jax.tree_util.tree_map(jnp.negative, y)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# Auto is left out: on this problem (n (p + 1) = 6) it is ForwardSensitivity.
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "Auto"])
 def test_pendulum(method):
     y0 = jnp.array([np.pi - 0.1, 0.0])
     ts = jnp.linspace(0.0, 2.0, 5)
@@ -57,7 +58,9 @@ def test_pendulum(method):
 
 
 def test_decay_swoop_and_pytree_state():
-    """The other three problems of jax's suite, in one function (one set of compilations)."""
+    """The other three problems of jax's suite, in one function (one set of compilations),
+    with the default method: reverse mode and reverse over reverse (the pendulum checks
+    the mixed orders for every method)."""
     rng = np.random.default_rng(0)
     y_decay = jnp.asarray(rng.standard_normal(3))
     y_swoop = jnp.linspace(0.1, 0.9, 10)
@@ -70,4 +73,4 @@ def test_decay_swoop_and_pytree_state():
 
         return solve(decay, y_decay, (a1, a2)), solve(swoop, y_swoop, (a1, a2)), solve(tree_negative, y_tree, None)
 
-    check_grads(jax.jit(run), (y_decay, y_swoop, y_tree, ts, 0.3, 0.7), order=2, modes=["fwd", "rev"], **TOL)
+    check_grads(jax.jit(run), (y_decay, y_swoop, y_tree, ts, 0.3, 0.7), order=2, modes=["rev"], **TOL)

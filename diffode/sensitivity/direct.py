@@ -57,11 +57,16 @@ from ._linear_map import linear_map
 
 class _Recorder:
     """Wraps a solver for :func:`integrate`; records every accepted step's ``t`` and ``h``
-    and the state ``y`` at every ``stride``-th accepted step (rows ``0, 1, ...``)."""
+    and the state ``y`` at every ``stride``-th accepted step (rows ``0, 1, ...``); with
+    ``window > 0`` also every state of the last ``window`` steps, step ``k`` in row
+    ``k % (window + 1)`` of a second buffer (the spare row takes a finished vmapped
+    member's writes)."""
 
-    def __init__(self, solver, max_steps: int, stride: int, rows: int, tdtype, ring: bool = False):
+    def __init__(self, solver, max_steps: int, stride: int, rows: int, tdtype, ring: bool = False,
+                 window: int = 0):
         self.solver, self.max_steps, self.stride, self.rows, self.tdtype = solver, max_steps, stride, rows, tdtype
         self.ring = ring  # step k in row k % rows (stride 1): the last `rows` steps
+        self.window = window
         self.stat_names = solver.stat_names
 
     def __getattr__(self, name):  # order, error_order, embedded, ...
@@ -81,12 +86,15 @@ class _Recorder:
         # steps left.
         time_rows = self.rows if self.ring else self.max_steps + 1
         y_rows = self.rows if self.ring else self.rows + 1  # last row: discarded writes
+        y_buf = jnp.zeros((y_rows,) + y0.shape, y0.dtype).at[0].set(y0)
+        if self.window:
+            y_buf = (y_buf, jnp.zeros((self.window + 1,) + y0.shape, y0.dtype))
         return (
             self.solver.init(f, t0, y0, f0),
             jnp.zeros((), jnp.int32),
             jnp.zeros((time_rows,), self.tdtype).at[0].set(t0),
             jnp.zeros((time_rows,), self.tdtype),
-            jnp.zeros((y_rows,) + y0.shape, y0.dtype).at[0].set(y0),
+            y_buf,
         )
 
     def step(self, f, t0, y0, h, state, tol):
@@ -100,7 +108,10 @@ class _Recorder:
             row = at
         else:
             row = select(count % self.stride == 0, count // self.stride, self.rows)
-        y_buf = put(y_buf, y0, row)
+        if self.window:
+            y_buf = (put(y_buf[0], y0, row), put(y_buf[1], y0, count % (self.window + 1)))
+        else:
+            y_buf = put(y_buf, y0, row)
         accepted = (res.state, count + 1, t_buf, h_buf, y_buf)
         rejected = (res.rejected_state, count, t_buf, h_buf, y_buf)
         return res._replace(state=accepted, rejected_state=rejected)
@@ -116,6 +127,11 @@ def _memoryless(solver) -> bool:
 
 #: The default ``memory_budget`` of the reverse-mode methods (bytes): 1 GiB.
 DEFAULT_MEMORY_BUDGET = 2**30
+
+#: Accepted steps whose every state a budgeted reverse pass keeps (when they fit).
+#: A larger ``max_steps`` gets a window of this many last steps plus a checkpoint
+#: per window instead, so its memory does not grow with ``max_steps``.
+RECORD_STEPS = 4096
 
 
 def _positive_int(x) -> bool:
@@ -153,7 +169,10 @@ class Direct(AbstractSensitivity):
 
             * ``None`` (default): as many as ``memory_budget`` allows (see
               :func:`plan`): the state at every accepted step (memory
-              ``max_steps * n``) when that fits; else evenly spaced checkpoints
+              ``max_steps * n``) when that fits and ``max_steps`` is at most
+              ``RECORD_STEPS`` (4096); for a larger ``max_steps``, the states of
+              the last 4096 steps and one checkpoint per 4096 steps, so that
+              memory does not grow with ``max_steps``; else evenly spaced checkpoints
               with one recomputed segment (below, with ``k = ceil(sqrt(max_steps))``);
               else checkpoints with each segment run back by recursive bisection;
               else recursive bisection with as many stored states as fit.
@@ -242,18 +261,23 @@ class Layout(NamedTuple):
     (``stride == 1``: every state). Otherwise the reverse pass takes the segments
     of ``stride`` steps last first and recomputes each from its stored state:
     into a buffer of ``stride`` states (``depth == 0``), or by recursive
-    bisection with a stack of ``depth`` states (:func:`_bisect_back`).
+    bisection with a stack of ``depth`` states (:func:`_bisect_back`). With
+    ``window == stride`` the forward pass also keeps the states of its last
+    ``window`` steps, so the last segment (all of a solve of at most ``window``
+    steps) is read, not recomputed.
     """
 
     stride: int
     rows: int
     depth: int = 0
+    window: int = 0
 
     def states(self) -> int:
-        """States held at most: the stored ones and the segment's buffer or stack."""
+        """States held at most: the stored ones, the window of the last steps and the
+        segment's buffer or stack."""
         if self.stride == 1:
             return self.rows
-        return self.rows + (self.depth or self.stride)
+        return self.rows + (self.window + 1 if self.window else 0) + (self.depth or self.stride)
 
     def bytes(self, max_steps: int, state_bytes: int, time_bytes: int) -> int:
         """Bytes of the record: two times per step, the states (plus the stored
@@ -280,7 +304,10 @@ def plan(name: str, checkpoints, budget: int | None, max_steps: int, state_bytes
     it, within ``budget`` bytes (``None``: no limit), for states of ``state_bytes``.
 
     ``checkpoints=None`` takes the first layout that fits, in order of the
-    recomputation it costs: every state (none); ``ceil(sqrt(max_steps))``
+    recomputation it costs: every state (none), for ``max_steps`` up to
+    ``RECORD_STEPS`` (or no budget), else a window of the last steps with a
+    checkpoint per window (none for solves of at most the window's steps, one
+    step per step beyond; :func:`_candidates`); ``ceil(sqrt(max_steps))``
     checkpoints with buffered segments (one step per step); ``k`` checkpoints
     with bisected segments, ``k`` from ``ceil(sqrt(max_steps))`` down to 1
     (``log2(max_steps / k) / 2`` steps per step); bisection with as deep a stack as
@@ -302,7 +329,7 @@ def plan(name: str, checkpoints, budget: int | None, max_steps: int, state_bytes
         raise ValueError(_too_small(name, "the reverse pass needs at least", least.bytes(
             max_steps, state_bytes, time_bytes), budget, max_steps, state_bytes)
             + " Raise memory_budget (None: no limit) or lower max_steps.")
-    for layout in _candidates(checkpoints, max_steps):
+    for layout in _candidates(checkpoints, max_steps, budget is None):
         if fits(layout):
             return layout
     # A shallower stack: the bisection stops where it is full (see _bisect_back).
@@ -310,11 +337,30 @@ def plan(name: str, checkpoints, budget: int | None, max_steps: int, state_bytes
     return Layout(max_steps, 1, 1 + spare // (state_bytes + 8))
 
 
-def _candidates(checkpoints, max_steps: int):
-    """The layouts for ``checkpoints=None`` or ``"recursive"``, least recomputation first."""
+def _windowed(max_steps: int, window: int) -> Layout:
+    """A checkpoint every ``window`` steps and the states of the last ``window`` steps."""
+    return Layout(window, math.ceil(max_steps / window), 0, window)
+
+
+def _candidates(checkpoints, max_steps: int, unlimited: bool = False):
+    """The layouts for ``checkpoints=None`` or ``"recursive"``, least recomputation first.
+
+    With ``checkpoints=None``: every state when ``max_steps`` is at most
+    ``RECORD_STEPS`` (or the budget unlimited); for a larger ``max_steps``, a
+    window of the last ``RECORD_STEPS`` steps (fewer if the budget says so, down
+    to ``sqrt(max_steps)``) plus a checkpoint per window, so that the record of a
+    solve of fewer steps than the window is never recomputed and does not grow
+    with ``max_steps`` beyond one state per window and two times per step.
+    """
     if checkpoints is None:
         root = math.ceil(math.sqrt(max_steps))
-        yield Layout(1, max_steps)
+        if max_steps <= RECORD_STEPS or unlimited:
+            yield Layout(1, max_steps)
+        else:
+            w = RECORD_STEPS
+            while w >= root:
+                yield _windowed(max_steps, w)
+                w = w * 7 // 8
         yield _even(max_steps, root)
         for k in range(root, 1, -1):
             yield _bisected(max_steps, k)
@@ -330,7 +376,8 @@ def record(layout: Layout, loop, f, y0, ts, args, opts, ring: bool = False, stop
     """The forward solve plus its record ``(t_buf, h_buf, y_buf)`` of the accepted steps,
     the states laid out as ``layout`` says; with ``ring``, the last ``layout.rows``
     steps (stride 1), the solve stopped after ``stop_after`` + 1 accepted steps."""
-    rec = _Recorder(opts.solver, opts.max_steps, layout.stride, layout.rows, jnp.result_type(ts), ring)
+    rec = _Recorder(opts.solver, opts.max_steps, layout.stride, layout.rows, jnp.result_type(ts), ring,
+                    layout.window)
     opts = opts._replace(solver=rec, dense=False, return_state=True, regularise=False, stop_after=stop_after)
     ys, counters, _, state = loop(f, y0, ts, args, opts)
     _, _, t_buf, h_buf, y_buf = state
@@ -372,7 +419,9 @@ def run_back(layout: Layout, num, y_buf, step: Callable, back_step: Callable, c:
     ``y_k`` comes from the record ``y_buf`` (laid out by ``layout``), or is
     recomputed from the stored state before it with ``step(k, y_k) = y_{k+1}``.
     """
-    stride, depth = layout.stride, layout.depth
+    stride, depth, window = layout.stride, layout.depth, layout.window
+    if window:
+        y_buf, y_win = y_buf
 
     def stored(k_hi, k_lo, get_y, c):
         """Steps k_hi - 1 down to k_lo."""
@@ -388,23 +437,32 @@ def run_back(layout: Layout, num, y_buf, step: Callable, back_step: Callable, c:
     if depth and layout.rows == 1:
         return _bisect_back(0, num, y_buf[0], step, back_step, c, depth)
 
-    # Segments of `stride` steps, last first, each from its stored state.
+    # Segments of `stride` steps, last first, each from its stored state, recomputed
+    # into a buffer of `stride` states. With a window, the buffer starts as the
+    # window's states in step order, which are the last segment's.
+    num_seg = (num + stride - 1) // stride
+    if window:
+        buf0 = jnp.take(y_win, ((num_seg - 1) * stride + jnp.arange(stride)) % (window + 1), axis=0)
+    else:
+        buf0 = jnp.zeros((stride,) + y_buf.shape[1:], y_buf.dtype)
+
     def seg_body(gc):
-        g = gc[0] - 1
+        g, buf = gc[0] - 1, gc[1]
         lo = g * stride
         hi = jnp.minimum(lo + stride, num)
         if depth:
-            return (g,) + tuple(_bisect_back(lo, hi, y_buf[g], step, back_step, gc[1:], depth))
-        seg0 = jnp.zeros((stride,) + y_buf.shape[1:], y_buf.dtype).at[0].set(y_buf[g])
+            return (g, buf) + tuple(_bisect_back(lo, hi, y_buf[g], step, back_step, gc[2:], depth))
+        kept = (g == num_seg - 1) if window else False  # the window's: nothing to recompute
 
         def fwd(j, seg):
             return seg.at[j].set(step(lo + j - 1, seg[j - 1]))
 
-        seg = lax.fori_loop(1, hi - lo, fwd, seg0)
-        return (g,) + tuple(stored(hi, lo, lambda k: seg[k - lo], gc[1:]))
+        buf = lax.fori_loop(1, jnp.where(kept, 1, hi - lo), fwd, jnp.where(kept, buf, buf.at[0].set(y_buf[g])))
+        return (g, buf) + tuple(stored(hi, lo, lambda k: buf[k - lo], gc[2:]))
 
-    num_seg = (num + stride - 1) // stride
-    return lax.while_loop(lambda gc: gc[0] > 0, seg_body, (num_seg,) + tuple(c))[1:]
+    if depth:
+        buf0 = jnp.zeros((0,), y_buf.dtype)
+    return lax.while_loop(lambda gc: gc[0] > 0, seg_body, (num_seg, buf0) + tuple(c))[2:]
 
 
 def _bisect_back(lo, hi, y_lo, step, back_step, c, depth: int):

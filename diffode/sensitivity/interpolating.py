@@ -16,6 +16,7 @@ from ._adjoint_common import AbstractAdjoint, adjoint_opts, rhs_vjp
 from ._base import combine
 from .direct import (
     DEFAULT_MEMORY_BUDGET,
+    RECORD_STEPS,
     _memoryless,
     check_budget,
     record,
@@ -125,8 +126,14 @@ class InterpolatingAdjoint(AbstractAdjoint):
         check_budget("InterpolatingAdjoint", self.memory_budget)
 
     def keeps_dense(self, solver, y0: Array, ts: Array, max_steps: int) -> bool:
-        """Whether the dense output of ``max_steps`` steps fits in ``memory_budget``."""
-        return self.memory_budget is None or dense_bytes(solver, y0, ts, max_steps) <= self.memory_budget
+        """Whether the backward pass reads the forward solve's dense output: always without
+        a budget; with one, when the dense output of ``max_steps`` steps fits in it and
+        ``max_steps`` is at most ``RECORD_STEPS`` (a larger one records a window of steps
+        that does not grow with ``max_steps``, when the solver's steps can be replayed)."""
+        if self.memory_budget is None:
+            return True
+        fits = dense_bytes(solver, y0, ts, max_steps) <= self.memory_budget
+        return fits and (max_steps <= RECORD_STEPS or not _memoryless(solver))
 
     def _sweep(self, loop, prob, residual, ys, ys_bar, y0, ts, diff):
         sweep = _Sweep(self, loop, prob, ys_bar, y0, ts, diff)

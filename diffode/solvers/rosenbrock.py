@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,8 @@ from jaxtyping import Array
 
 from . import linear
 from .base import AbstractTableauSolver, FlatRHS, StepResult, Tolerances
-from .explicit_rk import _lincomb
+from .._util import finite_filler
+from .explicit_rk import _lincomb, _weighted_rows
 from .linear import LU, AbstractLinearSolver
 
 # ----------------------------------------------------------------------------
@@ -298,10 +300,19 @@ class Rosenbrock(AbstractTableauSolver):
         linear_solver: solves with ``W`` (:mod:`diffode.solvers.linear`):
             :class:`~diffode.LU` (default) or :class:`~diffode.GMRES`, or any
             other linear solver.
+        stage_loop: ``True`` runs the stages in one ``lax.fori_loop``, so that
+            ``f`` and the linear solve are compiled once per step instead of
+            once per stage; ``False`` unrolls them. ``None`` (the default)
+            loops when the linear solver iterates (a Krylov solve is a loop
+            around ``f``'s ``jvp`` and the preconditioner, which would otherwise
+            be compiled ``s`` times) and unrolls for direct solvers, whose
+            stage solves are cheap to compile and where the unrolled step runs
+            faster on small systems.
     """
 
     tableau: RosenbrockTableau = eqx.field(static=True)
     linear_solver: AbstractLinearSolver = eqx.field(default_factory=LU)
+    stage_loop: bool | None = eqx.field(static=True, default=None, kw_only=True)
 
     def __check_init__(self):
         if not isinstance(self.linear_solver, AbstractLinearSolver):
@@ -327,40 +338,21 @@ class Rosenbrock(AbstractTableauSolver):
     def step(self, f: FlatRHS, t0: Array, y0: Array, h: Array, state: tuple, tol: Tolerances | None = None
              ) -> StepResult:
         tab = self.tableau
-        g = tab.gamma
-        a, C, c, d = tab.a, tab.C, tab.c, tab.d
-        gh = g * h
-        ls = self.linear_solver
+        gh = tab.gamma * h
         one = jnp.ones((), y0.dtype)
-        matrix, num_jac, num_lu = linear.update(ls, f, t0, y0, None, True, (one,), (jnp.asarray(gh, y0.dtype),))
-        need_ft = bool(np.any(d != 0))
+        matrix, num_jac, num_lu = linear.update(self.linear_solver, f, t0, y0, None, True, (one,),
+                                                (jnp.asarray(gh, y0.dtype),))
+        need_ft = bool(np.any(tab.d != 0))
         # gamma h^2 df/dt, scaled per stage by the literal d_i.
         # h df/dt first (the barrier keeps XLA from reassociating): gamma h^2
         # alone overflows float32 for steps near 1e19.
         ft = gh * lax.optimization_barrier(h * f.dfdt(t0, y0)) if need_ft else None
-        us = []
-        solved = jnp.ones((), bool)
-        arg = y0
-        for i in range(tab.num_stages):
-            if i > 0:
-                if _is_increment_of_previous(a, i):
-                    arg = arg + us[-1]
-                else:
-                    arg = y0 + _lincomb(a[i, :i], us)
-            fi = f(t0 + float(c[i]) * h, arg)
-            rhs = gh * fi
-            if i > 0 and np.any(C[i, :i]):
-                rhs = rhs + _lincomb(g * C[i, :i], us)
-            if d[i] != 0:
-                rhs = rhs + float(d[i]) * ft
-            u, ok = linear.solve(ls, f, matrix, rhs)
-            us.append(u)
-            solved = solved & ok
-        s = tab.num_stages
-        if np.array_equal(tab.m[: s - 1], a[s - 1, : s - 1]) and tab.m[s - 1] == 1.0:
-            y1 = arg + us[-1]  # stiffly accurate: y1 = U_s + u_s
+        if self.loops_stages():
+            us_arr, solved = self._stages_looped(f, matrix, t0, y0, h, ft)
+            us = [us_arr[i] for i in range(tab.num_stages)]
+            y1 = y0 + _weighted_rows(jnp.asarray(tab.m, y0.dtype), us_arr)
         else:
-            y1 = y0 + _lincomb(tab.m, us)
+            us, solved, y1 = self._stages_unrolled(f, matrix, t0, y0, h, ft)
         y_error = _lincomb(tab.m_error, us) if tab.embedded else None
         hi = tab.h_interp
         if hi is None:
@@ -371,7 +363,73 @@ class Rosenbrock(AbstractTableauSolver):
         # spurious overflow of the sum needs values near the largest float.
         finite = solved & jnp.all(jnp.isfinite(y1 if y_error is None else y1 + y_error))
         counts = {"num_jac_evals": num_jac, "num_lu_decomps": num_lu, "num_newton_iters": jnp.zeros((), jnp.int32)}
-        return StepResult(y1, y_error, dense, (), (), finite, s, counts)
+        return StepResult(y1, y_error, dense, (), (), finite, tab.num_stages, counts)
+
+    def loops_stages(self) -> bool:
+        """Whether a step runs its stages in a loop (see ``stage_loop``)."""
+        if self.stage_loop is None:
+            return not isinstance(self.linear_solver, linear.AbstractDirectSolver)
+        return self.stage_loop
+
+    @staticmethod
+    def _stage_rhs(fi, gh, coupling, ft, d_i):
+        """The right-hand side ``gamma h f_i + gamma sum_j C_ij u_j + gamma d_i h^2 df/dt`` of stage ``i``."""
+        rhs = gh * fi
+        if coupling is not None:
+            rhs = rhs + coupling
+        if ft is not None:
+            rhs = rhs + d_i * ft
+        return rhs
+
+    def _stages_unrolled(self, f, matrix, t0, y0, h, ft):
+        """The stage increments as a list, one traced block per stage, and ``y1``."""
+        tab = self.tableau
+        a, C, c, d, g = tab.a, tab.C, tab.c, tab.d, tab.gamma
+        us = []
+        solved = jnp.ones((), bool)
+        arg = y0
+        for i in range(tab.num_stages):
+            if i > 0:
+                if _is_increment_of_previous(a, i):
+                    arg = arg + us[-1]
+                else:
+                    arg = y0 + _lincomb(a[i, :i], us)
+            fi = f(t0 + float(c[i]) * h, arg)
+            coupling = _lincomb(g * C[i, :i], us) if i > 0 and np.any(C[i, :i]) else None
+            rhs = self._stage_rhs(fi, g * h, coupling, ft if d[i] != 0 else None, float(d[i]))
+            u, ok = linear.solve(self.linear_solver, f, matrix, rhs)
+            us.append(u)
+            solved = solved & ok
+        s = tab.num_stages
+        if np.array_equal(tab.m[: s - 1], a[s - 1, : s - 1]) and tab.m[s - 1] == 1.0:
+            y1 = arg + us[-1]  # stiffly accurate: y1 = U_s + u_s
+        else:
+            y1 = y0 + _lincomb(tab.m, us)
+        return us, solved, y1
+
+    def _stages_looped(self, f, matrix, t0, y0, h, ft):
+        """The ``(s, n)`` stage increments from one ``fori_loop``, and whether every solve succeeded.
+
+        Stage ``i`` combines the stored increments with row ``i`` of ``a`` and
+        ``C`` (zero on and above the diagonal), so rows not yet written, which
+        hold finite filler, meet zero coefficients.
+        """
+        tab = self.tableau
+        s, dtype = tab.num_stages, y0.dtype
+        a_all, c_all = jnp.asarray(tab.a, dtype), jnp.asarray(tab.c, dtype)
+        gC_all, d_all = jnp.asarray(tab.gamma * tab.C, dtype), jnp.asarray(tab.d, dtype)
+        gh = tab.gamma * h
+
+        def stage(i, carry):
+            us, solved = carry
+            arg = y0 + _weighted_rows(a_all[i], us)
+            fi = f(t0 + c_all[i] * h, arg)
+            rhs = self._stage_rhs(fi, gh, _weighted_rows(gC_all[i], us), ft, d_all[i])
+            u, ok = linear.solve(self.linear_solver, f, matrix, rhs)
+            return lax.dynamic_update_index_in_dim(us, u, i, 0), solved & ok
+
+        filler = finite_filler(jax.ShapeDtypeStruct((s,) + y0.shape, dtype))
+        return lax.fori_loop(0, s, stage, (filler, jnp.ones((), bool)))
 
     def interpolate(self, h: Array, y0: Array, y1: Array, dense: Array, theta: Array) -> Array:
         """The Rodas continuous extension (Steinebach 2023; HW II, IV.7):
