@@ -840,6 +840,35 @@ def run_gradient_accuracy(N: int, rtols, log) -> dict[str, Any]:
                               "to Rodas5P + InterpolatingAdjoint at rtol 1e-10", results=res)
 
 
+def run_gradient_agreement(N: int, log, rtol: float = 1e-10) -> dict[str, Any]:
+    """Every diffode method's gradient at a tight tolerance (``Rodas5P`` with
+    ``jac_sparsity``, atol = rtol/100): their largest pairwise relative difference, and
+    each one's difference to the finite-difference reference of :func:`fd_gradient`."""
+    pb = Bruss(N)
+    f, y0, ts, n2 = pb.rhs(), jnp.asarray(pb.y0()), jnp.asarray([T0, T1]), N * N
+    p = jnp.asarray(PARAMS)
+    fd, spread = fd_gradient(N)
+    methods = {"Auto": diffode.Auto(), "Direct": diffode.Direct(), "ForwardSensitivity": diffode.ForwardSensitivity(),
+               "InterpolatingAdjoint": diffode.InterpolatingAdjoint()}
+    grads, res = {}, {}
+    for name, m in methods.items():
+        def loss(q, m=m):
+            sol = diffode.solve(f, y0, ts, q, solver=diffode.Rodas5P(), rtol=rtol, atol=rtol / 100,
+                                max_steps=200_000, sensitivity=m, jac_sparsity=pb.sparsity())
+            return jnp.sum(sol.ys[-1][:n2])
+
+        t0 = time.perf_counter()
+        g = np.asarray(jax.block_until_ready(jax.jit(jax.grad(loss))(p)))
+        grads[name] = g
+        res[name] = dict(grad=g.tolist(), seconds=time.perf_counter() - t0,
+                         vs_fd=float(np.max(np.abs(g - fd) / np.abs(fd))))
+        log(f"grad agreement N={N} {name}: {g} in {res[name]['seconds']:.1f} s (compile included), "
+            f"vs FD {res[name]['vs_fd']:.1e}")
+    pair = max(float(np.max(np.abs(a - b) / np.abs(b))) for a in grads.values() for b in grads.values())
+    log(f"grad agreement N={N}: largest pairwise relative difference {pair:.1e}; FD spread {spread}")
+    return dict(N=N, rtol=rtol, fd=fd.tolist(), fd_spread=spread.tolist(), pairwise=pair, results=res)
+
+
 def run_gradient_memory(N: int, max_steps_list, log) -> dict[str, Any]:
     """Planned temporaries (``memory_analysis().temp_size_in_bytes``) of the compiled
     ``jax.grad`` of :func:`gradient_candidates`' loss for several ``max_steps``: diffode
@@ -963,6 +992,8 @@ def main(argv=None) -> None:
     ap.add_argument("--grad-only", action="store_true", help="only the gradient part")
     ap.add_argument("--grad-accuracy", type=int, metavar="N",
                     help="gradient error against a tight two-method reference at rtol 1e-6, 1e-7, 1e-8, on N x N")
+    ap.add_argument("--grad-tight", type=int, metavar="N",
+                    help="every diffode method's gradient at rtol 1e-10 on N x N: agreement with each other and FD")
     ap.add_argument("--grad-memory", type=int, metavar="N",
                     help="compiled memory of the gradients at max_steps 1e3, 1e4, 1e5, on N x N")
     ap.add_argument("--grad-methods", help="comma-separated substrings of the gradient candidates' names "
@@ -996,7 +1027,7 @@ def main(argv=None) -> None:
         cap_s=a.cap, max_steps=MAX_STEPS, sizes=[])
     history: dict[str, list[tuple[int, float]]] = {}
     keep: dict[str, Runner] = {}
-    for N in [] if a.grad_only or ((a.grad_accuracy or a.grad_memory) and not a.sizes) else sizes:
+    for N in [] if a.grad_only or ((a.grad_accuracy or a.grad_memory or a.grad_tight) and not a.sizes) else sizes:
         so, runners = run_size(N, names, history, a.cap, log)
         # The reference against the same solver at 100x tighter tolerances (N <= 16; minutes at N = 32).
         so["reference_check"] = "not run at N > 16 (time)" if N > 16 else "not run (--quick)"
@@ -1024,6 +1055,8 @@ def main(argv=None) -> None:
         grad_sizes = [N for N in sizes if N <= 16] if a.sizes else [4, 8] if a.quick else [4, 8, 16]
         grad_names = [s.strip() for s in a.grad_methods.split(",")] if a.grad_methods else None
         out["gradients"] = run_gradients(grad_sizes, a.cap, grad_names, log)
+    if a.grad_tight:
+        out["gradient_agreement"] = run_gradient_agreement(a.grad_tight, log)
     if a.grad_memory:
         out["gradient_memory"] = run_gradient_memory(a.grad_memory, (10**3, 10**4, 10**5), log)
     if a.grad_accuracy:

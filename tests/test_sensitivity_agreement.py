@@ -106,11 +106,6 @@ def test_auto_choice():
     assert isinstance(auto.choose(64, 1000), diffode.Direct)
     assert isinstance(auto.choose(64, 1000, diffode.Tsit5()), diffode.Direct)
     assert isinstance(auto.choose(64, 1000, diffode.Kvaerno5()), diffode.InterpolatingAdjoint)
-    # An implicit solver's augmented forward system forms a dense (n (p + 1))^2 Jacobian:
-    # forward only up to n (p + 1) = 64 (2-D Brusselator, n = 32, p = 3: 64x slower than Direct).
-    assert isinstance(auto.choose(16, 3, diffode.Rodas5P()), diffode.ForwardSensitivity)
-    assert isinstance(auto.choose(32, 3, diffode.Tsit5()), diffode.ForwardSensitivity)
-    assert isinstance(auto.choose(32, 3, diffode.Rodas5P()), diffode.InterpolatingAdjoint)
     # A structured linear solver: the adjoint's augmented system would be factorised densely.
     assert isinstance(auto.choose(64, 1000, diffode.Kvaerno5(linear_solver=diffode.BandedLU(1, 1))), diffode.Direct)
     # Never the backsolve adjoint, whatever the sizes.

@@ -156,10 +156,13 @@ def test_pattern_selects_sparse_lu_and_gradients_agree():
         return jnp.sum(sol.ys[-1] ** 2)
 
     args = tuple(jnp.asarray(a) for a in ARGS)
-    ref = jnp.stack(jax.grad(loss)(args, diffode.Direct()))
+    ref = jnp.stack(jax.jit(jax.grad(lambda a: loss(a, diffode.Direct())))(args))
     got = jax.jit(jax.grad(lambda a: loss(a, diffode.InterpolatingAdjoint(), jac_sparsity=sp)))(args)
     np.testing.assert_allclose(jnp.stack(got), ref, rtol=1e-5)  # the adjoint's own tolerance
     assert np.all(np.abs(np.asarray(ref)) > 1e-3)
+    # Forward sensitivities factorise the n x n block by SparseLU (SensitivityLU's inner).
+    got = jax.jit(jax.grad(lambda a: loss(a, diffode.ForwardSensitivity(), jac_sparsity=sp)))(args)
+    np.testing.assert_allclose(jnp.stack(got), ref, rtol=1e-6)
 
 
 def test_float32_and_linearize():
@@ -181,3 +184,70 @@ def test_float32_and_linearize():
     eps = 1e-6
     fd = (final(Y0 + eps * v) - final(Y0 - eps * v)) / (2 * eps)
     np.testing.assert_allclose(lin(v), fd, rtol=1e-5, atol=1e-8)
+
+
+# --------------------------------------------------------------------------
+# SensitivityLU: the augmented system of forward sensitivities by n x n blocks.
+# --------------------------------------------------------------------------
+
+
+def _augmented(n, k, seed=0):
+    """An augmented right-hand side ``[f(y), J(y) s_i + b_i(y)]`` of a nonlinear ``f`` on
+    ``n`` states with ``k`` sensitivities (``b_i = df/dp_i``), and a point ``z``."""
+    rng = np.random.default_rng(seed)
+    W, P = jnp.asarray(rng.normal(size=(n, n))), jnp.asarray(rng.normal(size=(k, n)))
+
+    def f(y, p):
+        return jnp.tanh(W @ y) - y ** 3 + p @ P
+
+    p0 = jnp.asarray(rng.normal(size=k))
+
+    def aug(t, z):
+        y, S = z[:n], z[n:].reshape(k, n)
+        fy, JS = jax.vmap(lambda s, e: jax.jvp(f, (y, p0), (s, e)), out_axes=(None, 0))(S, jnp.eye(k))
+        return jnp.concatenate([fy, JS.reshape(-1)])
+
+    return FlatRHS(aug), jnp.asarray(rng.normal(size=n * (k + 1)))
+
+
+@pytest.mark.parametrize("shift, scale", [(1.0, 0.3), (2.0 + 1.5j, 1.0), (None, -1.0)])
+def test_sensitivity_lu_solves_the_augmented_system(shift, scale):
+    # Against numpy.linalg.solve on the dense augmented matrix from jax.jacfwd: plain and
+    # transposed, real, complex (Radau5's second system) and Newton's A = J.
+    from diffode.solvers.structured import SensitivityLU
+
+    n, k = 6, 3
+    f, z = _augmented(n, k)
+    t = jnp.zeros(())
+    J = np.asarray(jax.jacfwd(f.fn, argnums=1)(t, z))
+    A = (0 if shift is None else shift) * np.eye(n * (k + 1)) - scale * J
+    b = np.random.default_rng(1).normal(size=n * (k + 1)) * (1 + 0.5j if np.iscomplexobj(A) else 1)
+    ls = SensitivityLU(diffode.LU(), n)
+
+    @jax.jit
+    def solves(b):
+        op = ShiftedJacobian(f, t, z, ls.linearise(f, t, z), None if shift is None else jnp.asarray(shift),
+                             jnp.asarray(scale))
+        state = ls.init(op)
+        return ls.compute(state, op, b), ls.compute(state, op, b, transpose=True), ls.linearise(f, t, z)
+
+    (x, ok), (xt, okt), jac = solves(jnp.asarray(b))
+    assert jac.shape == (n, n)  # the diagonal block only
+    assert bool(ok) and bool(okt)
+    np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(xt, np.linalg.solve(A.T, b), rtol=1e-10, atol=1e-12)
+
+
+def test_forward_sensitivity_factorises_the_state_block():
+    # ForwardSensitivity gives an implicit solver's direct linear solver the n x n block
+    # (its gradients: test_pattern_selects_sparse_lu_and_gradients_agree with SparseLU,
+    # tests/test_forward_sensitivity.py with dense LU).
+    from diffode.sensitivity.forward import _augmented_solver
+    from diffode.solvers.structured import SensitivityLU
+
+    for solver in (diffode.Rodas5P(), diffode.Kvaerno5(), diffode.Radau5()):
+        ls = _augmented_solver(solver, 8).linear_solver
+        assert isinstance(ls, SensitivityLU) and isinstance(ls.inner, diffode.LU) and ls.n == 8
+    gmres = diffode.Kvaerno5(linear_solver=diffode.GMRES())
+    assert _augmented_solver(gmres, 8) is gmres  # matrix-free: the augmented products as they are
+

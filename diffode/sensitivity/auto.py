@@ -20,10 +20,9 @@ class Auto(AbstractSensitivity):
     With ``n`` states and ``p`` differentiated inputs (the entries of ``y0``, ``ts``
     and the parameters that carry a tangent):
 
-    * ``n * (p + 1) <= max_forward_size`` (``max_forward_size_implicit`` with an
-      implicit solver): :class:`ForwardSensitivity` (the augmented system is small,
-      and one forward solve beats a forward plus a backward solve), in forward and
-      reverse mode alike;
+    * ``n * (p + 1) <= max_forward_size``: :class:`ForwardSensitivity` (the augmented
+      system is small, and one forward solve beats a forward plus a backward solve),
+      in forward and reverse mode alike;
     * otherwise forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
       differentiates through the solver's steps, and reverse mode is
       :class:`Direct` for explicit solvers and :class:`InterpolatingAdjoint` for
@@ -51,14 +50,12 @@ class Auto(AbstractSensitivity):
       than the pattern and is factorised densely.
 
     * the 2-D Brusselator at N = 4 (``n = 32``, ``p = 3``, ``n (p + 1) = 128``,
-      ``Rodas5P``, dense LU): ``ForwardSensitivity`` 7.1 s, ``InterpolatingAdjoint``
-      0.21 s, ``Direct`` 0.11 s. With an implicit solver the augmented system's
-      Jacobian is ``jax.jacfwd`` of the augmented right-hand side, ``(n (p + 1))^2``
-      entries and a dense LU of that size per step, and its error control takes
-      more steps (303 against 194).
+      ``Rodas5P``, dense LU): ``ForwardSensitivity`` 0.15 s, ``Direct`` 0.10 s,
+      ``InterpolatingAdjoint`` 0.40 s (``ForwardSensitivity`` took 7.1 s while it
+      factorised the augmented system whole; it now factorises the ``n x n``
+      block, :class:`~diffode.solvers.structured.SensitivityLU`).
 
-    Hence ``max_forward_size = 128`` for explicit solvers and
-    ``max_forward_size_implicit = 64`` for implicit ones, ``Direct`` above it for explicit solvers and
+    Hence ``max_forward_size = 128``, ``Direct`` above it for explicit solvers and
     for implicit ones with a structured linear solver (``SparseLU``,
     ``BandedLU``), and ``InterpolatingAdjoint`` for the other implicit ones.
 
@@ -68,7 +65,6 @@ class Auto(AbstractSensitivity):
     """
 
     max_forward_size: int = eqx.field(static=True, default=128)
-    max_forward_size_implicit: int = eqx.field(static=True, default=64)
     memory_budget: int | None = eqx.field(static=True, default=DEFAULT_MEMORY_BUDGET)
 
     def __check_init__(self):
@@ -77,11 +73,10 @@ class Auto(AbstractSensitivity):
     def choose(self, n: int, p: int, solver=None) -> AbstractSensitivity:
         """The reverse-mode method for ``n`` states, ``p`` differentiated input entries and
         ``solver`` (``None``: an explicit one)."""
-        explicit = solver is None or isinstance(solver, ExplicitRK)
-        if n * (p + 1) <= (self.max_forward_size if explicit else self.max_forward_size_implicit):
+        if n * (p + 1) <= self.max_forward_size:
             return ForwardSensitivity()
         structured = isinstance(getattr(solver, "linear_solver", None), BlockTridiagonalLU)
-        if explicit or structured:
+        if solver is None or isinstance(solver, ExplicitRK) or structured:
             return Direct(memory_budget=self.memory_budget)
         return InterpolatingAdjoint(memory_budget=self.memory_budget)
 
@@ -99,8 +94,7 @@ class Auto(AbstractSensitivity):
 
     def _reverse(self, solver) -> AbstractSensitivity:
         # Only reached for large problems (small ones take ForwardSensitivity's fused rule).
-        size = max(self.max_forward_size, self.max_forward_size_implicit)
-        return self.choose(size + 1, size, solver)
+        return self.choose(self.max_forward_size + 1, self.max_forward_size, solver)
 
     def cotangent(self, loop, prob, r, ys_bar, x_struct):
         return self._reverse(prob.opts.solver).cotangent(loop, prob, r, ys_bar, x_struct)

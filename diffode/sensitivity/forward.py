@@ -9,10 +9,11 @@ Differential Equations I", 2nd ed., section I.14, Theorem 14.1 and eq. (14.8))::
 They are integrated together with ``y`` as one augmented ODE by the same solver
 (Caracotsios and Stewart, "Sensitivity analysis of initial value problems with
 mixed ODEs and algebraic equations", Comput. Chem. Eng. 9(4), 1985: the
-"simultaneous corrector" approach; for implicit solvers the augmented system's
-Jacobian is formed by ``jax.jacfwd``). ``(df/dy) s + (df/dp) dp`` is one
-Jacobian-vector product of ``f`` on ``(y, p)`` jointly, vmapped over the
-directions; no Jacobian is ever formed.
+"simultaneous corrector" approach; implicit solvers factorise only the ``n x n``
+block ``shift I - scale J`` that every sensitivity equation shares and solve the
+augmented system by block substitution, ``SensitivityLU``). ``(df/dy) s +
+(df/dp) dp`` is one Jacobian-vector product of ``f`` on ``(y, p)`` jointly,
+vmapped over the directions.
 
 Save times. ``ys[i] = Phi(ts[i]; ts[0], y0)``, with ``Phi(t; t0, y0)`` the
 solution map. Moving ``ts[i]`` moves along the trajectory:
@@ -31,6 +32,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 
+from ..solvers.linear import AbstractDirectSolver
+from ..solvers.structured import SensitivityLU
 from ._base import AbstractSensitivity, Problem, add_time_shift, combine, fill_zeros, prob_times
 
 
@@ -69,13 +72,27 @@ class _LeadingErrorController(eqx.Module):
         return self.base.error_ratio(y0[:n], y1[:n], y_error[:n], rtol, atol)
 
 
+def _augmented_solver(solver, n: int):
+    """``solver`` for the augmented system: a direct linear solver ``ls`` becomes
+    :class:`~diffode.solvers.structured.SensitivityLU` ``(ls, n)``, which factorises
+    ``n x n`` blocks only (matrix-free and other linear solvers work on the
+    augmented system as they are)."""
+    ls = getattr(solver, "linear_solver", None)
+    if not isinstance(ls, AbstractDirectSolver):
+        return solver
+    return eqx.tree_at(lambda s: s.linear_solver, solver, SensitivityLU(ls, n))
+
+
 class ForwardSensitivity(AbstractSensitivity):
     """Forward sensitivity equations integrated alongside the state (continuous forward mode).
 
     ``s' = (df/dy) s + df/dp`` is solved with ``y`` as one augmented system by the
     solve's own solver (HNW I, section I.14; Caracotsios and Stewart 1985). Explicit
-    and implicit solvers both work; for implicit ones the augmented Jacobian is
-    ``jax.jacfwd`` of the augmented right-hand side, which suits small problems.
+    and implicit solvers both work; for implicit ones with a direct linear solver
+    the augmented system is solved by factorising its ``n x n`` diagonal block
+    only (:class:`~diffode.solvers.structured.SensitivityLU`: the sensitivity
+    equations share ``J``), so a step costs one Jacobian and one factorisation of
+    the state's size, plus a ``jvp`` of the augmented right-hand side per solve.
 
     Under any differentiation one augmented solve carries the sensitivity matrix
     for every differentiated input (``y0`` and the start time, the parameters), and
@@ -101,7 +118,7 @@ class ForwardSensitivity(AbstractSensitivity):
 
     def _aug_opts(self, opts, n: int):
         controller = opts.controller if self.error_control else _LeadingErrorController(opts.controller, n)
-        return opts._replace(jac=None, dense=False, controller=controller)
+        return opts._replace(solver=_augmented_solver(opts.solver, n), jac=None, dense=False, controller=controller)
 
     def fused_jvp(self, loop, prob, primals, x):
         """``ys`` and the sensitivity matrix ``S`` for every differentiated input from one augmented
