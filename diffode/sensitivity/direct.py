@@ -441,7 +441,9 @@ def run_back(layout: Layout, num, y_buf, step: Callable, back_step: Callable, c:
     # into a buffer of `stride` states. With a window, the buffer starts as the
     # window's states in step order, which are the last segment's.
     num_seg = (num + stride - 1) // stride
-    if window:
+    if depth:
+        buf0 = jnp.zeros((0,), y_buf.dtype)  # bisected segments keep their own stack
+    elif window:
         buf0 = jnp.take(y_win, ((num_seg - 1) * stride + jnp.arange(stride)) % (window + 1), axis=0)
     else:
         buf0 = jnp.zeros((stride,) + y_buf.shape[1:], y_buf.dtype)
@@ -460,8 +462,6 @@ def run_back(layout: Layout, num, y_buf, step: Callable, back_step: Callable, c:
         buf = lax.fori_loop(1, jnp.where(kept, 1, hi - lo), fwd, jnp.where(kept, buf, buf.at[0].set(y_buf[g])))
         return (g, buf) + tuple(stored(hi, lo, lambda k: buf[k - lo], gc[2:]))
 
-    if depth:
-        buf0 = jnp.zeros((0,), y_buf.dtype)
     return lax.while_loop(lambda gc: gc[0] > 0, seg_body, (num_seg, buf0) + tuple(c))[2:]
 
 

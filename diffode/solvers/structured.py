@@ -237,6 +237,15 @@ def _solve_transpose(fac: BlockFactors, b: Array) -> Array:
                   (fac.inverse, fac.below, w), reverse=True)
 
 
+def _flat_operand(x) -> bool:
+    """Whether ``x`` (a flat state or a :class:`ShiftedJacobian`) is one a structured solver
+    can take; a ``FunctionOperator`` (the stage systems of derivative rules) has no
+    known structure."""
+    if not isinstance(x, ShiftedJacobian) and not hasattr(x, "ndim"):
+        return False
+    return len(x.shape) == 1
+
+
 class BlockTridiagonalLU(AbstractDirectSolver):
     """Shared by :class:`SparseLU` and :class:`BandedLU`: the three calls of the protocol
     on a :class:`BlockStructure`; operators of another size (augmented sensitivity
@@ -247,9 +256,7 @@ class BlockTridiagonalLU(AbstractDirectSolver):
 
     def _applies(self, x) -> bool:
         """Whether ``x`` (the state, or an operator) is one this structure solves."""
-        if not isinstance(x, ShiftedJacobian) and not hasattr(x, "ndim"):
-            return False  # a FunctionOperator: an unknown pattern
-        return len(x.shape) == 1 and self._fits(x.shape[0])
+        return _flat_operand(x) and self._fits(x.shape[0])
 
     def _fits(self, n: int) -> bool:
         return True
@@ -369,9 +376,8 @@ class SensitivityLU(AbstractDirectSolver):
     n: int = eqx.field(static=True)
 
     def _applies(self, x) -> bool:
-        if not isinstance(x, ShiftedJacobian) and not hasattr(x, "ndim"):
-            return False
-        return len(x.shape) == 1 and x.shape[0] > self.n and x.shape[0] % self.n == 0
+        """Whether ``x`` (the state, or an operator) is an augmented system of ``n``-blocks."""
+        return _flat_operand(x) and x.shape[0] > self.n and x.shape[0] % self.n == 0
 
     def _top(self, f, z: Array):
         """The right-hand side of the leading block as a function of ``y`` alone (it does
