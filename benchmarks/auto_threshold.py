@@ -30,6 +30,11 @@ with that method's). Three studies:
     ``args = (A, B, alpha)`` (``p = 3``); ``Rodas5P()`` and ``Kvaerno5()`` at
     rtol = 1e-6, atol = 1e-8. The plain solve is run first (``throw=False``) and its
     status and step counts are recorded; a solver that fails is not differentiated.
+``stiff_p``
+    The same Brusselator with more differentiated inputs, to find where
+    ``ForwardSensitivity`` stops paying for implicit solvers: ``params`` (``A, B,
+    alpha``, ``p = 3``), ``field`` (``A`` one value per grid point, so ``p = N + 2``)
+    and ``y0`` (the initial state and ``A, B, alpha``, ``p = 2 N + 3``).
 
 Timing (``benchmarks/_timing.py``): one discarded warm-up gradient per method takes
 the process's one-time costs. Per case, every candidate is first called once from a
@@ -97,6 +102,10 @@ STIFF_SIZES = (8, 32, 64)
 QUICK_STIFF_SIZES = (8,)
 STIFF_SOLVERS = ("Rodas5P", "Kvaerno5")
 QUICK_STIFF_SOLVERS = ("Rodas5P",)
+# stiff_p study: (N, differentiated inputs)
+STIFF_P_CASES = tuple((n, w) for n in (16, 64) for w in ("params", "field", "y0"))
+QUICK_STIFF_P_CASES = ((16, "field"),)
+STIFF_P_METHODS = ["ForwardSensitivity", "Direct", "InterpolatingAdjoint", "Auto"]
 SOLVE_LIMIT_S = 60.0  # a plain solve slower than this (one call, after compiling) is not differentiated
 SLOW_CALL_S = 2.0  # fewer run repeats when a candidate's call takes longer than this
 
@@ -185,6 +194,25 @@ def stiff_case(big_n: int, solver_name: str) -> dict[str, Any]:
 
     return dict(case=f"N={big_n}, {solver_name}", n=2 * big_n, p=3, batch=1, solver=solver_name, big_n=big_n,
                 make=make, args=(args, y0))
+
+
+def stiff_p_case(big_n: int, wrt: str, solver_name: str) -> dict[str, Any]:
+    y0, args, ts = stiff_problem(big_n)
+    solver = getattr(diffode, solver_name)()
+    if wrt == "field":
+        args = (args[0] * jnp.ones(big_n), args[1], args[2])
+    p = dict(params=3, field=big_n + 2, y0=2 * big_n + 3)[wrt]
+
+    def make(method):
+        def loss(args, y0):
+            return jnp.sum(diffode.solve(brusselator, y0, ts, args, solver=solver, rtol=1e-6, atol=1e-8,
+                                         sensitivity=method).ys ** 2)
+
+        grad = jax.grad(loss, argnums=(0, 1) if wrt == "y0" else 0)
+        return jax.jit(grad)
+
+    return dict(case=f"N={big_n}, {wrt}, {solver_name}", n=2 * big_n, p=p, batch=1, solver=solver_name,
+                big_n=big_n, wrt=wrt, make=make, args=(args, y0))
 
 
 def stiff_plain_solve(big_n: int, solver_name: str) -> dict[str, Any]:
@@ -279,7 +307,8 @@ def measure(case: dict[str, Any], methods: list[str], compile_repeats: int, run_
                          compile_minus_run_s=c.median - rtimes[name].median,
                          grad_rel_diff=(rel_diff(grads[name], ref) if ref is not None else None))
     auto = diffode.Auto()
-    chosen = method_name(auto.choose(case["n"], case["p"]))
+    solver = getattr(diffode, case["solver"])() if "solver" in case else None
+    chosen = method_name(auto.choose(case["n"], case["p"], solver))
     rec = {k: v for k, v in case.items() if k not in ("make", "args")}
     rec.update(aug_size=case["n"] * (case["p"] + 1), auto_choice=chosen, results=res)
     if "Auto" in grads and chosen in grads:
@@ -360,7 +389,17 @@ def run_stiff(quick: bool, save: Callable[[], None], out: list) -> None:
             save()
 
 
-STUDIES = {"tanh": run_tanh, "neural": run_neural, "stiff": run_stiff}
+def run_stiff_p(quick: bool, save: Callable[[], None], out: list) -> None:
+    for solver_name in QUICK_STIFF_SOLVERS if quick else STIFF_SOLVERS:
+        for big_n, wrt in QUICK_STIFF_P_CASES if quick else STIFF_P_CASES:
+            print(f"# stiff_p N = {big_n}, {wrt}, {solver_name}", file=sys.stderr, flush=True)
+            case = stiff_p_case(big_n, wrt, solver_name)
+            rec = measure(case, STIFF_P_METHODS, compile_repeats=1, run_repeats=3 if quick else 5, min_time=0.1)
+            out.append(rec)
+            save()
+
+
+STUDIES = {"tanh": run_tanh, "neural": run_neural, "stiff": run_stiff, "stiff_p": run_stiff_p}
 
 
 def environment() -> dict[str, Any]:
@@ -412,10 +451,11 @@ def report(out: dict[str, Any]) -> str:
     lines = []
     titles = dict(tanh="Unbatched `y' = tanh(W y + b)`, Tsit5",
                   neural="Batched neural ODE (MLP depth 2), `vmap` over y0, Tsit5",
-                  stiff="Brusselator 1-D, 2N states, p = 3")
+                  stiff="Brusselator 1-D, 2N states, p = 3",
+                  stiff_p="Brusselator 1-D, 2N states, p differentiated inputs")
     for s, recs in out["studies"].items():
         lines.append(f"\n### {titles[s]}\n")
-        extra = "| batch " if s == "neural" else ("| solver " if s == "stiff" else "")
+        extra = "| batch " if s == "neural" else ("| solver " if s.startswith("stiff") else "")
         lines.append(f"| case {extra}| n | p | n·(p+1) | Auto picks | "
                      + " | ".join(f"{m} run ms (× fastest)" for m in METHODS) + " |")
         lines.append("|---" * (5 + bool(extra) + len(METHODS)) + "|")
@@ -433,8 +473,9 @@ def report(out: dict[str, Any]) -> str:
                     cells.append(_fmt_ms(r))
             if not res and "skipped" in rec:
                 cells = [rec["skipped"]] + [""] * (len(METHODS) - 1)
-            ex = (f"| {rec['batch']} " if s == "neural" else (f"| {rec['solver']} " if s == "stiff" else ""))
-            case = rec["case"] if s != "stiff" else f"N={rec['big_n']}"
+            ex = (f"| {rec['batch']} " if s == "neural" else (f"| {rec['solver']} " if s.startswith("stiff") else ""))
+            case = {"stiff": f"N={rec.get('big_n')}", "stiff_p": f"N={rec.get('big_n')}, {rec.get('wrt')}"}.get(
+                s, rec["case"])
             if s == "neural":
                 case = f"width={rec['width']}"
             lines.append(f"| {case} {ex}| {rec['n']} | {rec['p']} | {rec['n'] * (rec['p'] + 1)} | "

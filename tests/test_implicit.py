@@ -226,32 +226,10 @@ VDP_TS = np.array([0.0, 400.0, 1200.0, 2000.0, 2800.0, VDP.t1])
 
 @functools.cache
 def radau_reference(name):
-    """SciPy Radau at rtol 1e-12 with analytic Jacobians (error ~1e-10 relative or below)."""
-    from scipy.integrate import solve_ivp
-
+    """The SciPy Radau reference (:func:`tests.problems.scipy_radau_reference`) at the save times."""
     if name == "robertson":
-        k1, k2, k3 = problems.ROBERTSON_K
-        ts, y0 = ROB_TS, [1.0, 0.0, 0.0]
-
-        def f(t, y):
-            return [-k1 * y[0] + k3 * y[1] * y[2], k1 * y[0] - k3 * y[1] * y[2] - k2 * y[1] ** 2, k2 * y[1] ** 2]
-
-        def jac(t, y):
-            return [[-k1, k3 * y[2], k3 * y[1]], [k1, -k3 * y[2] - 2 * k2 * y[1], -k3 * y[1]],
-                    [0.0, 2 * k2 * y[1], 0.0]]
-    else:
-        mu = 1000.0
-        ts, y0 = VDP_TS, [2.0, 0.0]
-
-        def f(t, y):
-            return [y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]]
-
-        def jac(t, y):
-            return [[0.0, 1.0], [-2 * mu * y[0] * y[1] - 1, mu * (1 - y[0] ** 2)]]
-
-    sol = solve_ivp(f, (ts[0], ts[-1]), y0, method="Radau", t_eval=ts, rtol=1e-12, atol=1e-14, jac=jac)
-    assert sol.success, sol.message
-    return sol.y.T
+        return problems.scipy_radau_reference("robertson")(ROB_TS).T
+    return problems.scipy_radau_reference("van_der_pol")(VDP_TS).T
 
 
 def test_robertson_against_radau():

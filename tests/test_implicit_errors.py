@@ -27,8 +27,8 @@ def decay(t, y, args):
 BAD = [
     ("ts-not-monotonic", dict(ts=jnp.array([0.0, 0.5, 0.25, 1.0])), Status.TS_NOT_MONOTONIC),
     ("y0-nan", dict(y0=jnp.array([jnp.nan, 2.0])), Status.NONFINITE_INPUT),
-    ("args-inf", dict(args=jnp.inf), Status.NONFINITE_INPUT),
-    ("rtol-negative", dict(rtol=-1e-6), Status.BAD_TOLERANCE),
+    ("args-inf", dict(args=jnp.asarray(jnp.inf)), Status.NONFINITE_INPUT),
+    ("rtol-negative", dict(rtol=jnp.asarray(-1e-6)), Status.BAD_TOLERANCE),
 ]
 
 
@@ -50,13 +50,23 @@ def test_good_input_control(solver):
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
-@pytest.mark.parametrize("change, status", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_input(solver, change, status):
-    sol = jax.jit(lambda: _solve(solver, False, **change))()
-    assert int(sol.status) == status
-    assert np.isnan(np.asarray(sol.ys[1:])).all()
-    with raises_solve_error(".", status):
-        jax.block_until_ready(_solve(solver, True, **change).ys)
+def test_bad_input(solver):
+    # The inputs are arguments of one jitted solve per `throw` setting (two compilations
+    # per solver); the good input through the same functions is the control.
+    def jitted(throw):
+        return jax.jit(lambda y0, ts, args, rtol: diffode.solve(decay, y0, ts, args, solver=solver, rtol=rtol,
+                                                               atol=1e-8, throw=throw))
+
+    quiet, loud = jitted(False), jitted(True)
+    good = dict(y0=Y0, ts=TS, args=jnp.asarray(0.5), rtol=jnp.asarray(1e-6))
+    assert int(quiet(**good).status) == Status.SUCCESS
+    jax.block_until_ready(loud(**good).ys)
+    for name, change, status in BAD:
+        sol = quiet(**{**good, **change})
+        assert int(sol.status) == status, name
+        assert np.isnan(np.asarray(sol.ys[1:])).all(), name
+        with raises_solve_error(".", status):
+            jax.block_until_ready(loud(**{**good, **change}).ys)
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=IDS)

@@ -29,46 +29,13 @@ from tests import problems
 # over ~2e5 evaluations would take minutes with JAX callbacks).
 # ----------------------------------------------------------------------------
 K1, K2, K3 = problems.ROBERTSON_K
-MU = 1000.0
+_rob_np, _rob_jac_np = problems.robertson_np, problems.robertson_jac_np
 
 
-def _rob_np(t, y):
-    return np.array([-K1 * y[0] + K3 * y[1] * y[2], K1 * y[0] - K3 * y[1] * y[2] - K2 * y[1] ** 2, K2 * y[1] ** 2])
-
-
-def _rob_jac_np(t, y):
-    return np.array([
-        [-K1, K3 * y[2], K3 * y[1]],
-        [K1, -K3 * y[2] - 2 * K2 * y[1], -K3 * y[1]],
-        [0.0, 2 * K2 * y[1], 0.0],
-    ])
-
-
-def _vdp_np(t, y):
-    return np.array([y[1], MU * (1 - y[0] ** 2) * y[1] - y[0]])
-
-
-def _vdp_jac_np(t, y):
-    return np.array([[0.0, 1.0], [-2 * MU * y[0] * y[1] - 1, MU * (1 - y[0] ** 2)]])
-
-
-@functools.cache
 def scipy_reference(name: str, t1: float):
-    """SciPy ``Radau`` at rtol 1e-12 with dense output.
-
-    Its own error is ~1e-12 relative (Robertson, where rtol 1e-11 and 1e-12 agree
-    to 5e-13) and ~1e-8 on Van der Pol's fast phase (phase sensitivity): both far
-    below the tolerances (>= 1e-8 * solve tolerance margins) used against it.
-    """
-    from scipy.integrate import solve_ivp
-
-    if name == "robertson":
-        f, jac, y0, atol = _rob_np, _rob_jac_np, [1.0, 0.0, 0.0], 1e-16
-    else:
-        f, jac, y0, atol = _vdp_np, _vdp_jac_np, [2.0, 0.0], 1e-12
-    sol = solve_ivp(f, (0.0, t1), np.array(y0), method="Radau", rtol=1e-12, atol=atol, jac=jac, dense_output=True)
-    assert sol.success
-    return sol.sol
+    """:func:`tests.problems.scipy_radau_reference` (dense), for ``t1`` its end time."""
+    assert t1 == (1e5 if name == "robertson" else problems.van_der_pol_stiff().t1)
+    return problems.scipy_radau_reference(name)
 
 
 def scaled_error(ys, ref, rtol, atol):

@@ -2,8 +2,6 @@
 expm and scipy Radau, dense output, statistics, transformations and rejection of
 non-finite steps."""
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -139,46 +137,15 @@ def test_forward_mode_sensitivity_is_expm():
 # Robertson and stiff Van der Pol against scipy Radau at rtol 1e-12.
 # --------------------------------------------------------------------------
 
-# NumPy copies of tests/problems.py's right-hand sides and Jacobians, so that
-# the reference solves are not dominated by JAX's per-call dispatch.
-
-
-def _robertson_np(t, y, k=problems.ROBERTSON_K):
-    k1, k2, k3 = k
-    y1, y2, y3 = y
-    return np.array([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 * y2, k2 * y2 * y2])
-
-
-def _robertson_jac_np(t, y, k=problems.ROBERTSON_K):
-    k1, k2, k3 = k
-    _, y2, y3 = y
-    return np.array([[-k1, k3 * y3, k3 * y2], [k1, -k3 * y3 - 2 * k2 * y2, -k3 * y2], [0.0, 2 * k2 * y2, 0.0]])
-
-
-def _vdp_np(t, y, mu=1000.0):
-    return np.array([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
-
-
-def _vdp_jac_np(t, y, mu=1000.0):
-    return np.array([[0.0, 1.0], [-2 * mu * y[0] * y[1] - 1, mu * (1 - y[0] ** 2)]])
-
-
 ROB_TS = np.concatenate([[0.0], np.logspace(-6, 5, 12)])
 VDP = problems.van_der_pol_stiff()
 VDP_TS = np.linspace(VDP.t0, VDP.t1, 11)
 
 
-@functools.cache
 def _radau_reference(which: str) -> np.ndarray:
-    from scipy.integrate import solve_ivp
-
-    if which == "robertson":
-        f, jac, y0, ts, atol = _robertson_np, _robertson_jac_np, [1.0, 0.0, 0.0], ROB_TS, 1e-16
-    else:
-        f, jac, y0, ts, atol = _vdp_np, _vdp_jac_np, [2.0, 0.0], VDP_TS, 1e-12
-    sol = solve_ivp(f, (ts[0], ts[-1]), y0, method="Radau", t_eval=ts, rtol=1e-12, atol=atol, jac=jac)
-    assert sol.success, sol.message
-    return sol.y.T
+    """The SciPy Radau reference (:func:`tests.problems.scipy_radau_reference`) at the save times."""
+    ts = ROB_TS if which == "robertson" else VDP_TS
+    return problems.scipy_radau_reference("robertson" if which == "robertson" else "van_der_pol")(ts).T
 
 
 def _rob_solve(y0):
@@ -230,10 +197,11 @@ def test_van_der_pol_stiff_against_radau():
 def test_stage_loop_equals_unrolled_stages():
     """The stages in one fori_loop (the default with GMRES) and unrolled (the default with
     LU) are the same method: the same steps and the same values up to the order of the
-    sums. With LU on Robertson at rtol 1e-6; with GMRES on the rescaled Kepler problem at
-    rtol 1e-8 (Robertson's W is too ill-conditioned for GMRES's roundoff, which differs
-    between the two compiled forms, not to change a step decision), where the Direct
-    gradient with respect to y0, which replays the loop, agrees too."""
+    sums. With LU on Robertson at rtol 1e-6; looped GMRES against unrolled LU on the
+    rescaled Kepler problem at rtol 1e-8 (Robertson's W is too ill-conditioned for
+    GMRES's roundoff, which differs between the two forms, not to change a step
+    decision), where the Direct gradient with respect to y0, which replays the loop,
+    agrees too."""
 
     def run(problem, ts, loop, linear_solver, rtol):
         solver = Rodas5P(linear_solver=linear_solver, stage_loop=loop)
@@ -251,17 +219,15 @@ def test_stage_loop_equals_unrolled_stages():
     assert int(a.stats["num_accepted"]) == int(b.stats["num_accepted"]) > 50
     np.testing.assert_allclose(a.ys, b.ys, rtol=1e-10, atol=1e-15)
 
+    # Looped GMRES against the default (unrolled, LU): at GMRES rtol 1e-13 both solve W to
+    # roundoff, so the steps, the values and the Direct gradient (which replays the
+    # looped GMRES steps) agree. (The unrolled GMRES form compiles 4x as long.)
     ts = jnp.asarray(KEPLER.ts(4))
     gmres = diffode.GMRES(rtol=1e-13)
     (_, a), ga = jax.jit(jax.value_and_grad(run(KEPLER, ts, True, gmres, 1e-8), has_aux=True))(KEPLER.y0)
-    b = jax.jit(run(KEPLER, ts, False, gmres, 1e-8))(KEPLER.y0)[1]
-    assert int(a.stats["num_accepted"]) == int(b.stats["num_accepted"]) > 20
-    np.testing.assert_allclose(a.ys, b.ys, rtol=1e-10, atol=1e-15)
-    # The gradient that replays the looped GMRES steps equals the default's (unrolled, LU):
-    # at GMRES rtol 1e-13 both solve W to roundoff. (Compiling the unrolled GMRES
-    # gradient takes 4x as long as the looped one.)
     (_, c), gc = jax.jit(jax.value_and_grad(run(KEPLER, ts, False, diffode.LU(), 1e-8), has_aux=True))(KEPLER.y0)
-    assert int(c.stats["num_accepted"]) == int(a.stats["num_accepted"])
+    assert int(c.stats["num_accepted"]) == int(a.stats["num_accepted"]) > 20
+    np.testing.assert_allclose(a.ys, c.ys, rtol=1e-10, atol=1e-15)
     np.testing.assert_allclose(ga, gc, rtol=1e-9)
     assert np.all(np.isfinite(ga)) and np.all(np.abs(ga) > 1e-3)
 

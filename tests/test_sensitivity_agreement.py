@@ -100,17 +100,32 @@ def test_continuous_adjoints_match_expm(method):
 
 
 def test_auto_choice():
-    # choose(n, p): n states, p differentiated inputs.
+    # choose(n, p): n states, p differentiated inputs; the rule measured in
+    # benchmarks/auto_threshold_stiff_p.json (see Auto's docstring).
     auto = diffode.Auto()
     assert isinstance(auto.choose(2, 4), diffode.ForwardSensitivity)
     assert isinstance(auto.choose(64, 1000), diffode.Direct)
-    assert isinstance(auto.choose(64, 1000, diffode.Tsit5()), diffode.Direct)
+    assert isinstance(auto.choose(64, 3, diffode.Tsit5()), diffode.Direct)
+    # Implicit solvers with a direct linear solver: forward sensitivities up to p = 32,
+    # whatever n (each step factorises the n x n block only).
+    for solver in (diffode.Kvaerno5(), diffode.Rodas5P(), diffode.Radau5(),
+                   diffode.Rodas5P(linear_solver=diffode.BandedLU(1, 1))):
+        assert isinstance(auto.choose(2048, 32, solver), diffode.ForwardSensitivity)
+        assert not isinstance(auto.choose(2048, 33, solver), diffode.ForwardSensitivity)
+    # Past it: the SDIRK family's replay repeats its Newton iterations, so the interpolating adjoint...
     assert isinstance(auto.choose(64, 1000, diffode.Kvaerno5()), diffode.InterpolatingAdjoint)
+    # ...but Rosenbrock and Radau5 steps replay faster than the adjoint solves.
+    assert isinstance(auto.choose(64, 1000, diffode.Rodas5P()), diffode.Direct)
+    assert isinstance(auto.choose(64, 1000, diffode.Radau5()), diffode.Direct)
     # A structured linear solver: the adjoint's augmented system would be factorised densely.
     assert isinstance(auto.choose(64, 1000, diffode.Kvaerno5(linear_solver=diffode.BandedLU(1, 1))), diffode.Direct)
+    # A matrix-free linear solver: no forward-sensitivity rule past n (p + 1) = 128.
+    assert isinstance(auto.choose(64, 3, diffode.Kvaerno5(linear_solver=diffode.GMRES())),
+                      diffode.InterpolatingAdjoint)
     # Never the backsolve adjoint, whatever the sizes.
     for n in (1, 8, 200):
-        assert not isinstance(auto.choose(n, n), diffode.BacksolveAdjoint)
+        for solver in (None, diffode.Kvaerno5(), diffode.Rodas5P()):
+            assert not isinstance(auto.choose(n, n, solver), diffode.BacksolveAdjoint)
 
 
 def test_auto_gradient_matches_reference():

@@ -8,26 +8,38 @@ import jax.tree_util as jtu
 
 from ._base import AbstractSensitivity, loop_tangent
 from ..solvers.explicit_rk import ExplicitRK
+from ..solvers.linear import AbstractDirectSolver
+from ..solvers.radau import Radau5
+from ..solvers.rosenbrock import Rosenbrock
 from ..solvers.structured import BlockTridiagonalLU
 from .direct import DEFAULT_MEMORY_BUDGET, Direct, check_budget
 from .forward import ForwardSensitivity
 from .interpolating import InterpolatingAdjoint
 
 
+def _factorises(solver) -> bool:
+    """Whether ``solver`` is implicit with a direct (factorising) linear solver."""
+    return isinstance(getattr(solver, "linear_solver", None), AbstractDirectSolver)
+
+
 class Auto(AbstractSensitivity):
     """Pick a sensitivity method from the problem (the default of :func:`diffode.solve`).
 
     With ``n`` states and ``p`` differentiated inputs (the entries of ``y0``, ``ts``
-    and the parameters that carry a tangent):
+    and the parameters that carry a tangent), in forward and reverse mode alike:
 
-    * ``n * (p + 1) <= max_forward_size``: :class:`ForwardSensitivity` (the augmented
-      system is small, and one forward solve beats a forward plus a backward solve),
-      in forward and reverse mode alike;
+    * :class:`ForwardSensitivity` when ``n * (p + 1) <= max_forward_size`` (128), or
+      when the solver is implicit with a direct linear solver and ``p <=
+      max_forward_params`` (32): one forward solve of the augmented system, whose
+      steps factorise only the ``n x n`` block
+      (:class:`~diffode.solvers.structured.SensitivityLU`);
     * otherwise forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
       differentiates through the solver's steps, and reverse mode is
-      :class:`Direct` for explicit solvers and :class:`InterpolatingAdjoint` for
-      implicit ones. Backsolve is never picked: re-solving ``y`` backwards is
-      unstable for stiff (implicit-solver) problems and gains only memory.
+      :class:`Direct` for explicit solvers, ``Rosenbrock`` solvers, ``Radau5`` and
+      any implicit solver with a structured linear solver (``SparseLU``,
+      ``BandedLU``), and :class:`InterpolatingAdjoint` for the SDIRK family with a
+      dense or iterative linear solver. Backsolve is never picked: re-solving ``y``
+      backwards is unstable for stiff problems and gains only memory.
 
     The rule is measured by ``python -m benchmarks.auto_threshold`` (gradient run
     times, interleaved, 2-core CPU, float64; tables in ``benchmarks/README.md``):
@@ -38,26 +50,22 @@ class Auto(AbstractSensitivity):
     * a neural ODE (MLP 2-16-16-2 or 2-64-64-2, ``vmap`` over 32 or 256 initial
       states, shared parameters): ``Direct`` fastest, 60-100x ahead of
       ``ForwardSensitivity`` and 60-430x ahead of ``InterpolatingAdjoint``;
-    * the stiff 1-D Brusselator (``p = 3``) with ``Rodas5P`` or ``Kvaerno5``: all
-      methods within 1.5x at ``n (p + 1) = 64``; from 256 on
-      ``InterpolatingAdjoint`` was fastest, ``Direct`` 3-27x and
-      ``ForwardSensitivity`` 25-36x slower (each implicit step replayed or
-      augmented costs a new factorisation of a larger matrix);
+    * the stiff 1-D Brusselator with ``n`` = 32 and 128 states and ``p`` = 3, ``N +
+      2`` or ``2 N + 3`` (``benchmarks/auto_threshold_stiff_p.json``):
+      ``ForwardSensitivity`` was the fastest with ``p = 3`` for ``Rodas5P``,
+      ``Kvaerno5`` and ``Radau5`` (``Direct`` 1.4-9x, ``InterpolatingAdjoint``
+      2.6-10x slower), and within 1.2x of the fastest up to ``p = 35``
+      (``Kvaerno5``: the fastest up to ``p = 66``); at ``p = 131`` it was 2.2-4.2x
+      slower than the fastest;
+    * past forward sensitivities, ``Direct`` beat ``InterpolatingAdjoint`` by
+      2.9-10x with ``Rodas5P`` and 1.3-4.6x with ``Radau5``, while with ``Kvaerno5``
+      ``InterpolatingAdjoint`` was 1.3-4.7x faster than ``Direct`` (whose replay
+      repeats the Newton iterations of every stage);
     * the 2-D Brusselator (``benchmarks/brusselator.py``, ``p = 3``, ``Rodas5P``
       with ``jac_sparsity``, so :class:`~diffode.SparseLU`): ``Direct`` 4x
       (N = 8, ``n = 128``) and 10x (N = 16, ``n = 512``) faster than
       ``InterpolatingAdjoint``, whose augmented backward system has another size
       than the pattern and is factorised densely.
-
-    * the 2-D Brusselator at N = 4 (``n = 32``, ``p = 3``, ``n (p + 1) = 128``,
-      ``Rodas5P``, dense LU): ``ForwardSensitivity`` 0.15 s, ``Direct`` 0.10 s,
-      ``InterpolatingAdjoint`` 0.40 s (``ForwardSensitivity`` took 7.1 s while it
-      factorised the augmented system whole; it now factorises the ``n x n``
-      block, :class:`~diffode.solvers.structured.SensitivityLU`).
-
-    Hence ``max_forward_size = 128``, ``Direct`` above it for explicit solvers and
-    for implicit ones with a structured linear solver (``SparseLU``,
-    ``BandedLU``), and ``InterpolatingAdjoint`` for the other implicit ones.
 
     ``memory_budget`` (bytes, default ``DEFAULT_MEMORY_BUDGET`` = 1 GiB, ``None``: no
     limit) is passed to the reverse-mode method: it bounds what the reverse pass
@@ -65,6 +73,7 @@ class Auto(AbstractSensitivity):
     """
 
     max_forward_size: int = eqx.field(static=True, default=128)
+    max_forward_params: int = eqx.field(static=True, default=32)
     memory_budget: int | None = eqx.field(static=True, default=DEFAULT_MEMORY_BUDGET)
 
     def __check_init__(self):
@@ -73,10 +82,14 @@ class Auto(AbstractSensitivity):
     def choose(self, n: int, p: int, solver=None) -> AbstractSensitivity:
         """The reverse-mode method for ``n`` states, ``p`` differentiated input entries and
         ``solver`` (``None``: an explicit one)."""
-        if n * (p + 1) <= self.max_forward_size:
+        if n * (p + 1) <= self.max_forward_size or (_factorises(solver) and p <= self.max_forward_params):
             return ForwardSensitivity()
+        return self._adjoint(solver)
+
+    def _adjoint(self, solver) -> AbstractSensitivity:
+        """The reverse-mode method where forward sensitivities are not picked."""
         structured = isinstance(getattr(solver, "linear_solver", None), BlockTridiagonalLU)
-        if solver is None or isinstance(solver, ExplicitRK) or structured:
+        if solver is None or isinstance(solver, (ExplicitRK, Rosenbrock, Radau5)) or structured:
             return Direct(memory_budget=self.memory_budget)
         return InterpolatingAdjoint(memory_budget=self.memory_budget)
 
@@ -92,13 +105,11 @@ class Auto(AbstractSensitivity):
     def tangent(self, loop, prob, r, x):
         return loop_tangent(loop, prob, r, x)
 
-    def _reverse(self, solver) -> AbstractSensitivity:
-        # Only reached for large problems (small ones take ForwardSensitivity's fused rule).
-        return self.choose(self.max_forward_size + 1, self.max_forward_size, solver)
-
+    # Reached only where ``choose`` did not pick ForwardSensitivity (whose fused rule
+    # replaces these).
     def cotangent(self, loop, prob, r, ys_bar, x_struct):
-        return self._reverse(prob.opts.solver).cotangent(loop, prob, r, ys_bar, x_struct)
+        return self._adjoint(prob.opts.solver).cotangent(loop, prob, r, ys_bar, x_struct)
 
     def cotangent_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size):
-        method = self._reverse(prob_static.opts.solver)
+        method = self._adjoint(prob_static.opts.solver)
         return method.cotangent_batched(loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size)
