@@ -254,3 +254,26 @@ def test_stats_count_the_work():
     sol = diffode.steady_state(p.f, p.y0, p.args, method=diffode.IntegrateToSteady())
     assert int(sol.stats["num_ode_steps"]) > 0 and int(sol.stats["ode_status"]) == 0
     assert sol.success and sol.message == diffode.STEADY_STATE_MESSAGES[0]
+
+
+def test_eager_calls_compile_once():
+    """Eager calls and an eager ``jax.grad`` compile the steady-state solve as one program
+    and reuse it: ``f`` is traced by the first call of each only."""
+    p = problems.michaelis_menten_flow()
+    traced = []
+
+    def f(t, y, args):
+        traced.append(None)  # runs at trace time only
+        return p.f(t, y, args)
+
+    def scalar(args):
+        return loss(diffode.steady_state(f, p.y0, args).y)
+
+    diffode.steady_state(f, p.y0, p.args)
+    assert traced
+    for fn in (lambda a: diffode.steady_state(f, p.y0, a).y, jax.grad(scalar)):
+        fn(p.args)  # grad: JAX differentiates the cached program, without tracing f again
+        first = len(traced)
+        fn(jax.tree_util.tree_map(lambda v: v * 1.01, p.args))
+        assert len(traced) == first
+    close(jax.grad(scalar)(p.args), jax.grad(lambda a: loss(p.exact(a)))(p.args))

@@ -69,6 +69,14 @@ def steady_state(
     if max_steps is None:
         max_steps = method.default_max_steps
     max_steps = check_max_steps(max_steps)
+    # One jitted call, eager or inside a transformation: under an enclosing `jit` it is
+    # inlined; called eagerly, or under an eager `grad`/`hessian`/`vmap`, it is compiled
+    # as a whole and cached instead of running operation by operation.
+    return _steady_state_compiled(f, y0, args, method, tol, max_steps, t, throw)
+
+
+def _steady_state(f, y0, args, method, tol, max_steps, t, throw) -> SteadyState:
+    """:func:`steady_state` after its argument checks."""
     check_y0(y0)
     y0 = jtu.tree_map(jnp.asarray, y0)
     y_flat, unravel = ravel_pytree(y0)
@@ -109,6 +117,9 @@ def steady_state(
     bad = select(~finite_inputs, S.NONFINITE_INPUT, select(~good_tol, S.BAD_TOLERANCE, 0)).astype(jnp.int32)
     y, status, cnt, residual = implicit_root(method, g, y_flat, theta, other, tol, bad, max_steps, throw)
     return SteadyState(unravel(y), status, Stats(cnt, STAT_NAMES), residual)
+
+
+_steady_state_compiled = eqx.filter_jit(_steady_state)
 
 
 @jax.custom_jvp
