@@ -373,7 +373,7 @@ _solve_compiled = eqx.filter_jit(functools.partial(_solve, final_check=False))
 # Inside a transformation the solve is still one jitted call: under an enclosing `jit`
 # it is inlined, and under an eager `grad`, `jvp` or `vmap` JAX transforms and
 # compiles it as a whole (and caches it) instead of running it operation by operation.
-_solve_traced = eqx.filter_jit(_solve)
+_solve_jitted = eqx.filter_jit(_solve)
 
 
 def _public_signature(fn) -> inspect.Signature:
@@ -393,7 +393,7 @@ def solve(f, y0, ts, args=None, **options) -> Solution:
     f, y0, ts, args = (opts.pop(k) for k in ("f", "y0", "ts", "args"))
     if _any_abstract(f, y0, ts, args, opts["rtol"], opts["atol"], opts["dt0"]):
         # Inside a transformation: part of the caller's program.
-        return _solve_traced(f, y0, ts, args, **opts)
+        return _solve_jitted(f, y0, ts, args, **opts)
     # Called eagerly (a research script): one compiled program per problem
     # structure, reused by every later call with the same f, shapes and options;
     # the final status is checked here, in Python.
