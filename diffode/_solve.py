@@ -391,6 +391,10 @@ def solve(f, y0, ts, args=None, **options) -> Solution:
     bound.apply_defaults()
     opts = dict(bound.arguments)
     f, y0, ts, args = (opts.pop(k) for k in ("f", "y0", "ts", "args"))
+    # Static options of the jitted solve: neither may become a traced array.
+    opts["max_steps"] = check_max_steps(opts["max_steps"])  # a NumPy int is an array to filter_jit
+    if opts["jac_sparsity"] is not None and not isinstance(opts["jac_sparsity"], Sparsity):
+        opts["jac_sparsity"] = Sparsity(opts["jac_sparsity"])
     if _any_abstract(f, y0, ts, args, opts["rtol"], opts["atol"], opts["dt0"]):
         # Inside a transformation: part of the caller's program.
         return _solve_jitted(f, y0, ts, args, **opts)
@@ -401,9 +405,6 @@ def solve(f, y0, ts, args=None, **options) -> Solution:
         y0 = jtu.tree_map(jnp.asarray, y0)
     except TypeError:
         pass  # _solve's own check explains what is wrong with y0
-    opts["max_steps"] = check_max_steps(opts["max_steps"])  # a NumPy int must not become an array
-    if opts["jac_sparsity"] is not None and not isinstance(opts["jac_sparsity"], Sparsity):
-        opts["jac_sparsity"] = Sparsity(opts["jac_sparsity"])  # static data, not a traced array
     sol = _solve_compiled(f, y0, _KnownTimes(ts), args, **opts)
     if not opts["throw"]:
         return sol
