@@ -181,8 +181,9 @@ def stiff_problem(big_n: int):
     return y0, args, ts
 
 
-def stiff_case(big_n: int, solver_name: str) -> dict[str, Any]:
-    y0, args, ts = stiff_problem(big_n)
+def stiff_grad(solver_name: str, ts, wrt_y0: bool = False) -> Callable:
+    """``make(method)``: the jitted gradient of the stiff studies' loss with respect to
+    ``args`` (and ``y0`` with ``wrt_y0``)."""
     solver = getattr(diffode, solver_name)()
 
     def make(method):
@@ -190,27 +191,24 @@ def stiff_case(big_n: int, solver_name: str) -> dict[str, Any]:
             return jnp.sum(diffode.solve(brusselator, y0, ts, args, solver=solver, rtol=1e-6, atol=1e-8,
                                          sensitivity=method).ys ** 2)
 
-        return jax.jit(jax.grad(loss))
+        return jax.jit(jax.grad(loss, argnums=(0, 1) if wrt_y0 else 0))
 
+    return make
+
+
+def stiff_case(big_n: int, solver_name: str) -> dict[str, Any]:
+    y0, args, ts = stiff_problem(big_n)
+    make = stiff_grad(solver_name, ts)
     return dict(case=f"N={big_n}, {solver_name}", n=2 * big_n, p=3, batch=1, solver=solver_name, big_n=big_n,
                 make=make, args=(args, y0))
 
 
 def stiff_p_case(big_n: int, wrt: str, solver_name: str) -> dict[str, Any]:
     y0, args, ts = stiff_problem(big_n)
-    solver = getattr(diffode, solver_name)()
     if wrt == "field":
         args = (args[0] * jnp.ones(big_n), args[1], args[2])
     p = dict(params=3, field=big_n + 2, y0=2 * big_n + 3)[wrt]
-
-    def make(method):
-        def loss(args, y0):
-            return jnp.sum(diffode.solve(brusselator, y0, ts, args, solver=solver, rtol=1e-6, atol=1e-8,
-                                         sensitivity=method).ys ** 2)
-
-        grad = jax.grad(loss, argnums=(0, 1) if wrt == "y0" else 0)
-        return jax.jit(grad)
-
+    make = stiff_grad(solver_name, ts, wrt_y0=wrt == "y0")
     return dict(case=f"N={big_n}, {wrt}, {solver_name}", n=2 * big_n, p=p, batch=1, solver=solver_name,
                 big_n=big_n, wrt=wrt, make=make, args=(args, y0))
 
