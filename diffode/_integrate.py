@@ -19,7 +19,7 @@ from ._controller import PIDController, initial_step
 from ._regularisers import step_regularisers
 from ._solution import DenseOutput, Status
 from .solvers.base import AbstractSolver, FlatRHS, Tolerances
-from ._util import any_member, finite_filler, select, tree_select, under_vmap
+from ._util import any_member, finite_filler, select, show_progress, slowest, tree_select, vmap_size
 from ._validate import all_finite
 
 
@@ -106,6 +106,35 @@ def internal_rhs(f: Callable, args: PyTree, direction: Array | float, dtype, jac
     return FlatRHS(rhs_fn, jac_fn)
 
 
+def stop_times(tstops, direction, t0, t_end, tdtype) -> Array:
+    """The tstops in internal time, sorted, those outside the open span ``(t0, t_end)``
+    replaced by +inf, and one +inf after the last."""
+    s = direction * jnp.asarray(tstops, tdtype).reshape(-1)
+    s = jnp.where((s > t0) & (s < t_end), s, jnp.inf)
+    return jnp.concatenate([jnp.sort(s), jnp.full((1,), jnp.inf, tdtype)])
+
+
+def next_float(x: Array, towards) -> Array:
+    """The floating-point neighbour of ``x`` towards ``towards`` (``+inf`` or ``-inf``), with
+    the derivative of ``x`` itself (``jnp.nextafter`` has none)."""
+    sg = lax.stop_gradient(x)
+    nxt = jnp.nextafter(sg, jnp.asarray(towards, sg.dtype))
+    return jnp.where(jnp.isfinite(sg), x + (nxt - sg), nxt)
+
+
+def left_of(rhs: FlatRHS, stop: Array) -> FlatRHS:
+    """``rhs`` with time held below ``stop``: the stages of a step that ends on a tstop
+    evaluate the piece of ``f`` before it (its last stage, at ``t + h = stop``, at the
+    largest time below ``stop``), as if ``f`` were continued continuously up to it."""
+
+    def cap(s):
+        below = jnp.nextafter(lax.stop_gradient(stop).astype(s.dtype), jnp.asarray(-jnp.inf, s.dtype))
+        return jnp.minimum(s, below)
+
+    jac = None if rhs.jac_fn is None else (lambda s, y: rhs.jac_fn(cap(s), y))
+    return FlatRHS(lambda s, y: rhs.fn(cap(s), y), jac)
+
+
 class IntegrateOptions(NamedTuple):
     """Everything :func:`integrate` needs besides the problem (set up by ``solve``)."""
 
@@ -122,6 +151,9 @@ class IntegrateOptions(NamedTuple):
     throw: bool = True  # sensitivity methods: raise when a backward solve fails (else NaN)
     stop_after: Any = None  # an int32 scalar: stop once more steps than this are accepted
     regularise: bool = False  # also return the accepted steps' regularisers (explicit RK only)
+    batched: int = 0  # the size of a jax.vmap around `solve`, as seen where it was called (0: none)
+    tstops: Any = None  # times (user time) every step lands on, restarting the solver there
+    progress: bool = False  # report t through jax.debug.callback after every step
 
 
 def integrate(
@@ -195,7 +227,8 @@ def integrate(
     # The first failing check decides the status (nested selects: one fused kernel).
     checks = [
         (ts_ok, Status.TS_NOT_MONOTONIC),
-        (jnp.all(jnp.isfinite(y_flat)) & all_finite(args), Status.NONFINITE_INPUT),
+        (jnp.all(jnp.isfinite(y_flat)) & all_finite(args)
+         & (True if opts.tstops is None else jnp.all(jnp.isfinite(opts.tstops))), Status.NONFINITE_INPUT),
         (jnp.all(jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0))),
          Status.BAD_TOLERANCE),
         (jnp.all(jnp.isfinite(f0)), Status.NONFINITE_RHS),
@@ -246,7 +279,8 @@ def integrate(
     # buffer (see "The loop" in docs/design.md); under vmap one loop takes the
     # steps and saves after each, so that members are not held to each other's
     # save times.
-    by_steps = under_vmap(y_flat, ts_t, args, f0, [x for x in jtu.tree_leaves(opts) if isinstance(x, jax.Array)])
+    by_steps = bool(opts.batched) or bool(vmap_size(
+        y_flat, ts_t, args, f0, [x for x in jtu.tree_leaves(opts) if isinstance(x, jax.Array)]))
     n_last = 0 if by_steps else 3  # p_t, p_h, 1 / p_h
 
     def pack(t, h, memory, last=()) -> Array:
@@ -264,7 +298,20 @@ def integrate(
     def y_state(c):
         return (c["y"][0], c["y"][1]) if stacked else (c["y"], c["state"])
 
-    h_start = h0 if fixed else land(t0, h0, t_end)
+    # Known discontinuities (tstops): sorted in internal time, those outside (t0, t_end)
+    # dropped (as +inf), one +inf after the last. `j` in the carry indexes the next one.
+    has_stops = opts.tstops is not None
+    if has_stops:
+        s_stops = stop_times(opts.tstops, direction, t0, t_end, tdtype)
+
+    def next_stop(j):
+        return lax.dynamic_index_in_dim(s_stops, j, keepdims=False, allow_negative_indices=False)
+
+    def end_of_run(j):
+        """Where the steps from the current point must land: the next tstop or t_end."""
+        return jnp.minimum(t_end, next_stop(j)) if has_stops else t_end
+
+    h_start = h0 if fixed else land(t0, h0, end_of_run(0))
     carry = dict(
         # Adaptive steps land on t_end: each step is landed as soon as it is
         # proposed, in the kernel that packs the scalars (landing it at the start
@@ -275,6 +322,8 @@ def integrate(
         counters=counters,
         **(dict(y=pair0) if stacked else dict(y=y_flat, state=state0)),
     )
+    if has_stops:
+        carry["j"] = i32(0)
     if opts.regularise:
         if not stacked or fixed:
             raise ValueError("regularise=True needs an adaptive explicit Runge-Kutta solver (such as Tsit5)")
@@ -314,8 +363,12 @@ def integrate(
         t, memory = s.t, s.memory
         y, state = y_state(c)
         stop = target_of(c["i"]) if fixed else t_end
+        if has_stops:
+            nxt = next_stop(c["j"])
+            stop = select(nxt < stop, nxt, stop)  # a save time equal to a tstop stays the stop (its derivative)
         h_try = land(t, s.h, stop) if fixed else s.h
-        res = solver.step(rhs, t, y, h_try.astype(dtype), state, tol)
+        res = solver.step(left_of(rhs, next_stop(c["j"])) if has_stops else rhs, t, y, h_try.astype(dtype), state,
+                          tol)
         ok = jnp.asarray(res.ok, bool)
         if fixed:
             finite = jnp.all(jnp.isfinite(res.y1)) & ok
@@ -330,7 +383,14 @@ def integrate(
             accept = accept & active
         # The step landed on stop exactly when h_try == stop - t (else h_try < stop - t).
         t_new = select(accept, select(h_try == stop - t, stop, t + h_try), t)
-        h_next = h_prop if fixed else land(t_new, h_prop, t_end)
+        j_new = None
+        if has_stops:
+            # Landed on a tstop: the next step starts afresh (solver state and
+            # controller memory), and the one after lands on the following tstop.
+            on_stop = accept & (t_new == next_stop(c["j"]))
+            j_new = c["j"] + on_stop.astype(jnp.int32)
+            memory = tree_select(on_stop, controller.init(dtype), memory)
+        h_next = h_prop if fixed else land(t_new, h_prop, t_end if j_new is None else end_of_run(j_new))
         scalars = pack(t_new, h_next, memory, () if by_steps else (t, h_try))
         if active is not True:
             scalars = select(active, scalars, c["scalars"])
@@ -359,8 +419,22 @@ def integrate(
                 status = select(at_min & (status == Status.SUCCESS), Status.DT_MIN_REACHED, status)
         out_of_steps = (c["counters"][1] + 1 >= max_steps) & (s_new.t < t_end) & (status == Status.SUCCESS)
         status = select(out_of_steps, Status.MAX_STEPS_REACHED, status)
+        restart_fevals = 0
+        if has_stops:
+            nfev = []
+
+            def fresh():
+                # f just after the tstop: the piece that starts there, whichever side
+                # of it the user's f assigns the tstop itself to.
+                after = next_float(t_new, jnp.inf)
+                state, k = solver.restart(rhs, after, res.y1, res.state)
+                nfev.append(k)
+                return state
+
+            res = res._replace(state=lax.cond(on_stop, fresh, lambda: res.state))
+            restart_fevals = on_stop.astype(jnp.int32) * nfev[0]
         increments = jnp.stack(
-            [i32(0), i32(1), accept.astype(jnp.int32), (~accept).astype(jnp.int32), i32(res.num_fevals)]
+            [i32(0), i32(1), accept.astype(jnp.int32), (~accept).astype(jnp.int32), i32(res.num_fevals) + restart_fevals]
             + [i32(res.counts[k]) for k in solver.stat_names]
         )
         if active is not True:
@@ -372,6 +446,10 @@ def integrate(
         else:
             new = dict(y=select(accept, res.y1, y), state=tree_select(accept, res.state, res.rejected_state))
         new.update(scalars=scalars, counters=c["counters"].at[0].set(jnp.asarray(status, jnp.int32)) + increments)
+        if has_stops:
+            new["j"] = j_new if active is True else select(active, j_new, c["j"])
+        if opts.progress:
+            jax.debug.callback(show_progress, slowest(s_new.t), t0, t_end, direction)
         if opts.regularise:
             reg = step_regularisers(y, res.y1, res.y_error, state, res.state, h_try, rtol, atol)
             new["reg"] = c["reg"] + select(accept, reg, jnp.zeros_like(reg))
@@ -386,13 +464,22 @@ def integrate(
             )
         return new, (accept, t, h_try, y, res.y1, res.dense, t_new)
 
+    def at_step_end(target, t1, y1, interp_at):
+        """The save at ``target`` when a step ends there: ``y1``. When that end is a tstop
+        (the step's size did not depend on ``target``), its derivative with respect to
+        ``target`` is the step's interpolant's, as for any other save."""
+        if not has_stops:
+            return y1
+        along = interp_at(target) - lax.stop_gradient(interp_at(target))
+        return y1 + select(jnp.any(s_stops == t1), along, jnp.zeros_like(along))
+
     # Both loops start at ts[0], whose save is y0 itself.
     if by_steps:
         out, ys = _save_after_each_step(carry, y_flat, n_ts, dtype, interpolating, solver, target_of, going, t_end,
-                                        attempt)
+                                        attempt, at_step_end)
     else:
         out, ys = _steps_between_saves(carry, y_flat, n_ts, dtype, interpolating, solver, target_of, going, unpack,
-                                       y_state, attempt)
+                                       y_state, attempt, at_step_end)
     pieces = None
     if dense:
         p = out["pieces"]
@@ -405,7 +492,8 @@ def integrate(
     return outs
 
 
-def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, unpack, y_state, attempt):
+def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, unpack, y_state, attempt,
+                         at_step_end):
     """The loop outside vmap: an outer loop over the save times, and an inner one that
     takes steps until the last accepted step covers the next save time.
 
@@ -439,7 +527,10 @@ def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_o
             theta = ((target - p_t) * p_h_inv).astype(dtype)
             p_y = y_state(dict(c, y=c["p_y"]))[0]
             val = solver.interpolate(p_h.astype(dtype), p_y, y, c["p_dense"], theta)
-            val = select(target == s.t, y, val)
+            sg = lax.stop_gradient
+            frozen = lambda tg: solver.interpolate(  # noqa: E731
+                sg(p_h).astype(dtype), sg(p_y), sg(y), sg(c["p_dense"]), ((tg - sg(p_t)) * sg(p_h_inv)).astype(dtype))
+            val = select(target == s.t, at_step_end(target, s.t, y, frozen), val)
         val = select(s.t >= target, val, jnp.nan)  # not reached after a failure
         return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0, allow_negative_indices=False), c
 
@@ -450,7 +541,8 @@ def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_o
     return out, ys
 
 
-def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, t_end, attempt):
+def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, t_end, attempt,
+                          at_step_end):
     """The loop under vmap: one loop over steps; after each accepted step an inner loop
     saves every save time the step covers, from the step's interpolant.
 
@@ -481,7 +573,10 @@ def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_
             i, ys = iy
             target = target_of(i)
             val = solver.interpolate(h.astype(dtype), y, y1, dense_data, ((target - t) * h_inv).astype(dtype))
-            return write(i, ys, select(target == t_new, y1, val))
+            sg = lax.stop_gradient
+            frozen = lambda tg: solver.interpolate(  # noqa: E731
+                sg(h).astype(dtype), sg(y), sg(y1), sg(dense_data), ((tg - sg(t)) * sg(h_inv)).astype(dtype))
+            return write(i, ys, select(target == t_new, at_step_end(target, t_new, y1, frozen), val))
 
         return lax.while_loop(lambda iy: any_member(due(iy[0])), body, (i, ys))
 

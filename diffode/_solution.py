@@ -46,7 +46,7 @@ MESSAGES: dict[int, str] = {
     ),
     Status.DT_MIN_REACHED: "A step at the controller's dtmin was rejected.",
     Status.TS_NOT_MONOTONIC: "ts must be strictly increasing or strictly decreasing (and finite).",
-    Status.NONFINITE_INPUT: "y0 or args contains NaN or inf.",
+    Status.NONFINITE_INPUT: "y0, args or tstops contains NaN or inf.",
     Status.BAD_TOLERANCE: "rtol and atol must be finite and non-negative, and not both zero.",
     Status.RHS_STRUCTURE_MISMATCH: (
         "f(t, y, args) must return a pytree with the same structure and leaf "

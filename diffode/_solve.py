@@ -23,7 +23,7 @@ from .solvers.explicit_rk import Tsit5
 from ._integrate import IntegrateOptions, integrate, known_value, time_direction
 from ._solution import MESSAGE_LIST, MESSAGES, Solution, Stats, Status
 from .solvers.base import AbstractSolver
-from ._util import raise_on_failure
+from ._util import raise_on_failure, vmap_size
 from .solvers.colouring import Sparsity
 from .solvers.linear import GMRES, LU
 from .solvers.structured import SparseLU
@@ -72,7 +72,10 @@ def _solve(
     throw: bool = True,
     dense: bool = False,
     regularise: bool = False,
+    tstops: ArrayLike | None = None,
+    progress: bool = False,
     final_check: bool = True,  # private: False leaves the final status check to the caller
+    batched: int = 0,  # private: the size of a jax.vmap around the call (see `solve`)
 ) -> Solution:
     """Solve ``dy/dt = f(t, y, args)`` from ``ts[0]`` to ``ts[-1]``, saving at every ``ts``.
 
@@ -127,6 +130,19 @@ def _solve(
             ICML 2021). Needs an adaptive explicit Runge-Kutta solver; differentiated
             as :class:`Direct` does (``sensitivity`` must be ``None``, ``Auto`` or
             ``Direct``).
+        tstops: times where ``f`` is discontinuous (a forcing that switches, a
+            dosing time): every step lands exactly on each of them and the solver
+            restarts there (a fresh ``f(t, y)`` instead of the carried one, the
+            step-size controller's memory cleared), as SUNDIALS' ``tstop`` and
+            ``tstops`` of DifferentialEquations.jl do, so that the solution keeps the
+            solver's order across them. A 1-D array in the units of ``ts``; entries
+            outside the open span of ``ts`` are ignored; they are not differentiated
+            (they are constants of the problem, like the discontinuities of ``f``).
+            Works with every solver, sensitivity method and transformation.
+        progress: show the progress of the solve, ``t`` against the span, on
+            standard error while it runs (also under ``jit`` and ``vmap``, through
+            ``jax.debug.callback``; under ``vmap`` the slowest member's ``t``). It does
+            not change results or derivatives; off (the default) it costs nothing.
 
     Returns:
         A :class:`Solution`.
@@ -208,6 +224,7 @@ def _solve(
     opts = IntegrateOptions(
         solver=solver, controller=controller, rtol=rtol, atol=atol, dt0=dt0, fixed=fixed, max_steps=max_steps,
         dense=dense, jac=jac_flat if jac is not None else coloured_jac if sparsity is not None else None, throw=throw,
+        batched=batched, tstops=_check_tstops(tstops, tdtype), progress=bool(progress),
     )
     method = Auto() if sensitivity is None else sensitivity
     if regularise:
@@ -255,6 +272,19 @@ def _sparse_default(solver: AbstractSolver, sparsity: Sparsity) -> AbstractSolve
     else:
         return solver
     return eqx.tree_at(lambda s: s.linear_solver, solver, new)
+
+
+def _check_tstops(tstops, tdtype):
+    """``tstops`` as a 1-D array of the solve's time dtype (not differentiated), or ``None``."""
+    if tstops is None:
+        return None
+    try:
+        arr = jnp.asarray(tstops)
+    except TypeError as e:
+        raise TypeError(f"tstops must be a 1-D array of times, got {type(tstops).__name__}") from e
+    if arr.ndim > 1 or not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+        raise ValueError(f"tstops must be a 1-D array of real times, got shape {arr.shape} and dtype {arr.dtype}")
+    return lax.stop_gradient(arr.reshape(-1).astype(tdtype))
 
 
 def _check_regularise(solver, fixed: bool, method) -> None:
@@ -377,9 +407,9 @@ _solve_jitted = eqx.filter_jit(_solve)
 
 
 def _public_signature(fn) -> inspect.Signature:
-    """``fn``'s signature without its private ``final_check`` flag."""
+    """``fn``'s signature without its private flags (``final_check``, ``batched``)."""
     sig = inspect.signature(fn)
-    return sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "final_check"])
+    return sig.replace(parameters=[p for n, p in sig.parameters.items() if n not in ("final_check", "batched")])
 
 
 _SIGNATURE = _public_signature(_solve)
@@ -396,8 +426,12 @@ def solve(f, y0, ts, args=None, **options) -> Solution:
     if opts["jac_sparsity"] is not None and not isinstance(opts["jac_sparsity"], Sparsity):
         opts["jac_sparsity"] = Sparsity(opts["jac_sparsity"])
     if _any_abstract(f, y0, ts, args, opts["rtol"], opts["atol"], opts["dt0"]):
-        # Inside a transformation: part of the caller's program.
-        return _solve_jitted(f, y0, ts, args, **opts)
+        # Inside a transformation: part of the caller's program. A vmap around
+        # this call is visible here but not inside the jitted solve (JAX traces
+        # it unbatched and batches the traced program), so it is passed on: the
+        # loop takes its batched form (see "The loop" in docs/design.md).
+        batched = vmap_size(f, y0, ts, args, opts["rtol"], opts["atol"], opts["dt0"])
+        return _solve_jitted(f, y0, ts, args, batched=batched, **opts)
     # Called eagerly (a research script): one compiled program per problem
     # structure, reused by every later call with the same f, shapes and options;
     # the final status is checked here, in Python.

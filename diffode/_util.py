@@ -134,17 +134,61 @@ def _any_member_vmap(axis_size, in_batched, pred):
     return (jnp.any(pred) if batched else pred), False
 
 
-def under_vmap(*trees) -> bool:
-    """Whether any array in ``trees`` is batched by a ``jax.vmap`` being traced.
+@custom_vmap
+def slowest(t):
+    """``t`` itself; under ``jax.vmap``, the batch's smallest ``t`` (unbatched): where the
+    slowest member of a batch of solves is."""
+    return t
+
+
+@slowest.def_vmap
+def _slowest_vmap(axis_size, in_batched, t):
+    (batched,) = in_batched
+    return (jnp.min(t) if batched else t), False
+
+
+class _Progress:
+    """The progress line of ``solve(..., progress=True)`` on standard error, redrawn at most
+    every 0.1 s, and once more (with a newline) when a solve reaches its end."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def __call__(self, t, t0, t_end, direction):
+        import sys
+        import time
+
+        t, t0, t_end = float(t), float(t0), float(t_end)
+        done = t >= t_end
+        now = time.monotonic()
+        if not done and now - self.last < 0.1:
+            return
+        self.last = now
+        frac = 1.0 if t_end == t0 else min(max((t - t0) / (t_end - t0), 0.0), 1.0)
+        bar = "#" * int(30 * frac)
+        sign = float(direction)
+        sys.stderr.write(f"\rdiffode [{bar:<30}] {100 * frac:5.1f}%  t = {sign * t:.6g} of {sign * t_end:.6g}"
+                         + ("\n" if done else ""))
+        sys.stderr.flush()
+
+
+#: The host-side callback of the progress meter.
+show_progress = _Progress()
+
+
+def vmap_size(*trees) -> int:
+    """The size of the ``jax.vmap`` being traced that batches an array in ``trees``; 0 when none does.
 
     Decided at trace time: a probe (``custom_vmap``) whose batching rule JAX calls
-    while it traces the vmap, and only then. Used to pick the loop structure
-    that suits a batch; when the rule is not called (nothing batched) the
-    unbatched structure is used, which is correct under vmap too.
+    while it traces the vmap, and only then, with the batch's size (the innermost
+    vmap's, when several are nested). Used to pick the loop structure that suits
+    a batch; when the rule is not called (nothing batched, or a ``jit`` between
+    the vmap and this call, which JAX traces unbatched) the unbatched structure is
+    used, which is correct under vmap too.
     """
     leaves = [x for x in jtu.tree_leaves(trees) if isinstance(x, jax.Array)]
     if not leaves:
-        return False
+        return 0
     seen = []
 
     @custom_vmap
@@ -153,8 +197,10 @@ def under_vmap(*trees) -> bool:
 
     @probe.def_vmap
     def _rule(axis_size, in_batched, xs):
-        seen.append(True)
+        seen.append(int(axis_size))
         return xs[0], in_batched[0][0]
 
-    probe(leaves)
-    return bool(seen)
+    # Not differentiated: the probe has no derivative rule, and it answers the same
+    # question of the values themselves.
+    probe([jax.lax.stop_gradient(x) for x in leaves])
+    return seen[0] if seen else 0

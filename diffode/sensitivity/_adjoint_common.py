@@ -31,7 +31,7 @@ from jaxtyping import Array, PyTree
 from .._integrate import IntegrateOptions
 from .._solution import MESSAGES, Status
 from .._util import raise_on_failure
-from ._base import AbstractSensitivity, combine, keep_present, loop_tangent, nan_if, prob_times
+from ._base import AbstractSensitivity, combine, keep_present, loop_tangent, nan_if, prob_times, save_slopes
 
 
 class SemiNorm(eqx.Module):
@@ -113,7 +113,7 @@ class AbstractAdjoint(AbstractSensitivity):
         ts_bar = None
         if x_struct[1] is not None:
             args = prob.args(params)
-            fs = jax.vmap(lambda t, y: prob.f(t, y, args))(ts_, ys)
+            fs = save_slopes(prob.f, ts_, ys, args, prob.opts.tstops)
             ts_bar = jnp.sum(ys_bar * fs, axis=1)
             ts_bar = ts_bar.at[0].set(-jnp.dot(lam, fs[0])).astype(ts_.dtype)
         _, unravel_p = ravel_pytree(params)

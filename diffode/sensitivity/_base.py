@@ -28,6 +28,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, PyTree
 
+from .._integrate import next_float
 from .._solution import MESSAGE_LIST
 from .._util import failure_scale as status_scale, float0_zeros
 from ._linear_map import LinearOp, linear_map, tree_vdot
@@ -98,6 +99,16 @@ class AbstractSensitivity(eqx.Module):
     def check(self, prob: Problem) -> None:
         """Raise at trace time when the method cannot differentiate this problem."""
 
+    def record(self, loop: Loop, prob: Problem, y0: Array, ts: Array | None, params: PyTree):
+        """Optionally the forward solve together with what the reverse rule needs of it:
+        ``(ys, counters, meta, rec)``, ``rec`` a pytree of arrays and ``meta`` a hashable
+        description of it. :meth:`cotangent` and :meth:`cotangent_batched` then get
+        ``cache=(meta, rec)`` and need not solve forward again. ``rec`` is a value, never
+        differentiated: a rule that is itself differentiated (forward over reverse)
+        must differentiate its inputs, not ``rec``. ``None`` (the default): the
+        reverse rule gets no cache."""
+        return None
+
     def fused_jvp(self, loop: Loop, prob: Problem, primals: tuple, x: tuple):
         """Optionally ``(ys, counters, dys)`` at once, with ``dys`` written in operations JAX
         transposes itself (and the primal from differentiable solves, so that nesting
@@ -132,9 +143,18 @@ def _nonzero(t):
 
 
 def custom_solve_jvp(primal: Callable, prob: Problem, rule: Callable, y0, ts, params):
-    """``primal(prob, y0, ts, params)`` as a ``jax.custom_jvp`` whose rule is
-    ``rule(prob, y0, ts, params, x, primal_call)`` with the input tangents ``x`` of
-    :func:`tangent_inputs`; ``primal_call(y0, ts, params)`` calls the custom function again.
+    """``primal(prob, y0, ts, params, None)`` as a ``jax.custom_jvp`` whose rule is
+    ``rule(prob, y0, ts, params, x, primal_call, cache, meta)`` with the input tangents ``x``
+    of :func:`tangent_inputs`.
+
+    ``primal_call(y0, ts, params, cache=None, meta=None)`` calls the custom function
+    again, so that nested forward differentiation applies the rule once more.
+    ``cache`` (a pytree of arrays, or ``None``) is what a rule already computed from
+    the primal inputs (the saved states, and a record of the solve): the primal of
+    that call is then ``primal(prob, y0, ts, params, cache)``, which need not solve
+    again, and the rules of the nested call get ``cache`` and ``meta`` (a static
+    description of the cache) back. A cache is never differentiated: its tangents
+    are dropped.
 
     The problem's JAX arrays (:func:`split_problem`) are arguments of the custom
     function, not values its rule closes over: they may be tracers of a ``jit``
@@ -144,49 +164,73 @@ def custom_solve_jvp(primal: Callable, prob: Problem, rule: Callable, y0, ts, pa
     """
     arrays, static = split_problem(prob)
     whole = lambda arrays_: eqx.combine(arrays_, static)  # noqa: E731
-    if ts is None:
-        core = jax.custom_jvp(lambda y0, params, arrays: primal(whole(arrays), y0, None, params))
-        call = lambda y0, ts, params, arrays: core(y0, params, arrays)  # noqa: E731
-    else:
-        core = jax.custom_jvp(lambda y0, ts, params, arrays: primal(whole(arrays), y0, ts, params))
-        call = core
 
-    def jvp(primals, tangents):
+    def make(meta):
         if ts is None:
-            (y0, params, arrays), (dy0, dparams, _) = primals, tangents
-            ts_, dts = None, None
+            core = jax.custom_jvp(lambda y0, params, arrays, cache: primal(whole(arrays), y0, None, params, cache))
+            call = lambda y0, ts, params, arrays, cache: core(y0, params, arrays, cache)  # noqa: E731
         else:
-            (y0, ts_, params, arrays), (dy0, dts, dparams, _) = primals, tangents
-        again = lambda y0, ts, params: call(y0, ts, params, arrays)  # noqa: E731
-        return rule(whole(arrays), y0, ts_, params, tangent_inputs(dy0, dts, dparams), again)
+            core = jax.custom_jvp(lambda y0, ts, params, arrays, cache: primal(whole(arrays), y0, ts, params, cache))
+            call = core
 
-    core.defjvp(jvp, symbolic_zeros=True)
-    return call(y0, ts, params, arrays)
+        def jvp(primals, tangents):
+            if ts is None:
+                (y0, params, arrays, cache), (dy0, dparams, _, _) = primals, tangents
+                ts_, dts = None, None
+            else:
+                (y0, ts_, params, arrays, cache), (dy0, dts, dparams, _, _) = primals, tangents
+
+            def again(y0, ts, params, cache_=None, meta_=None):
+                return make(meta_)(y0, ts, params, arrays, cache_)
+
+            return rule(whole(arrays), y0, ts_, params, tangent_inputs(dy0, dts, dparams), again, cache, meta)
+
+        core.defjvp(jvp, symbolic_zeros=True)
+        return call
+
+    return make(None)(y0, ts, params, arrays, None)
 
 
 def differentiable_solve(method: AbstractSensitivity, loop: Loop, prob: Problem, y0, ts, params):
     """``loop``'s ``(ys, counters)`` with ``method``'s derivative (see the module docstring)."""
 
-    def primal(prob, y0, ts, params):
+    def primal(prob, y0, ts, params, cache):
+        if cache is not None:
+            return cache[0], cache[1]
         ys, counters, _ = loop(prob.f, y0, prob_times(prob, ts), prob.args(params), prob.opts)
         return ys, counters
 
-    def rule(prob, y0, ts, params, x, primal_call):
+    def rule(prob, y0, ts, params, x, primal_call, cache, meta):
         fused = method.fused_jvp(loop, prob, (y0, ts, params), x) if jtu.tree_leaves(x) else None
         if fused is not None:
             ys, counters, dys = fused
         else:
-            # The primal through the custom rule again, so that nested forward
-            # differentiation applies this rule once more.
-            ys, counters = primal_call(y0, ts, params)
             if not jtu.tree_leaves(x):
+                ys, counters = primal_call(y0, ts, params, cache, meta)
                 return (ys, counters), (jnp.zeros_like(ys), float0_zeros(counters))
+            if cache is None:
+                # The forward solve together with the method's record of it, so that
+                # the reverse pass need not solve again. Nothing differentiates it:
+                # the primal call below gives the saved states their derivative.
+                made = method.record(loop, *_frozen((prob, y0, ts, params)))
+                if made is not None:
+                    ys_c, counters_c, meta, rec = made
+                    cache = (ys_c, counters_c, rec)
+            # The primal through the custom rule again, so that nested forward
+            # differentiation applies this rule once more (with the same cache).
+            ys, counters = primal_call(y0, ts, params, cache, meta)
             arrays, prob_static = split_problem(prob)
-            op = SolveOp(method, loop, prob_static, jtu.tree_map(lambda _: True, x))
-            dys = linear_map(op, (y0, ts, params, ys, arrays), x)
+            op = SolveOp(method, loop, prob_static, jtu.tree_map(lambda _: True, x), meta)
+            r = (y0, ts, params, ys) + (() if cache is None else (cache[2],)) + (arrays,)
+            dys = linear_map(op, r, x)
         return (ys, counters), (dys * failure_scale(counters, prob.opts.throw, ys.dtype), float0_zeros(counters))
 
     return custom_solve_jvp(primal, prob, rule, y0, ts, params)
+
+
+def _frozen(tree):
+    """``tree`` with ``lax.stop_gradient`` on every array leaf."""
+    return jtu.tree_map(lambda v: jax.lax.stop_gradient(v) if eqx.is_array(v) else v, tree)
 
 
 def tangent_inputs(dy0, dts, dparams) -> tuple:
@@ -230,26 +274,48 @@ def zero_cotangent(x):
 
 
 class SolveOp(ProblemOp):
-    """The tangent of a solve as a :class:`LinearOp`, from a method's two rules."""
+    """The tangent of a solve as a :class:`LinearOp`, from a method's two rules.
 
-    def __init__(self, method: AbstractSensitivity, loop: Loop, prob_static: Problem, x_struct):
-        self.method, self.loop, self.prob_static, self.x_struct = method, loop, prob_static, x_struct
+    The residuals are ``(y0, ts, params, ys, arrays)``, or with a record of the
+    forward solve (``meta`` not ``None``, see :meth:`AbstractSensitivity.record`)
+    ``(y0, ts, params, ys, rec, arrays)``; the reverse rule gets
+    ``cache=(meta, rec)``.
+    """
+
+    def __init__(self, method: AbstractSensitivity, loop: Loop, prob_static: Problem, x_struct, meta=None):
+        self.method, self.loop, self.prob_static, self.x_struct, self.meta = method, loop, prob_static, x_struct, meta
+
+    def _cache_kw(self, r) -> dict:
+        return {} if self.meta is None else dict(cache=(self.meta, r[4]))
+
+    def unpack(self, r) -> tuple[tuple, Problem]:
+        """``(y0, ts, params, ys)`` and the whole problem."""
+        return tuple(r[:4]), eqx.combine(r[-1], self.prob_static)
 
     def apply(self, r, x):
-        r, prob = self.unpack(r)
-        return self.method.tangent(self.loop, prob, r, x)
+        core, prob = self.unpack(r)
+        return self.method.tangent(self.loop, prob, core, x)
 
     def transpose(self, r, y):
-        r, prob = self.unpack(r)
-        return self.method.cotangent(self.loop, prob, r, y, self.x_struct)
+        core, prob = self.unpack(r)
+        return self.method.cotangent(self.loop, prob, core, y, self.x_struct, **self._cache_kw(r))
 
     def transpose_batched(self, r, y, r_axes, x_axes, size):
-        return self.method.cotangent_batched(self.loop, self.prob_static, r, y, self.x_struct, r_axes, x_axes, size)
+        if self.meta is None:
+            return self.method.cotangent_batched(self.loop, self.prob_static, r, y, self.x_struct, r_axes, x_axes,
+                                                 size)
+        # The record travels batched along its own axes: put the batch first.
+        rec = jtu.tree_map(lambda v, ax: jnp.broadcast_to(v, (size,) + jnp.shape(v)) if ax is None
+                           else jnp.moveaxis(v, ax, 0), r[4], r_axes[4])
+        drop = lambda t: tuple(t[:4]) + (t[5],)  # noqa: E731
+        return self.method.cotangent_batched(self.loop, self.prob_static, drop(r), y, self.x_struct, drop(r_axes),
+                                             x_axes, size, cache=(self.meta, rec))
 
     def vjp_res(self, r, x, c):
         core, prob = self.unpack(r)
         grad = jax.grad(lambda r_: tree_vdot(c, variational_tangent(self.method, self.loop, prob, r_, x)))(core)
-        return (*grad, jtu.tree_map(zero_cotangent, r[-1]))
+        # The record is a function of (y0, ts, params), differentiated through them.
+        return (*grad, *[jtu.tree_map(zero_cotangent, v) for v in r[4:]])
 
     def out_struct(self, r, x):
         ys = r[3]
@@ -312,13 +378,28 @@ def variational_tangent(method: AbstractSensitivity, loop: Loop, prob: Problem, 
         s0 = s0 - f(ts_[0], y0, args) * dts[0]
     aug = Problem(variational_rhs(f, prob.static, n), None, prob.opts._replace(jac=None, dense=False), prob.known_ts)
     zs, _ = method.apply(loop, aug, jnp.concatenate([y0, s0.astype(y0.dtype)]), ts, (params, fill_zeros(dparams, params)))
-    return zs[:, n:] if dts is None else add_time_shift(zs[:, n:], f, ts_, zs[:, :n], args, dts)
+    return zs[:, n:] if dts is None else add_time_shift(zs[:, n:], f, ts_, zs[:, :n], args, dts, prob.opts.tstops)
 
 
-def add_time_shift(dys: Array, f: Callable, ts: Array, ys: Array, args, dts: Array) -> Array:
-    """``dys + f(ts[i], ys[i]) dts[i]`` at every save: moving a save time moves along the trajectory."""
-    fs = jax.vmap(f, in_axes=(0, 0, None))(ts, ys, args)
+def add_time_shift(dys: Array, f: Callable, ts: Array, ys: Array, args, dts: Array, tstops=None) -> Array:
+    """``dys + f(ts[i], ys[i]) dts[i]`` at every save: moving a save time moves along the trajectory
+    (:func:`save_slopes`)."""
+    fs = save_slopes(f, ts, ys, args, tstops)
     return dys + fs * dts[:, None].astype(fs.dtype)
+
+
+def save_slopes(f: Callable, ts: Array, ys: Array, args, tstops=None) -> Array:
+    """``f(ts[i], ys[i], args)`` for every save: the derivative of the solution along time
+    there. At a save time that is one of ``tstops`` (where ``f`` may jump) it is the
+    one-sided derivative from the side the solve comes from (``f`` just before it in the
+    direction of integration), which is what the solver's steps, ending there,
+    integrate; every sensitivity method gives this one."""
+    ts = jnp.asarray(ts)
+    if tstops is not None:
+        direction = jnp.sign(ts[-1] - ts[0]).astype(ts.dtype)
+        at_stop = jnp.any(ts[:, None] == jnp.asarray(tstops, ts.dtype)[None, :], axis=1)
+        ts = jnp.where(at_stop, jnp.where(direction > 0, next_float(ts, -jnp.inf), next_float(ts, jnp.inf)), ts)
+    return jax.vmap(f, in_axes=(0, 0, None))(ts, ys, args)
 
 
 def _zeros_like(v) -> Array:

@@ -94,6 +94,16 @@ class _Transposed(LinearOp):
     def out_struct(self, r, y):
         return self.x_struct
 
+    def apply_batched(self, r, y, r_axes, y_axes, size):
+        """The batch of ``A(r_b)^T y_b``, one per member, from the op's own batched transpose
+        (``None`` where it has none)."""
+        batched = getattr(self.op, "transpose_batched", None)
+        if batched is None:
+            return None
+        # Every member's cotangent is its own: batched along 0, never summed.
+        per_member = jtu.tree_map(lambda s: 0, self.x_struct)
+        return batched(r, y, r_axes, per_member, size)
+
 
 class _ResidualDerivative(LinearOp):
     """``dr -> (dA(r)/dr . dr) x``: residual ``(r, x)``, linear argument ``dr``."""
@@ -139,6 +149,12 @@ class _Batched(LinearOp):
         return jax.vmap(fn, in_axes=in_axes, out_axes=0, axis_size=self.size)
 
     def apply(self, r, x):
+        # An op may apply itself to the whole batch (``apply_batched``: a transposed
+        # op whose transpose takes the batch at once).
+        batched = getattr(self.op, "apply_batched", None)
+        out = None if batched is None else batched(r, x, self.r_axes, self.x_axes, self.size)
+        if out is not None:
+            return out
         return self._vmap(self.op.apply, (self.r_axes, self.x_axes))(r, x)
 
     def transpose(self, r, y):

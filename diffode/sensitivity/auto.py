@@ -107,9 +107,12 @@ class Auto(AbstractSensitivity):
 
     # Reached only where ``choose`` did not pick ForwardSensitivity (whose fused rule
     # replaces these).
-    def cotangent(self, loop, prob, r, ys_bar, x_struct):
-        return self._adjoint(prob.opts.solver).cotangent(loop, prob, r, ys_bar, x_struct)
+    def record(self, loop, prob, y0, ts, params):
+        return self._adjoint(prob.opts.solver).record(loop, prob, y0, ts, params)
 
-    def cotangent_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size):
+    def cotangent(self, loop, prob, r, ys_bar, x_struct, **cache):
+        return self._adjoint(prob.opts.solver).cotangent(loop, prob, r, ys_bar, x_struct, **cache)
+
+    def cotangent_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size, **cache):
         method = self._adjoint(prob_static.opts.solver)
-        return method.cotangent_batched(loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size)
+        return method.cotangent_batched(loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size, **cache)

@@ -25,13 +25,13 @@ from jax import lax
 
 from ..solvers.explicit_rk import ExplicitRK
 from ..solvers.sdirk import SDIRK
-from .._integrate import internal_rhs, time_direction
+from .._integrate import internal_rhs, left_of, next_float, stop_times, time_direction
 from ..solvers.radau import Radau5
 from ..solvers.rosenbrock import Rosenbrock
 from .._solution import DenseOutput, Status
 from .._regularisers import step_regularisers
 from ..solvers.base import Tolerances
-from .._util import float0_zeros, select
+from .._util import float0_zeros, select, vmap_size
 from ._base import (
     AbstractSensitivity,
     combine,
@@ -74,6 +74,10 @@ class _Recorder:
 
     def dense_zeros(self, y0):
         return self.solver.dense_zeros(y0)
+
+    def restart(self, f, t0, y0, state):
+        inner, nfev = self.solver.restart(f, t0, y0, state[0])
+        return (inner,) + tuple(state[1:]), nfev
 
     def interpolate(self, h, y0, y1, dense, theta):
         return self.solver.interpolate(h, y0, y1, dense, theta)
@@ -160,9 +164,9 @@ class Direct(AbstractSensitivity):
     to rounding error; both approximate (to the order of the solver's error) the
     derivative of the exact ODE solution.
 
-    The reverse pass first re-runs the forward solve, recording the accepted
-    steps' times and sizes and the states (all of them, or checkpoints), then
-    runs back through them.
+    The forward solve of a gradient records the accepted steps' times and sizes
+    and the states (all of them, or checkpoints); the reverse pass runs back
+    through that record without solving forward again (:meth:`record`).
 
     Args:
         checkpoints: how many states the reverse pass stores.
@@ -235,12 +239,30 @@ class Direct(AbstractSensitivity):
     def tangent(self, loop, prob, r, x):
         return loop_tangent(loop, prob, r, x)
 
-    def cotangent(self, loop, prob, r, ys_bar, x_struct):
-        y0, ts, params, _ = r
-        return keep_present(x_struct, _replay(self, loop, prob, y0, ts, params, ys_bar))
+    def record(self, loop, prob, y0, ts, params):
+        """The forward solve with its record in the layout the reverse pass reads:
+        :func:`plan`'s for one solve, or under ``jax.vmap`` the window of each
+        member's last steps that :func:`replay_batched` reads."""
+        opts = prob.opts
+        size = opts.batched or vmap_size(y0, ts, params)
+        ts_ = prob_times(prob, ts)
+        if size:
+            ring = _ring_rows(opts.max_steps, size, y0.shape[-1], y0.dtype, jnp.result_type(ts_))
+            if self.memory_budget is not None and ring * (y0.shape[-1] * y0.dtype.itemsize + 16) > self.memory_budget:
+                return None
+            layout, meta = Layout(1, ring), ("ring", ring)
+        else:
+            layout = record_layout("Direct", self.checkpoints, self.memory_budget, y0, ts_, opts)
+            meta = ("full", layout)
+        ys, counters, bufs = record(layout, loop, prob.f, y0, ts_, prob.args(params), opts, ring=bool(size))
+        return ys, counters, meta, (counters, bufs)
 
-    def cotangent_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size):
-        return replay_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size)
+    def cotangent(self, loop, prob, r, ys_bar, x_struct, cache=None):
+        y0, ts, params, _ = r
+        return keep_present(x_struct, _replay(self, loop, prob, y0, ts, params, ys_bar, cache=cache))
+
+    def cotangent_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size, cache=None):
+        return replay_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size, cache=cache)
 
 
 def stored_states(method: Direct, max_steps: int, state_bytes: int = 8, time_bytes: int = 8) -> int:
@@ -401,16 +423,34 @@ def step_function(prob, y0, ts) -> Callable:
     dtype = y0.dtype
     tol = Tolerances.for_state(opts.rtol, opts.atol, opts.controller.norm, y0)
 
+    s_stops = None if opts.tstops is None else tstop_times(opts, ts)
+
     def step(t, y, h, a):
         rhs = internal_rhs(f, combine(a, static), direction, dtype, opts.jac)
-        state = solver.init(rhs, t, y, rhs(t, y))
-        res = solver.step(rhs, t, y, h.astype(dtype), state, tol)
+        if s_stops is None:
+            state = solver.init(rhs, t, y, rhs(t, y))
+            step_rhs = rhs
+        else:
+            # As in the loop: a step from a tstop starts with f just after it, and the
+            # stages of a step stay below the next tstop.
+            t_init = jnp.where(jnp.any(s_stops == t), next_float(t, jnp.inf), t)
+            state = solver.init(rhs, t_init, y, rhs(t_init, y))
+            step_rhs = left_of(rhs, jnp.min(jnp.where(s_stops > t, s_stops, jnp.inf)))
+        res = solver.step(step_rhs, t, y, h.astype(dtype), state, tol)
         if opts.regularise:
             reg = step_regularisers(y, res.y1, res.y_error, state, res.state, h, tol.rtol, tol.atol)
             return res.y1, res.dense, reg
         return res.y1, res.dense
 
     return step
+
+
+def tstop_times(opts, ts) -> jax.Array:
+    """The loop's tstops (:func:`~diffode._integrate.stop_times`) for a solve saving at ``ts``."""
+    ts = jnp.asarray(ts)
+    direction = time_direction(ts)
+    s_ts = direction * ts
+    return stop_times(opts.tstops, direction, s_ts[0], s_ts[-1], ts.dtype)
 
 
 def run_back(layout: Layout, num, y_buf, step: Callable, back_step: Callable, c: tuple) -> tuple:
@@ -509,13 +549,15 @@ def _interp(solver, dtype):
     return interp
 
 
-def _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc):
+def _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop=False):
     """Add the cotangents of the saves that step ``[t, t1]`` covers, last first.
 
     ``sc = (i, y_b, y1_b, d_b, t_b, h_b, s_bar)``: the next save index (counting
     down), the cotangents of the step's start, end, interpolation data, start
     time and size, and of the internal save times; returned updated. A save at
-    the step's end point is the end state itself, not interpolated.
+    the step's end point is the end state itself, not interpolated; when that end
+    is a tstop (``end_on_stop``), the save time's cotangent is still the
+    interpolant's (as the loop's save there is differentiated).
     """
 
     def save_cond(sc):
@@ -530,19 +572,20 @@ def _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc):
         exact = s == t1
         z = lambda v: select(exact, jnp.zeros_like(v), v)  # noqa: E731
         return (i - 1, y_b + z(yb), y1_b + select(exact, g, y1b), d_b + z(db), t_b + z(tb), h_b + z(hb),
-                s_b.at[i].add(z(sb)))
+                s_b.at[i].add(select(exact & ~end_on_stop, jnp.zeros_like(sb), sb)))
 
     return lax.while_loop(save_cond, save_body, sc)
 
 
-def _time_cotangents(fixed, s_ts, num, k, i, t1, t_b, hb_total, tb, t_bar, s_bar):
+def _time_cotangents(fixed, s_ts, num, k, i, t1, t_b, hb_total, tb, t_bar, s_bar, s_stops=None):
     """The cotangents of step ``k``'s start time and of the save times after its own.
 
     The step that reaches a stop lands on it: ``h = stop - t`` depends on both;
     otherwise ``t_{k+1} = t_k + h_k`` with ``h_k`` a constant of the scheme. ``i``
     is the save index before the step's saves were run back (with fixed steps,
-    the save the step lands on). Returns ``(t_bar, s_bar)``, ``t_bar`` now the
-    cotangent of ``t_k``.
+    the save the step lands on). A step that lands on a tstop (``s_stops``, not
+    differentiated) has ``h = tstop - t_k`` and ends at a constant. Returns
+    ``(t_bar, s_bar)``, ``t_bar`` now the cotangent of ``t_k``.
     """
     if fixed:
         j = i
@@ -552,28 +595,63 @@ def _time_cotangents(fixed, s_ts, num, k, i, t1, t_b, hb_total, tb, t_bar, s_bar
         lands = k == num - 1
     zero_t = jnp.zeros((), t_b.dtype)
     t_new = t_b + tb + select(lands, -hb_total, t_bar)
+    if s_stops is not None:
+        on_stop = jnp.any(s_stops == t1) & ~lands
+        t_new = select(on_stop, t_b + tb - hb_total, t_new)
     return t_new, s_bar.at[j].add(select(lands, hb_total + t_bar, zero_t))
 
 
-def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=None):
+def _reused(value, compute: Callable, inputs: tuple):
+    """``value``, which equals ``compute(*inputs)``, as it is; differentiated (forward mode)
+    as ``compute``, which runs again with the tangents.
+
+    A reverse pass reads the record its forward solve kept (``value``) instead of
+    solving again; differentiating that reverse pass (forward over reverse) needs
+    the record's dependence on the inputs, which the kept value does not carry.
+    """
+
+    @jax.custom_jvp
+    def kept(inputs, value):
+        return value
+
+    @kept.defjvp
+    def kept_jvp(primals, tangents):
+        return jax.jvp(lambda i: compute(*i), (primals[0],), (tangents[0],))
+
+    return kept(inputs, value)
+
+
+def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=None, cache=None):
     """``(dy0, dts, dparams)`` for the cotangent ``ys_bar``: the recorded steps, run backwards.
 
     ``pieces_bar`` (optional) holds cotangents of the dense output's rows
     ``(t_start, h, y0, y1, data)``: row ``k`` is accepted step ``k``. ``reg_bar``
     (optional) is the cotangent of the regularisers (``prob.opts.regularise``),
-    a sum of one term per accepted step.
+    a sum of one term per accepted step. ``cache`` (optional): the record the
+    forward solve kept (:meth:`Direct.record`); without it, or in another layout,
+    the forward solve runs again to record its steps.
     """
-    static, f, opts = prob.static, prob.f, prob.opts
+    opts = prob.opts
     ts_given = ts
     ts = prob.known_ts if ts is None else ts
     layout = record_layout("Direct", method.checkpoints, method.memory_budget, y0, ts, opts)
-    counters, (t_buf, h_buf, y_buf) = record(layout, loop, f, y0, ts, combine(diff, static), opts)[1:]
+    arrays, prob_static = split_problem(prob)
+
+    def rerun(y0, ts, diff, arrays):
+        p = eqx.combine(arrays, prob_static)
+        return record(layout, loop, p.f, y0, prob_times(p, ts), p.args(diff), p.opts)[1:]
+
+    if cache is not None and cache[0] == ("full", layout):
+        counters, (t_buf, h_buf, y_buf) = _reused(cache[1], rerun, (y0, ts_given, diff, arrays))
+    else:
+        counters, (t_buf, h_buf, y_buf) = rerun(y0, ts_given, diff, arrays)
     ts = jnp.asarray(ts)
     dtype, tdtype = y0.dtype, ts.dtype
     direction = time_direction(ts)
     s_ts = direction * ts
     num = counters[2]  # accepted steps
     step_map = step_function(prob._replace(opts=opts._replace(regularise=reg_bar is not None)), y0, ts)
+    s_stops = None if opts.tstops is None else tstop_times(opts, ts)
     interp = _interp(opts.solver, dtype)
 
     def t_next(k):
@@ -590,9 +668,11 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
         if pieces_bar is not None:
             pb = [lax.dynamic_index_in_dim(v, k, keepdims=False) for v in pieces_bar]
             sc = (i, pb[2].astype(dtype), y_bar + pb[3], pb[4], pb[0].astype(tdtype), pb[1].astype(tdtype), s_bar)
-        i_next, y_b, y1_b, d_b, t_b, h_b, s_bar = _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc)
+        end_on_stop = False if (s_stops is None or opts.fixed) else jnp.any(s_stops == t1)
+        i_next, y_b, y1_b, d_b, t_b, h_b, s_bar = _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc,
+                                                                   end_on_stop)
         tb, yb, hb, ab = vjp_step((y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),)))
-        t_bar, s_bar = _time_cotangents(opts.fixed, s_ts, num, k, i, t1, t_b, h_b + hb, tb, t_bar, s_bar)
+        t_bar, s_bar = _time_cotangents(opts.fixed, s_ts, num, k, i, t1, t_b, h_b + hb, tb, t_bar, s_bar, s_stops)
         return (i_next, y_b + yb, t_bar, jtu.tree_map(jnp.add, a_bar, ab), s_bar)
 
     zero_t = jnp.zeros((), tdtype)
@@ -627,6 +707,14 @@ def _window_steps(max_steps: int, size: int, row_bytes: int) -> int:
     return min(max_steps, max(least, min(most, WINDOW_BYTES // max(1, size * row_bytes))))
 
 
+def _ring_rows(max_steps: int, size: int, n: int, dtype, tdtype) -> int:
+    """Rows of each member's ring buffer in a batched reverse pass: the window
+    (:func:`_window_steps`), the start of the step after it, and the row a finished
+    member writes."""
+    row_bytes = n * jnp.dtype(dtype).itemsize + 2 * jnp.dtype(tdtype).itemsize
+    return _window_steps(max_steps, size, row_bytes) + 2
+
+
 def _shared_axes_match(r_axes, x_axes, x_struct) -> bool:
     """Whether every parameter with a tangent has a batched tangent exactly where its primal is batched."""
     ok = []
@@ -635,7 +723,8 @@ def _shared_axes_match(r_axes, x_axes, x_struct) -> bool:
     return all(ok)
 
 
-def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size: int, reg_bar=None):
+def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size: int, reg_bar=None,
+                   cache=None):
     """The reverse pass of a ``jax.vmap`` batch of solves, the batch explicit.
 
     Returns the batch's ``(dy0, dts, dparams)``: leaves batched along 0 where
@@ -651,7 +740,9 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
     by ``max_steps``): the reverse pass runs back through it; a member with more
     steps re-runs its forward solve, stopped ``W`` steps earlier, for each
     further window (``ceil(num / W)`` forward solves in all, one when every
-    member took at most ``W`` steps).
+    member took at most ``W`` steps). With ``cache`` (the ring the forward solve
+    kept, :meth:`Direct.record`, batched along 0) the first window is read from
+    it: ``ceil(num / W) - 1`` forward solves.
     """
     y0, ts, diff, _, arrays = r
     ax_y0, ax_ts, ax_diff, _, ax_arrays = r_axes
@@ -662,8 +753,12 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
     m_axes = (ax_arrays, ax_y0, ax_ts, ax_diff)
     n, dtype = y0.shape[0 if ax_y0 in (None, 1) else 1], y0.dtype
     tdtype = jnp.result_type(prob_static.known_ts if ts is None else ts)
-    width = _window_steps(opts.max_steps, size, n * dtype.itemsize + 2 * jnp.dtype(tdtype).itemsize)
-    ring = width + 2  # the window, the start of the step after it, and the row a finished member writes
+    kept = None
+    if cache is not None and cache[0][0] == "ring":
+        ring, kept = cache[0][1], cache[1]
+    else:
+        ring = _ring_rows(opts.max_steps, size, n, dtype, tdtype)
+    width = ring - 2
     if method.memory_budget is not None and ring * (n * dtype.itemsize + 16) > method.memory_budget:
         return None
 
@@ -683,15 +778,19 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
         return jnp.broadcast_to(direction, ()).astype(ts.dtype), direction * ts
 
     direction, s_ts = vm(times)(*members)  # (B,), (B, n_ts)
+    s_stops = None  # (B, number of tstops + 1)
+    if eqx.combine(arrays, prob_static).opts.tstops is not None:
+        s_stops = vm(lambda prob, y0, ts, diff: tstop_times(prob.opts, ts))(*members)
     interp = _interp(opts.solver, dtype)
     step_b = vm(lambda prob, y0, ts, diff, t, y, h: step_function(prob, y0, ts)(t, y, h, diff), 0, 0, 0)
     take = jax.vmap(lambda buf, k: lax.dynamic_index_in_dim(buf, k % ring, keepdims=False))
     col = lambda mask, v: mask.reshape((-1,) + (1,) * (v.ndim - 1))  # noqa: E731
 
-    def member_saves(s_ts, g, t, h, t1, y, y1, dense, i, y_bar, s_bar, active):
+    def member_saves(s_ts, g, t, h, t1, y, y1, dense, i, y_bar, s_bar, active, s_stops):
         zero_t = jnp.zeros((), s_ts.dtype)
         sc = (select(active, i, 0), jnp.zeros_like(y), y_bar, jnp.zeros_like(dense), zero_t, zero_t, s_bar)
-        out = _save_cotangents(interp, s_ts, g, t, h, t1, y, y1, dense, sc)
+        end_on_stop = False if (s_stops is None or opts.fixed) else jnp.any(s_stops == t1)
+        out = _save_cotangents(interp, s_ts, g, t, h, t1, y, y1, dense, sc, end_on_stop)
         return (select(active, out[0], i),) + tuple(out[1:])
 
     def window_back(buffers, num, lo, hi, t_hi, c):
@@ -706,11 +805,11 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
             t1 = jnp.where(kk + 1 >= hi, t_hi, take(t_buf, kk + 1))
             (y1, dense, *_), vjp_step = jax.vjp(lambda t, y, h, d: step_b(arrays, y0, ts, d, t, y, h), t, y, h, diff)
             i2, y_b, y1_b, d_b, t_b, h_b, s_bar2 = jax.vmap(member_saves)(
-                s_ts, ys_bar, t, h, t1, y, y1, dense, i, y_bar, s_bar, active)
+                s_ts, ys_bar, t, h, t1, y, y1, dense, i, y_bar, s_bar, active, s_stops)
             cts = (y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),))
             tb, yb, hb, ab = vjp_step(tuple(jnp.where(col(active, v), v, 0) for v in cts))
             t_bar2, s_bar2 = jax.vmap(functools.partial(_time_cotangents, opts.fixed))(
-                s_ts, num, kk, i, t1, t_b, h_b + hb, tb, t_bar, s_bar2)
+                s_ts, num, kk, i, t1, t_b, h_b + hb, tb, t_bar, s_bar2, s_stops)
             keep = lambda new, old: jnp.where(col(active, new), new, old)  # noqa: E731
             return (k - active.astype(k.dtype), i2, keep(y_b + yb, y_bar), keep(t_bar2, t_bar),
                     keep(s_bar2, s_bar), jtu.tree_map(jnp.add, a_bar, ab))
@@ -723,7 +822,13 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
         # start of the window replayed last (taking one step more, whose start
         # time ends the window).
         limit = jnp.where(first, opts.max_steps, hi)
-        counters, buffers = vm(rec, 0)(*members, limit)
+        if kept is None:
+            counters, buffers = vm(rec, 0)(*members, limit)
+        else:
+            whole = jnp.full((size,), opts.max_steps, jnp.int32)
+            counters, buffers = lax.cond(
+                first, lambda: _reused(kept, lambda *m: vm(rec, 0)(*m, whole), members),
+                lambda: vm(rec, 0)(*members, limit))
         num = jnp.where(first, counters[:, 2], num)
         status = jnp.where(first, counters[:, 0], status)
         hi = jnp.where(first, num, hi)
@@ -826,12 +931,12 @@ def direct_solve(method: Direct, loop, prob, y0, ts, params):
     opts = prob.opts
     outputs = _outputs(opts)
 
-    def primal(prob, y0, ts, params):
+    def primal(prob, y0, ts, params, cache):
         ys, counters, pieces, *reg = loop(prob.f, y0, prob_times(prob, ts), prob.args(params), prob.opts)
         num = pieces.num_pieces if opts.dense else counters[2]
         return outputs(ys, counters, pieces, *reg), counters, num
 
-    def rule(prob, y0, ts, params, x, primal_call):
+    def rule(prob, y0, ts, params, x, primal_call, cache, meta):
         outs, counters, num = primal_call(y0, ts, params)
         zero_out = (jtu.tree_map(jnp.zeros_like, outs), float0_zeros(counters), float0_zeros(num))
         if not jtu.tree_leaves(x):

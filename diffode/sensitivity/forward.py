@@ -171,5 +171,5 @@ class ForwardSensitivity(AbstractSensitivity):
         ys, S = zs[:, :n], zs[:, n:].reshape(zs.shape[0], k, n)
         dys = jnp.einsum("tkn,k->tn", S, jnp.concatenate(coeffs))
         if dts is not None:
-            dys = add_time_shift(dys, f, ts_, ys, args, dts)
+            dys = add_time_shift(dys, f, ts_, ys, args, dts, prob.opts.tstops)
         return ys, counters, dys

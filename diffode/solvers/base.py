@@ -174,6 +174,13 @@ class AbstractSolver(eqx.Module):
         """Initial solver state, given ``f0 = f(t0, y0)`` (already counted)."""
         raise NotImplementedError
 
+    def restart(self, f: FlatRHS, t0: Array, y0: Array, state: Any) -> tuple[Any, int]:
+        """``(state, num_fevals)``: the state for a step from ``(t0, y0)`` that starts afresh,
+        as after a discontinuity of ``f`` at ``t0`` (``solve(..., tstops=...)``): by default
+        :meth:`init` with a new ``f(t0, y0)`` (one evaluation), so that nothing carried from
+        before ``t0`` (a first-same-as-last derivative, Newton's starting values) is used."""
+        return self.init(f, t0, y0, f(t0, y0)), 1
+
     def step(self, f: FlatRHS, t0: Array, y0: Array, h: Array, state: Any, tol: Tolerances) -> StepResult:
         """One attempted step from ``(t0, y0)`` of size ``h``.
 

@@ -331,6 +331,9 @@ class Rosenbrock(AbstractTableauSolver):
     def init(self, f: FlatRHS, t0: Array, y0: Array, f0: Array) -> tuple:
         return ()
 
+    def restart(self, f: FlatRHS, t0: Array, y0: Array, state: tuple) -> tuple[tuple, int]:
+        return (), 0  # nothing is carried between steps
+
     def dense_zeros(self, y0: Array) -> Array:
         hi = self.tableau.h_interp
         return jnp.zeros((0 if hi is None else hi.shape[0],) + y0.shape, y0.dtype)
