@@ -30,6 +30,7 @@ from .sensitivity import (
 from ._regularisers import Regularisers
 from ._solution import MESSAGES, Solution, Stats, Status
 from ._solve import solve
+from ._events import Event
 from .solvers.base import AbstractSolver, FlatRHS, StepResult, Tolerances
 from .solvers.butcher import ButcherTableau
 from .steady import (
@@ -92,6 +93,7 @@ __all__ = [
     "Sparsity",
     "Stats",
     "Status",
+    "Event",
     "STEADY_STATE_MESSAGES",
     "steady_state",
     "SteadyState",

@@ -6,6 +6,7 @@ sensitivity method, which calls it for its forward (and backward) solves.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -154,6 +155,12 @@ class IntegrateOptions(NamedTuple):
     batched: int = 0  # the size of a jax.vmap around `solve`, as seen where it was called (0: none)
     tstops: Any = None  # times (user time) every step lands on, restarting the solver there
     progress: bool = False  # report t through jax.debug.callback after every step
+    # Terminal events, located but not differentiated (solve's first pass, see _events.py):
+    # ((cond(t, y, args), direction), ...); the loop stops at the first root and also
+    # returns its time (user time, inf if none) and index (-1 if none).
+    events: Any = None
+    t_stop: Any = None  # stop here (user time, not differentiated); saves after it are 0
+    repeated_ts: bool = False  # ts may repeat a value (non-decreasing rather than increasing)
 
 
 def integrate(
@@ -189,14 +196,20 @@ def integrate(
         # Save times known at trace time are checked and converted here, in
         # NumPy, rather than by the compiled program.
         s_ts = direction * known_ts
-        ts_ok = bool(np.all(np.isfinite(known_ts)) and np.all(s_ts[1:] > s_ts[:-1]))
+        ts_ok = bool(np.all(np.isfinite(known_ts)) and np.all(s_ts[1:] >= s_ts[:-1] if opts.repeated_ts
+                                                                else s_ts[1:] > s_ts[:-1]))
         s_ts = jnp.asarray(s_ts, tdtype)
     else:
         s_ts = direction * ts_t  # internal time always increases
-        ts_ok = jnp.all(jnp.isfinite(ts_t)) & jnp.all(s_ts[1:] > s_ts[:-1])
+        ts_ok = jnp.all(jnp.isfinite(ts_t)) & jnp.all(s_ts[1:] >= s_ts[:-1] if opts.repeated_ts
+                                                      else s_ts[1:] > s_ts[:-1])
     rhs = internal_rhs(f, args, direction, dtype, opts.jac)
 
     t0, t_end = s_ts[0], s_ts[-1]
+    # Where the steps end: t_end, or an earlier stop time (solve's second pass of a
+    # terminal event), which the last step lands on like t_end.
+    s_stop = None if opts.t_stop is None else direction * jnp.asarray(opts.t_stop, tdtype)
+    t_last = t_end if s_stop is None else jnp.minimum(t_end, s_stop)
 
     dt0_value = jnp.asarray(1.0 if dt0 is None else dt0, tdtype)
     # Inputs are checked at run time so that jit and throw=False work alike.
@@ -300,16 +313,27 @@ def integrate(
 
     # Known discontinuities (tstops): sorted in internal time, those outside (t0, t_end)
     # dropped (as +inf), one +inf after the last. `j` in the carry indexes the next one.
-    has_stops = opts.tstops is not None
+    # A stop time is one more (the last): the replay (direct.tstop_times) sees the same.
+    has_stops = opts.tstops is not None or opts.t_stop is not None
     if has_stops:
-        s_stops = stop_times(opts.tstops, direction, t0, t_end, tdtype)
+        stops = [] if opts.tstops is None else [jnp.asarray(opts.tstops, tdtype).reshape(-1)]
+        if opts.t_stop is not None:
+            stops.append(jnp.asarray(opts.t_stop, tdtype).reshape(-1))
+        s_stops = stop_times(jnp.concatenate(stops), direction, t0, t_end, tdtype)
 
     def next_stop(j):
         return lax.dynamic_index_in_dim(s_stops, j, keepdims=False, allow_negative_indices=False)
 
     def end_of_run(j):
         """Where the steps from the current point must land: the next tstop or t_end."""
-        return jnp.minimum(t_end, next_stop(j)) if has_stops else t_end
+        return jnp.minimum(t_last, next_stop(j)) if has_stops else t_last
+
+    has_events = opts.events is not None
+    if has_events:
+        user_t = lambda t: direction * t  # noqa: E731
+
+        def conds(t, y):
+            return jnp.stack([jnp.asarray(cond(user_t(t), y, args), dtype).reshape(()) for cond, _ in opts.events])
 
     h_start = h0 if fixed else land(t0, h0, end_of_run(0))
     carry = dict(
@@ -324,6 +348,8 @@ def integrate(
     )
     if has_stops:
         carry["j"] = i32(0)
+    if has_events:
+        carry.update(ev_c=conds(t0, y_flat), event=i32(-1), t_event=jnp.asarray(jnp.inf, tdtype))
     if opts.regularise:
         if not stacked or fixed:
             raise ValueError("regularise=True needs an adaptive explicit Runge-Kutta solver (such as Tsit5)")
@@ -348,7 +374,11 @@ def integrate(
 
     def going(c, t):
         n = c["counters"]
+        if s_stop is not None:
+            t = jnp.minimum(t, t_last)
         ok = (n[0] == Status.SUCCESS) & (n[1] < max_steps) & (unpack(c["scalars"])[0].t < t)
+        if has_events:
+            ok = ok & (c["event"] < 0)
         return ok if opts.stop_after is None else ok & (n[2] <= opts.stop_after)
 
     def attempt(c, active):
@@ -362,7 +392,9 @@ def integrate(
         s, _ = unpack(c["scalars"])
         t, memory = s.t, s.memory
         y, state = y_state(c)
-        stop = target_of(c["i"]) if fixed else t_end
+        stop = target_of(c["i"]) if fixed else t_last
+        if fixed and s_stop is not None:
+            stop = select(s_stop < stop, s_stop, stop)
         if has_stops:
             nxt = next_stop(c["j"])
             stop = select(nxt < stop, nxt, stop)  # a save time equal to a tstop stays the stop (its derivative)
@@ -390,7 +422,7 @@ def integrate(
             on_stop = accept & (t_new == next_stop(c["j"]))
             j_new = c["j"] + on_stop.astype(jnp.int32)
             memory = tree_select(on_stop, controller.init(dtype), memory)
-        h_next = h_prop if fixed else land(t_new, h_prop, t_end if j_new is None else end_of_run(j_new))
+        h_next = h_prop if fixed else land(t_new, h_prop, t_last if j_new is None else end_of_run(j_new))
         scalars = pack(t_new, h_next, memory, () if by_steps else (t, h_try))
         if active is not True:
             scalars = select(active, scalars, c["scalars"])
@@ -417,7 +449,7 @@ def integrate(
             if controller.dtmin is not None:
                 at_min = ~accept & (h_try <= controller.dtmin)
                 status = select(at_min & (status == Status.SUCCESS), Status.DT_MIN_REACHED, status)
-        out_of_steps = (c["counters"][1] + 1 >= max_steps) & (s_new.t < t_end) & (status == Status.SUCCESS)
+        out_of_steps = (c["counters"][1] + 1 >= max_steps) & (s_new.t < t_last) & (status == Status.SUCCESS)
         status = select(out_of_steps, Status.MAX_STEPS_REACHED, status)
         restart_fevals = 0
         if has_stops:
@@ -448,6 +480,8 @@ def integrate(
         new.update(scalars=scalars, counters=c["counters"].at[0].set(jnp.asarray(status, jnp.int32)) + increments)
         if has_stops:
             new["j"] = j_new if active is True else select(active, j_new, c["j"])
+        if has_events:
+            new.update(_detect(opts.events, conds, solver, c, accept, t, h_try, y, res, dtype))
         if opts.progress:
             jax.debug.callback(show_progress, slowest(s_new.t), t0, t_end, direction)
         if opts.regularise:
@@ -464,6 +498,12 @@ def integrate(
             )
         return new, (accept, t, h_try, y, res.y1, res.dense, t_new)
 
+    def unreached(target):
+        """A save the steps did not reach: NaN (a failure), or 0 beyond the stop time."""
+        if s_stop is None:
+            return jnp.asarray(jnp.nan, dtype)
+        return jnp.where(target > t_last, 0, jnp.nan).astype(dtype)
+
     def at_step_end(target, t1, y1, interp_at):
         """The save at ``target`` when a step ends there: ``y1``. When that end is a tstop
         (the step's size did not depend on ``target``), its derivative with respect to
@@ -476,10 +516,10 @@ def integrate(
     # Both loops start at ts[0], whose save is y0 itself.
     if by_steps:
         out, ys = _save_after_each_step(carry, y_flat, n_ts, dtype, interpolating, solver, target_of, going, t_end,
-                                        attempt, at_step_end)
+                                        attempt, at_step_end, jax.vmap(unreached)(s_ts))
     else:
         out, ys = _steps_between_saves(carry, y_flat, n_ts, dtype, interpolating, solver, target_of, going, unpack,
-                                       y_state, attempt, at_step_end)
+                                       y_state, attempt, at_step_end, unreached)
     pieces = None
     if dense:
         p = out["pieces"]
@@ -489,11 +529,13 @@ def integrate(
         outs += (y_state(out)[1],)
     if opts.regularise:
         outs += (out["reg"],)
+    if has_events:
+        outs += (direction * out["t_event"], out["event"])
     return outs
 
 
 def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, unpack, y_state, attempt,
-                         at_step_end):
+                         at_step_end, unreached):
     """The loop outside vmap: an outer loop over the save times, and an inner one that
     takes steps until the last accepted step covers the next save time.
 
@@ -531,7 +573,7 @@ def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_o
             frozen = lambda tg: solver.interpolate(  # noqa: E731
                 sg(p_h).astype(dtype), sg(p_y), sg(y), sg(c["p_dense"]), ((tg - sg(p_t)) * sg(p_h_inv)).astype(dtype))
             val = select(target == s.t, at_step_end(target, s.t, y, frozen), val)
-        val = select(s.t >= target, val, jnp.nan)  # not reached after a failure
+        val = select(s.t >= target, val, unreached(target))  # not reached after a failure
         return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0, allow_negative_indices=False), c
 
     # The buffer's initial value is never read (the first save is y0), so it can
@@ -542,7 +584,7 @@ def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_o
 
 
 def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, t_end, attempt,
-                          at_step_end):
+                          at_step_end, unreached):
     """The loop under vmap: one loop over steps; after each accepted step an inner loop
     saves every save time the step covers, from the step's interpolant.
 
@@ -553,7 +595,8 @@ def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_
     the dense output or a sensitivity method's step record). Returns the final
     carry and the saves.
     """
-    nan_ys = jnp.full((n_ts + 1,) + y0.shape, jnp.nan, dtype)
+    nan_ys = jnp.broadcast_to(jnp.concatenate([unreached, jnp.full((1,), jnp.nan, dtype)])[:, None],
+                              (n_ts + 1,) + y0.shape)
     carry = dict(carry, i=jnp.asarray(1, jnp.int32), ys=lax.dynamic_update_index_in_dim(nan_ys, y0, 0, 0))
 
     def save(i, ys, accept, t, h, y, y1, dense_data, t_new):
@@ -587,3 +630,52 @@ def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_
 
     out = lax.while_loop(lambda c: any_member(going(c, t_end)), step_body, carry)
     return out, out["ys"][:n_ts]
+
+
+def _crossed(before: Array, after: Array, direction: int) -> Array:
+    """Whether a function went from ``before`` to ``after`` through zero in ``direction``
+    (+1 rising, -1 falling, 0 either), as integration proceeds."""
+    rising = (before < 0) & (after >= 0)
+    falling = (before > 0) & (after <= 0)
+    return rising if direction > 0 else falling if direction < 0 else rising | falling
+
+
+#: Bisection steps that locate an event within a step: 2**-64 of the step, below the
+#: rounding of its time in any floating-point type.
+EVENT_BISECTIONS = 64
+
+
+def _detect(events, conds, solver, c, accept, t, h, y, res, dtype) -> dict:
+    """The event entries of the carry after an attempted step from ``(t, y)`` of size ``h``.
+
+    An event fires when its condition crosses zero (in its direction) between the
+    step's ends; its time is the root of the condition along the step's interpolant,
+    by bisection on ``theta`` in ``[0, 1]``, and the earliest one that fires wins.
+    """
+    after = conds(t + h, res.y1)
+    fired = [accept & _crossed(c["ev_c"][e], after[e], d) for e, (_, d) in enumerate(events)]
+
+    def root(e):
+        def g(theta):
+            return conds(t + theta * h, solver.interpolate(h.astype(dtype), y, res.y1, res.dense,
+                                                           theta.astype(dtype)))[e]
+
+        def body(_, lohi):
+            lo, hi = lohi
+            mid = (lo + hi) / 2
+            crossed = _crossed(c["ev_c"][e], g(mid), events[e][1])
+            return select(crossed, lo, mid), select(crossed, mid, hi)
+
+        zero, one = jnp.zeros((), t.dtype), jnp.ones((), t.dtype)
+        _, hi = lax.fori_loop(0, EVENT_BISECTIONS, body, (zero, one))
+        return t + hi * h
+
+    inf = jnp.asarray(jnp.inf, t.dtype)
+    times = jnp.stack([lax.cond(fired[e], lambda e=e: root(e), lambda: inf) for e in range(len(events))])
+    first = jnp.argmin(times).astype(jnp.int32)
+    any_fired = functools.reduce(jnp.logical_or, fired)
+    return dict(
+        ev_c=select(accept, after, c["ev_c"]),
+        event=select(any_fired & (c["event"] < 0), first, c["event"]),
+        t_event=select(any_fired & (c["event"] < 0), times[first], c["t_event"]),
+    )

@@ -149,6 +149,9 @@ class Solution(eqx.Module):
         status: 0 on success; see :class:`Status` and :attr:`message`.
         regularisers: with ``solve(..., regularise=True)``, the solver-heuristic
             regularisers (:class:`diffode.Regularisers`), else ``None``.
+        event_t, event_y, event_index: with ``solve(..., events=...)``, the time and
+            state where the solve stopped at an event and which event it was (NaN,
+            NaN and -1 when none fired); ``None`` without events.
     """
 
     ts: Array
@@ -159,6 +162,9 @@ class Solution(eqx.Module):
     regularisers: Any = None
     direction: Array | None = None
     unravel: Callable | None = eqx.field(static=True, default=None)
+    event_t: Array | None = None
+    event_y: PyTree = None
+    event_index: Array | None = None
 
     @property
     def success(self) -> Array:

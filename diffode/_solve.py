@@ -28,7 +28,8 @@ from .solvers.colouring import Sparsity
 from .solvers.linear import GMRES, LU
 from .solvers.structured import SparseLU
 from ._validate import check_max_steps, check_y0, rhs_structure_problem
-from .sensitivity import AbstractSensitivity, Auto, Direct, Problem, split_args
+from .sensitivity import AbstractSensitivity, Auto, BacksolveAdjoint, Direct, InterpolatingAdjoint, Problem, split_args
+from ._events import as_events, evented_solve, flat_conditions
 from .sensitivity.direct import direct_solve
 from ._regularisers import Regularisers
 from .solvers.explicit_rk import ExplicitRK
@@ -74,6 +75,7 @@ def _solve(
     regularise: bool = False,
     tstops: ArrayLike | None = None,
     progress: bool = False,
+    events: Any = None,
     final_check: bool = True,  # private: False leaves the final status check to the caller
     batched: int = 0,  # private: the size of a jax.vmap around the call (see `solve`)
 ) -> Solution:
@@ -139,6 +141,13 @@ def _solve(
             outside the open span of ``ts`` are ignored; they are not differentiated
             (they are constants of the problem, like the discontinuities of ``f``).
             Works with every solver, sensitivity method and transformation.
+        events: a terminal :class:`Event` or a sequence of them: the solve stops at the
+            first root of an event's condition (located on the solver's interpolant).
+            ``sol.event_t``, ``sol.event_y`` and ``sol.event_index`` report it (NaN,
+            NaN and -1 when none fired), and the entries of ``ys`` after it are NaN.
+            The event time and state are differentiated by the implicit function
+            theorem, with ``Direct`` or ``ForwardSensitivity`` (and ``Auto``); the
+            continuous adjoints raise. See ``docs/discontinuities.md``.
         progress: show the progress of the solve, ``t`` against the span, on
             standard error while it runs (also under ``jit`` and ``vmap``, through
             ``jax.debug.callback``; under ``vmap`` the slowest member's ``t``). It does
@@ -209,11 +218,11 @@ def _solve(
         return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(out)])
 
     def f_flat(t, y, a):
-        fc, _, args = a
+        fc, _, args, *_ = a
         return flatten(fc(lax.convert_element_type(t, tdtype), unravel(y), args))
 
     def jac_flat(t, y, a):
-        _, jc, args = a
+        _, jc, args, *_ = a
         return jnp.asarray(jc(lax.convert_element_type(t, tdtype), unravel(y), args), dtype)
 
     def coloured_jac(t, y, a):
@@ -230,7 +239,18 @@ def _solve(
     if regularise:
         _check_regularise(solver, fixed, method)
         opts = opts._replace(regularise=True)
-    params, static = split_args((fc, jc, args))
+    evs = None
+    if events is not None:
+        evs = as_events(events)
+        if dense or regularise:
+            raise NotImplementedError("events cannot be combined with dense=True or regularise=True yet")
+        # Each condition's closed-over arrays are explicit (and differentiated), as f's.
+        ecs = tuple(_explicit_inputs(e.cond_fn, t_ex, y0, args) for e in evs)
+        conds = flat_conditions(evs, unravel, lambda a, e: functools.partial(_call_cond, a[3][e], tdtype, a[2]))
+        method = _event_method(method, solver)
+        params, static = split_args((fc, jc, args, ecs))
+    else:
+        params, static = split_args((fc, jc, args))
     known_ts = known_value(ts_t)
     prob = Problem(f_flat, static, opts, known_ts)
     ts_arg = None if known_ts is not None else ts_t
@@ -241,6 +261,10 @@ def _solve(
             Direct(memory_budget=method.memory_budget) if isinstance(method, Auto) else Direct())
         ys, counters, pieces, reg = direct_solve(direct, integrate, prob, y_flat, ts_arg, params)
         reg = None if reg is None else Regularisers(reg[..., 0], reg[..., 1])
+    elif evs is not None:
+        ys, counters, event_t, event_y, event_index = evented_solve(
+            method, prob, y_flat, ts_arg, params, conds, lambda p, y0, ts, q: method.apply(integrate, p, y0, ts, q))
+        pieces = None
     else:
         ys, counters = method.apply(integrate, prob, y_flat, ts_arg, params)
         pieces = None
@@ -249,6 +273,9 @@ def _solve(
     status = counters[0]
     if throw and final_check:
         ys = raise_on_failure(ys, status, MESSAGE_LIST)
+    event = {}
+    if evs is not None:
+        event = dict(event_t=event_t.astype(ts_t.dtype), event_y=unravel(event_y), event_index=event_index)
     return Solution(
         ts=ts,
         ys=jax.vmap(unravel)(ys),
@@ -258,6 +285,7 @@ def _solve(
         regularisers=reg,
         direction=direction,
         unravel=unravel,
+        **event,
     )
 
 
@@ -272,6 +300,27 @@ def _sparse_default(solver: AbstractSolver, sparsity: Sparsity) -> AbstractSolve
     else:
         return solver
     return eqx.tree_at(lambda s: s.linear_solver, solver, new)
+
+
+def _call_cond(cond, tdtype, args, t, y):
+    """An event condition at user time ``t`` as a scalar of the state's dtype."""
+    out = jnp.asarray(cond(lax.convert_element_type(t, tdtype), y, args))
+    if out.size != 1:
+        raise ValueError(f"an Event's cond_fn must return a scalar, got shape {out.shape}")
+    return out.reshape(())
+
+
+def _event_method(method, solver):
+    """The sensitivity method a solve with events uses: the continuous adjoints run backwards
+    from ``ts[-1]`` and are not supported; ``Auto`` keeps its choice where that is not one."""
+    if isinstance(method, (BacksolveAdjoint, InterpolatingAdjoint)):
+        raise NotImplementedError(
+            f"{type(method).__name__} does not support events: its backward solve starts at ts[-1], past the "
+            "event. Use Direct or ForwardSensitivity (or Auto, which picks one of them with events)."
+        )
+    if isinstance(method, Auto) and not isinstance(method._adjoint(solver), Direct):
+        return Direct(memory_budget=method.memory_budget)
+    return method
 
 
 def _check_tstops(tstops, tdtype):

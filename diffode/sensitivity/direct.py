@@ -423,7 +423,7 @@ def step_function(prob, y0, ts) -> Callable:
     dtype = y0.dtype
     tol = Tolerances.for_state(opts.rtol, opts.atol, opts.controller.norm, y0)
 
-    s_stops = None if opts.tstops is None else tstop_times(opts, ts)
+    s_stops = tstop_times(opts, ts) if _has_stops(opts) else None
 
     def step(t, y, h, a):
         rhs = internal_rhs(f, combine(a, static), direction, dtype, opts.jac)
@@ -446,11 +446,26 @@ def step_function(prob, y0, ts) -> Callable:
 
 
 def tstop_times(opts, ts) -> jax.Array:
-    """The loop's tstops (:func:`~diffode._integrate.stop_times`) for a solve saving at ``ts``."""
+    """The times where the loop's steps land on a constant, in internal time: the tstops
+    (:func:`~diffode._integrate.stop_times`) and a stop time before ``ts[-1]``."""
     ts = jnp.asarray(ts)
     direction = time_direction(ts)
     s_ts = direction * ts
-    return stop_times(opts.tstops, direction, s_ts[0], s_ts[-1], ts.dtype)
+    stops = [] if opts.tstops is None else [jnp.asarray(opts.tstops, ts.dtype).reshape(-1)]
+    if opts.t_stop is not None:
+        stops.append(jnp.asarray(opts.t_stop, ts.dtype).reshape(-1))
+    return stop_times(jnp.concatenate(stops), direction, s_ts[0], s_ts[-1], ts.dtype)
+
+
+def _has_stops(opts) -> bool:
+    return opts.tstops is not None or opts.t_stop is not None
+
+
+def _t_last(opts, s_ts, direction):
+    """Where the steps end (internal time): ``ts[-1]``, or an earlier stop time."""
+    if opts.t_stop is None:
+        return s_ts[-1]
+    return jnp.minimum(s_ts[-1], direction * jnp.asarray(opts.t_stop, s_ts.dtype))
 
 
 def run_back(layout: Layout, num, y_buf, step: Callable, back_step: Callable, c: tuple) -> tuple:
@@ -592,7 +607,7 @@ def _time_cotangents(fixed, s_ts, num, k, i, t1, t_b, hb_total, tb, t_bar, s_bar
         lands = s_ts[i] == t1
     else:
         j = s_ts.shape[0] - 1
-        lands = k == num - 1
+        lands = (k == num - 1) & (t1 == s_ts[-1])
     zero_t = jnp.zeros((), t_b.dtype)
     t_new = t_b + tb + select(lands, -hb_total, t_bar)
     if s_stops is not None:
@@ -651,12 +666,13 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
     s_ts = direction * ts
     num = counters[2]  # accepted steps
     step_map = step_function(prob._replace(opts=opts._replace(regularise=reg_bar is not None)), y0, ts)
-    s_stops = None if opts.tstops is None else tstop_times(opts, ts)
+    s_stops = tstop_times(opts, ts) if _has_stops(opts) else None
+    t_last = _t_last(opts, s_ts, direction)
     interp = _interp(opts.solver, dtype)
 
     def t_next(k):
         # End of step k: the next step's start, or the final time for the last one.
-        return select(k + 1 >= num, s_ts[-1], lax.dynamic_index_in_dim(t_buf, k + 1, keepdims=False))
+        return select(k + 1 >= num, t_last, lax.dynamic_index_in_dim(t_buf, k + 1, keepdims=False))
 
     def back_step(k, y, c):
         """Cotangents through step k (start y) and the saves it covers."""
@@ -778,9 +794,11 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
         return jnp.broadcast_to(direction, ()).astype(ts.dtype), direction * ts
 
     direction, s_ts = vm(times)(*members)  # (B,), (B, n_ts)
-    s_stops = None  # (B, number of tstops + 1)
-    if eqx.combine(arrays, prob_static).opts.tstops is not None:
+    s_stops = None  # (B, number of stops + 1)
+    if _has_stops(eqx.combine(arrays, prob_static).opts):
         s_stops = vm(lambda prob, y0, ts, diff: tstop_times(prob.opts, ts))(*members)
+    t_last = vm(lambda prob, y0, ts, diff: _t_last(prob.opts, time_direction(jnp.asarray(ts)) * jnp.asarray(ts),
+                                                   time_direction(jnp.asarray(ts))))(*members)
     interp = _interp(opts.solver, dtype)
     step_b = vm(lambda prob, y0, ts, diff, t, y, h: step_function(prob, y0, ts)(t, y, h, diff), 0, 0, 0)
     take = jax.vmap(lambda buf, k: lax.dynamic_index_in_dim(buf, k % ring, keepdims=False))
@@ -833,7 +851,7 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
         status = jnp.where(first, counters[:, 0], status)
         hi = jnp.where(first, num, hi)
         lo = jnp.maximum(hi - width, 0)
-        t_hi = jnp.where(hi >= num, s_ts[:, -1], take(buffers[0], hi))
+        t_hi = jnp.where(hi >= num, t_last, take(buffers[0], hi))
         back = window_back(buffers, num, lo, hi, t_hi, back)
         return jnp.any(lo > 0), jnp.zeros((), bool), lo, num, status, back
 
