@@ -271,11 +271,14 @@ def _solve(
     direction = time_direction(ts_t)
     stat_names = _COUNTERS + solver.stat_names
     status = counters[0]
-    if throw and final_check:
-        ys = raise_on_failure(ys, status, MESSAGE_LIST)
     event = {}
     if evs is not None:
+        if throw and final_check:
+            # The check rides on every output a program may use alone.
+            ys, event_t, event_y = raise_on_failure((ys, event_t, event_y), status, MESSAGE_LIST)
         event = dict(event_t=event_t.astype(ts_t.dtype), event_y=unravel(event_y), event_index=event_index)
+    elif throw and final_check:
+        ys = raise_on_failure(ys, status, MESSAGE_LIST)
     return Solution(
         ts=ts,
         ys=jax.vmap(unravel)(ys),

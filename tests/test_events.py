@@ -128,3 +128,10 @@ def test_unsupported_raise_clearly():
         diffode.solve(fall, jnp.array([H, 0.0]), TS, G, events="ground")
     with pytest.raises(ValueError, match="direction"):
         diffode.Event(lambda t, y, a: y[0], direction=2)
+
+
+def test_failure_raises_when_only_the_event_time_is_used():
+    """Under jit a program that reads only sol.event_t still raises on a failed solve."""
+    with pytest.raises(Exception, match="max_steps"):
+        jax.jit(lambda h: drop(h, G, max_steps=2).event_t)(H)
+        jax.effects_barrier()
