@@ -3,9 +3,9 @@
 ``solve(..., events=Event(cond_fn))`` runs in two passes:
 
 1. *Locate* (not differentiated): the solve loop evaluates every event's condition
-   after each accepted step and, where one crossed zero, finds the root along the
-   step's interpolant by bisection (``_integrate._detect``). The earliest root
-   ``t*`` stops the loop.
+   after each accepted step and stops after the first step in which one crossed zero
+   (``_integrate._detect``); the root is then found along that step's interpolant by
+   bisection (``_integrate._locate``), the earliest among the events that crossed.
 2. *Solve to the event* (differentiated by the chosen sensitivity method): the
    same problem saving at ``ts`` with ``t*`` inserted, stopping at ``t*`` (the last
    step lands on it). The saves after ``t*`` come back NaN; the save at ``t*`` is

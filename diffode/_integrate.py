@@ -6,7 +6,6 @@ sensitivity method, which calls it for its forward (and backward) solves.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -349,7 +348,12 @@ def integrate(
     if has_stops:
         carry["j"] = i32(0)
     if has_events:
-        carry.update(ev_c=conds(t0, y_flat), event=i32(-1), t_event=jnp.asarray(jnp.inf, tdtype))
+        # The conditions at the current point, the event that fired (-1: none) and the
+        # step it fired in (start, size, end points, interpolation data, conditions at
+        # its start): the root is located after the loop, once.
+        c0 = conds(t0, y_flat)
+        carry.update(ev_c=c0, event=i32(-1), ev_step=(t0, jnp.zeros((), tdtype), y_flat, y_flat,
+                                                       solver.dense_zeros(y_flat), c0))
     if opts.regularise:
         if not stacked or fixed:
             raise ValueError("regularise=True needs an adaptive explicit Runge-Kutta solver (such as Tsit5)")
@@ -530,7 +534,8 @@ def integrate(
     if opts.regularise:
         outs += (out["reg"],)
     if has_events:
-        outs += (direction * out["t_event"], out["event"])
+        t_event, index = _locate(opts.events, conds, solver, out["event"], out["ev_step"], dtype)
+        outs += (direction * t_event, index)
     return outs
 
 
@@ -646,36 +651,43 @@ EVENT_BISECTIONS = 64
 
 
 def _detect(events, conds, solver, c, accept, t, h, y, res, dtype) -> dict:
-    """The event entries of the carry after an attempted step from ``(t, y)`` of size ``h``.
-
-    An event fires when its condition crosses zero (in its direction) between the
-    step's ends; its time is the root of the condition along the step's interpolant,
-    by bisection on ``theta`` in ``[0, 1]``, and the earliest one that fires wins.
-    """
+    """The event entries of the carry after an attempted step from ``(t, y)`` of size ``h``:
+    an event fires when its condition crosses zero (in its direction) between the step's
+    ends; the step it fired in is kept for :func:`_locate` (the lowest index if several
+    fired in one step: :func:`_locate` then takes the earliest root among them)."""
     after = conds(t + h, res.y1)
-    fired = [accept & _crossed(c["ev_c"][e], after[e], d) for e, (_, d) in enumerate(events)]
+    fired = jnp.stack([accept & _crossed(c["ev_c"][e], after[e], d) for e, (_, d) in enumerate(events)])
+    new_event = jnp.any(fired) & (c["event"] < 0)
+    step = (t, h, y, res.y1, res.dense, c["ev_c"])
+    return dict(
+        ev_c=select(accept, after, c["ev_c"]),
+        event=select(new_event, jnp.argmax(fired).astype(jnp.int32), c["event"]),
+        ev_step=jtu.tree_map(lambda new, old: select(new_event, new, old), step, c["ev_step"]),
+    )
+
+
+def _locate(events, conds, solver, event, step, dtype) -> tuple[Array, Array]:
+    """``(time, index)`` of the first root in the step where an event fired (internal time;
+    ``(+inf, -1)`` if none): bisection on ``theta`` in ``[0, 1]`` along the step's
+    interpolant, for every event that crossed in that step, the earliest root winning."""
+    t, h, y, y1, dense, before = step
+    after = conds(t + h, y1)
 
     def root(e):
         def g(theta):
-            return conds(t + theta * h, solver.interpolate(h.astype(dtype), y, res.y1, res.dense,
-                                                           theta.astype(dtype)))[e]
+            return conds(t + theta * h, solver.interpolate(h.astype(dtype), y, y1, dense, theta.astype(dtype)))[e]
 
         def body(_, lohi):
             lo, hi = lohi
             mid = (lo + hi) / 2
-            crossed = _crossed(c["ev_c"][e], g(mid), events[e][1])
+            crossed = _crossed(before[e], g(mid), events[e][1])
             return select(crossed, lo, mid), select(crossed, mid, hi)
 
         zero, one = jnp.zeros((), t.dtype), jnp.ones((), t.dtype)
         _, hi = lax.fori_loop(0, EVENT_BISECTIONS, body, (zero, one))
-        return t + hi * h
+        crossed = _crossed(before[e], after[e], events[e][1])
+        return select(crossed, t + hi * h, jnp.asarray(jnp.inf, t.dtype))
 
-    inf = jnp.asarray(jnp.inf, t.dtype)
-    times = jnp.stack([lax.cond(fired[e], lambda e=e: root(e), lambda: inf) for e in range(len(events))])
-    first = jnp.argmin(times).astype(jnp.int32)
-    any_fired = functools.reduce(jnp.logical_or, fired)
-    return dict(
-        ev_c=select(accept, after, c["ev_c"]),
-        event=select(any_fired & (c["event"] < 0), first, c["event"]),
-        t_event=select(any_fired & (c["event"] < 0), times[first], c["t_event"]),
-    )
+    roots = jnp.stack([root(e) for e in range(len(events))])
+    first = jnp.argmin(roots).astype(jnp.int32)
+    return select(event >= 0, roots[first], jnp.asarray(jnp.inf, t.dtype)), select(event >= 0, first, event)
