@@ -89,16 +89,21 @@ def flat_conditions(events: tuple[Event, ...], unravel: Callable, cond_of: Calla
     return tuple(((lambda t, y, a, e=e: cond_of(a, e)(t, unravel(y))), ev.direction) for e, ev in enumerate(events))
 
 
-def _insert(ts: jax.Array, t_star: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(ts2, k, before)``: ``ts`` with ``t_star`` inserted in order at index ``k`` (after
-    every save time strictly before it), and whether each save time is at or before it."""
+def _insert(ts: jax.Array, t_star: jax.Array) -> tuple[Callable, jax.Array, jax.Array]:
+    """``(insert, k, before)``: ``insert(v, x)`` puts ``x`` into the vector ``v`` (shaped like
+    ``ts``) at index ``k``, where ``t_star`` goes among the save times (after every one
+    strictly before it); ``before``: whether each save time is at or before it."""
     direction = time_direction(ts)
     s, s_star = direction * ts, direction * t_star
     n = ts.shape[0]
     k = jnp.sum(s < s_star).astype(jnp.int32)
     i = jnp.arange(n + 1)
     perm = jnp.where(i < k, i, jnp.where(i == k, n, i - 1))
-    return jnp.concatenate([ts, t_star[None].astype(ts.dtype)])[perm], k, s <= s_star
+
+    def insert(v, x):
+        return jnp.concatenate([v, jnp.reshape(x, (1,)).astype(v.dtype)])[perm]
+
+    return insert, k, s <= s_star
 
 
 def evented_solve(method, prob: Problem, y0, ts, params, conds: tuple, solve_to: Callable):
@@ -124,16 +129,15 @@ def evented_solve(method, prob: Problem, y0, ts, params, conds: tuple, solve_to:
 
     def outputs(prob, y0, ts, params, dy0=None, dts=None, dparams=None):
         t_star, index, status1 = locate(prob, y0, ts, params)
-        ts2, k, before = _insert(ts, t_star)
+        insert, k, before = _insert(ts, t_star)
+        ts2 = insert(ts, t_star)
         keep = jnp.arange(ts.shape[0]) + (jnp.arange(ts.shape[0]) >= k)  # the rows of ts in ts2
         prob2 = second_pass(prob, t_star)
         if dy0 is None:
             ys2, counters = solve_to(prob2, y0, ts2, params)
             dys2 = None
         else:
-            dts2 = jnp.concatenate([dts, jnp.zeros((1,), dts.dtype)])[
-                jnp.where(jnp.arange(ts2.shape[0]) < k, jnp.arange(ts2.shape[0]),
-                          jnp.where(jnp.arange(ts2.shape[0]) == k, ts.shape[0], jnp.arange(ts2.shape[0]) - 1))]
+            dts2 = insert(dts, 0)  # the event time is not differentiated in this pass
             (ys2, counters), (dys2, _) = jax.jvp(lambda y0_, ts2_, p_: solve_to(prob2, y0_, ts2_, p_),
                                                  (y0, ts2, params), (dy0, dts2, dparams))
         status = jnp.where(status1 != Status.SUCCESS, status1, counters[0])

@@ -114,6 +114,22 @@ def stop_times(tstops, direction, t0, t_end, tdtype) -> Array:
     return jnp.concatenate([jnp.sort(s), jnp.full((1,), jnp.inf, tdtype)])
 
 
+def landing_times(opts, direction, t0, t_end, tdtype) -> Array | None:
+    """Where steps land on a constant besides ``t_end`` (internal time, :func:`stop_times`'s
+    layout): the tstops and a stop time before ``t_end``; ``None`` when there are none."""
+    stops = [] if opts.tstops is None else [jnp.asarray(opts.tstops, tdtype).reshape(-1)]
+    if opts.t_stop is not None:
+        stops.append(jnp.asarray(opts.t_stop, tdtype).reshape(-1))
+    return stop_times(jnp.concatenate(stops), direction, t0, t_end, tdtype) if stops else None
+
+
+def last_time(opts, direction, t_end) -> Array:
+    """Where the steps end (internal time): ``t_end``, or an earlier stop time."""
+    if opts.t_stop is None:
+        return t_end
+    return jnp.minimum(t_end, direction * jnp.asarray(opts.t_stop, jnp.result_type(t_end)))
+
+
 def next_float(x: Array, towards) -> Array:
     """The floating-point neighbour of ``x`` towards ``towards`` (``+inf`` or ``-inf``), with
     the derivative of ``x`` itself (``jnp.nextafter`` has none)."""
@@ -208,7 +224,7 @@ def integrate(
     # Where the steps end: t_end, or an earlier stop time (solve's second pass of a
     # terminal event), which the last step lands on like t_end.
     s_stop = None if opts.t_stop is None else direction * jnp.asarray(opts.t_stop, tdtype)
-    t_last = t_end if s_stop is None else jnp.minimum(t_end, s_stop)
+    t_last = last_time(opts, direction, t_end)
 
     dt0_value = jnp.asarray(1.0 if dt0 is None else dt0, tdtype)
     # Inputs are checked at run time so that jit and throw=False work alike.
@@ -313,12 +329,8 @@ def integrate(
     # Known discontinuities (tstops): sorted in internal time, those outside (t0, t_end)
     # dropped (as +inf), one +inf after the last. `j` in the carry indexes the next one.
     # A stop time is one more (the last): the replay (direct.tstop_times) sees the same.
-    has_stops = opts.tstops is not None or opts.t_stop is not None
-    if has_stops:
-        stops = [] if opts.tstops is None else [jnp.asarray(opts.tstops, tdtype).reshape(-1)]
-        if opts.t_stop is not None:
-            stops.append(jnp.asarray(opts.t_stop, tdtype).reshape(-1))
-        s_stops = stop_times(jnp.concatenate(stops), direction, t0, t_end, tdtype)
+    s_stops = landing_times(opts, direction, t0, t_end, tdtype)
+    has_stops = s_stops is not None
 
     def next_stop(j):
         return lax.dynamic_index_in_dim(s_stops, j, keepdims=False, allow_negative_indices=False)

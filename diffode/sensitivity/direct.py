@@ -25,7 +25,7 @@ from jax import lax
 
 from ..solvers.explicit_rk import ExplicitRK
 from ..solvers.sdirk import SDIRK
-from .._integrate import internal_rhs, left_of, next_float, stop_times, time_direction
+from .._integrate import internal_rhs, landing_times, last_time, left_of, next_float, time_direction
 from ..solvers.radau import Radau5
 from ..solvers.rosenbrock import Rosenbrock
 from .._solution import DenseOutput, Status
@@ -423,7 +423,7 @@ def step_function(prob, y0, ts) -> Callable:
     dtype = y0.dtype
     tol = Tolerances.for_state(opts.rtol, opts.atol, opts.controller.norm, y0)
 
-    s_stops = tstop_times(opts, ts) if _has_stops(opts) else None
+    s_stops = tstop_times(opts, ts)
 
     def step(t, y, h, a):
         rhs = internal_rhs(f, combine(a, static), direction, dtype, opts.jac)
@@ -445,27 +445,12 @@ def step_function(prob, y0, ts) -> Callable:
     return step
 
 
-def tstop_times(opts, ts) -> jax.Array:
-    """The times where the loop's steps land on a constant, in internal time: the tstops
-    (:func:`~diffode._integrate.stop_times`) and a stop time before ``ts[-1]``."""
+def tstop_times(opts, ts) -> jax.Array | None:
+    """The loop's :func:`~diffode._integrate.landing_times` for a solve saving at ``ts``."""
     ts = jnp.asarray(ts)
     direction = time_direction(ts)
-    s_ts = direction * ts
-    stops = [] if opts.tstops is None else [jnp.asarray(opts.tstops, ts.dtype).reshape(-1)]
-    if opts.t_stop is not None:
-        stops.append(jnp.asarray(opts.t_stop, ts.dtype).reshape(-1))
-    return stop_times(jnp.concatenate(stops), direction, s_ts[0], s_ts[-1], ts.dtype)
+    return landing_times(opts, direction, direction * ts[0], direction * ts[-1], ts.dtype)
 
-
-def _has_stops(opts) -> bool:
-    return opts.tstops is not None or opts.t_stop is not None
-
-
-def _t_last(opts, s_ts, direction):
-    """Where the steps end (internal time): ``ts[-1]``, or an earlier stop time."""
-    if opts.t_stop is None:
-        return s_ts[-1]
-    return jnp.minimum(s_ts[-1], direction * jnp.asarray(opts.t_stop, s_ts.dtype))
 
 
 def run_back(layout: Layout, num, y_buf, step: Callable, back_step: Callable, c: tuple) -> tuple:
@@ -666,8 +651,8 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
     s_ts = direction * ts
     num = counters[2]  # accepted steps
     step_map = step_function(prob._replace(opts=opts._replace(regularise=reg_bar is not None)), y0, ts)
-    s_stops = tstop_times(opts, ts) if _has_stops(opts) else None
-    t_last = _t_last(opts, s_ts, direction)
+    s_stops = tstop_times(opts, ts)
+    t_last = last_time(opts, direction, s_ts[-1])
     interp = _interp(opts.solver, dtype)
 
     def t_next(k):
@@ -794,11 +779,9 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
         return jnp.broadcast_to(direction, ()).astype(ts.dtype), direction * ts
 
     direction, s_ts = vm(times)(*members)  # (B,), (B, n_ts)
-    s_stops = None  # (B, number of stops + 1)
-    if _has_stops(eqx.combine(arrays, prob_static).opts):
-        s_stops = vm(lambda prob, y0, ts, diff: tstop_times(prob.opts, ts))(*members)
-    t_last = vm(lambda prob, y0, ts, diff: _t_last(prob.opts, time_direction(jnp.asarray(ts)) * jnp.asarray(ts),
-                                                   time_direction(jnp.asarray(ts))))(*members)
+    s_stops = vm(lambda prob, y0, ts, diff: tstop_times(prob.opts, ts))(*members)  # (B, stops + 1) or None
+    t_last = vm(lambda prob, y0, ts, diff: last_time(prob.opts, time_direction(jnp.asarray(ts)),
+                                                     time_direction(jnp.asarray(ts)) * jnp.asarray(ts)[-1]))(*members)
     interp = _interp(opts.solver, dtype)
     step_b = vm(lambda prob, y0, ts, diff, t, y, h: step_function(prob, y0, ts)(t, y, h, diff), 0, 0, 0)
     take = jax.vmap(lambda buf, k: lax.dynamic_index_in_dim(buf, k % ring, keepdims=False))
