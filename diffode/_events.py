@@ -1,4 +1,8 @@
-"""Terminal events: the solve stops where a condition of the state crosses zero.
+"""Events: the solve stops, or the state jumps, where a condition crosses zero or at given times.
+
+Terminal condition events alone (:func:`evented_solve`) are one solve in two passes;
+events that change the state cut the span into segments of such solves
+(:func:`jump_solve`).
 
 ``solve(..., events=Event(cond_fn))`` runs in two passes:
 
@@ -20,7 +24,8 @@ of the hitting time in, for example, Chen, Amos and Nickel, "Learning neural
 event functions for ordinary differential equations", ICLR 2021). That rule is a
 ``jax.custom_jvp`` whose tangent is linear in the second pass's tangent, so JAX
 transposes it and reverse mode follows. The sensitivity methods that run
-backwards from ``ts[-1]`` (the continuous adjoints) are not supported.
+backwards from ``ts[-1]`` (the continuous adjoints) are not supported with condition
+events; segments between given times are plain solves, which every method handles.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
+from jaxtyping import Array
 
 from ._integrate import integrate, time_direction
 from ._solution import Status
@@ -40,19 +48,29 @@ from .sensitivity._base import custom_solve_jvp, fill_zeros, prob_times
 
 
 class Event(eqx.Module):
-    """Where a solve stops: a root of ``cond_fn(t, y, args)``.
+    """Something that happens during a solve: it stops the solve, or changes the state.
 
     Args:
         cond_fn: ``cond_fn(t, y, args) -> scalar``, with ``y`` the state in the
             structure of ``y0``. The event fires where it crosses zero, between two
             steps, located on the solver's interpolant to rounding precision.
-        times: not supported yet (raises): events at given times.
-        direction: ``+1`` fires only where ``cond_fn`` rises through zero as the
-            integration proceeds, ``-1`` only where it falls, ``0`` (the default)
-            both. A root at ``ts[0]`` itself does not fire.
-        terminal: must be ``True`` (the solve stops at the event); state changes at
-            events (``terminal=False`` with ``apply``) are not supported yet and raise.
-        apply: not supported yet (raises).
+        times: instead of ``cond_fn``, the times the event happens at (a 1-D array in
+            the units of ``ts``, any order; a dosing schedule). Times outside the
+            closed span of ``ts`` are ignored.
+        direction: with ``cond_fn``: ``+1`` fires only where ``cond_fn`` rises through
+            zero as the integration proceeds, ``-1`` only where it falls, ``0`` (the
+            default) both. A root at the start of the solve does not fire, nor does a
+            root of the condition that just fired where the solve restarts after it.
+        terminal: ``True`` (the default): the solve stops at the (first) event.
+            ``False``: the state jumps to ``apply(t, y, args)`` there and the solve
+            goes on.
+        apply: with ``terminal=False``, ``apply(t, y, args)``: the state just after
+            the event, in the structure of ``y0`` (required; not with a terminal event).
+        max_fires: with ``cond_fn`` and ``terminal=False``, how many times the event
+            may fire in one solve (a bound, as ``max_steps`` is, since the number of
+            restarts is fixed when the solve is traced; the solve makes room for the
+            sum over its events). More fires end the solve with
+            ``Status.EVENT_LIMIT``. Each unused one costs a solve over an empty span.
     """
 
     cond_fn: Callable | None = None
@@ -60,18 +78,19 @@ class Event(eqx.Module):
     direction: int = eqx.field(static=True, default=0)
     terminal: bool = eqx.field(static=True, default=True)
     apply: Callable | None = None
+    max_fires: int = eqx.field(static=True, default=16)
 
     def __check_init__(self):
         if self.direction not in (-1, 0, 1):
             raise ValueError(f"Event: direction must be -1, 0 or +1, got {self.direction!r}")
-        if self.times is not None or self.apply is not None or not self.terminal:
-            raise NotImplementedError(
-                "Event: only terminal events given by cond_fn are implemented; events at given times, "
-                "non-terminal events and apply= (state changes) are not. For a forcing that switches at "
-                "known times, pass them as solve(..., tstops=...)."
-            )
-        if self.cond_fn is None:
-            raise ValueError("Event: cond_fn is required")
+        if (self.cond_fn is None) == (self.times is None):
+            raise ValueError("Event: give either cond_fn (an event where it crosses zero) or times (given times)")
+        if self.terminal and self.apply is not None:
+            raise ValueError("Event: a terminal event stops the solve; apply= is for terminal=False")
+        if not self.terminal and self.apply is None:
+            raise ValueError("Event: terminal=False needs apply(t, y, args), the state after the event")
+        if not (isinstance(self.max_fires, int) and self.max_fires >= 1):
+            raise ValueError(f"Event: max_fires must be a positive int, got {self.max_fires!r}")
 
 
 def as_events(events) -> tuple[Event, ...]:
@@ -83,10 +102,11 @@ def as_events(events) -> tuple[Event, ...]:
 
 
 def flat_conditions(events: tuple[Event, ...], unravel: Callable, cond_of: Callable) -> tuple:
-    """The events as the loop takes them: ``((cond(t, y_flat, a), direction), ...)``;
-    ``cond_of(a, e)(t, y, args)`` is event ``e``'s condition, with its closed-over arrays
-    and the user's ``args``, from the problem's arguments ``a``."""
-    return tuple(((lambda t, y, a, e=e: cond_of(a, e)(t, unravel(y))), ev.direction) for e, ev in enumerate(events))
+    """The events with a condition as the loop takes them: ``((cond(t, y_flat, a), direction),
+    ...)``, in order; ``cond_of(a, e)(t, y, args)`` is event ``e``'s condition, with its
+    closed-over arrays and the user's ``args``, from the problem's arguments ``a``."""
+    return tuple(((lambda t, y, a, e=e: cond_of(a, e)(t, unravel(y))), ev.direction)
+                 for e, ev in enumerate(events) if ev.cond_fn is not None)
 
 
 def _insert(ts: jax.Array, t_star: jax.Array) -> tuple[Callable, jax.Array, jax.Array]:
@@ -106,19 +126,20 @@ def _insert(ts: jax.Array, t_star: jax.Array) -> tuple[Callable, jax.Array, jax.
     return insert, k, s <= s_star
 
 
-def evented_solve(method, prob: Problem, y0, ts, params, conds: tuple, solve_to: Callable):
+def evented_solve(prob: Problem, y0, ts, params, conds: tuple, solve_to: Callable, quiet=None):
     """``(ys, counters, t_event, y_event, index)`` of a solve that stops at the first event.
 
     ``solve_to(prob, y0, ts, params) -> (ys, counters)`` is the differentiable solve
-    (``method.apply`` with the loop); ``conds`` are the loop's flat conditions.
+    (``method.apply`` with the loop); ``conds`` are the loop's flat conditions; the
+    condition ``quiet`` (an index, or ``None``) cannot fire in the first step.
     """
     ts = jnp.asarray(prob_times(prob, ts))
-    known = prob._replace(known_ts=None)
+    known = prob._replace(known_ts=None, opts=prob.opts._replace(event_quiet=quiet))
 
     def locate(prob, y0, ts, params):
         """The first event's time (``ts[-1]`` if none), its index (-1) and the pass's status."""
         frozen = jax.lax.stop_gradient((y0, ts, params))
-        opts = prob.opts._replace(events=conds, dense=False, regularise=False, return_state=False)
+        opts = prob.opts._replace(events=conds, dense=False, regularise=False, return_state=False, progress=False)
         y0_, ts_, params_ = frozen
         _, counters, _, t_event, index = integrate(prob.f, y0_, ts_[jnp.array([0, -1])], prob.args(params_), opts)
         t_star = jnp.where(index >= 0, t_event, ts_[-1]).astype(ts.dtype)
@@ -178,3 +199,125 @@ def evented_solve(method, prob: Problem, y0, ts, params, conds: tuple, solve_to:
         return out, (dys, zero_int(counters), dt_star, dy_star, zero_int(index))
 
     return custom_solve_jvp(primal, known, rule, y0, ts, params)
+
+
+def _schedule(events: tuple[Event, ...], direction, s_first, s_last, tdtype) -> tuple[Array, Array, Array]:
+    """``(s, ids, finite)``: the given event times in internal time (increasing), those
+    outside ``[s_first, s_last]`` moved to ``+inf``, the index of the event of each (ties
+    keep the order of ``events``), and whether all of them are finite."""
+    parts = [(jnp.asarray(ev.times, tdtype).reshape(-1), e) for e, ev in enumerate(events) if ev.times is not None]
+    if not parts:
+        return jnp.zeros((0,), tdtype), jnp.zeros((0,), jnp.int32), jnp.ones((), bool)
+    s = direction * jnp.concatenate([t for t, _ in parts])
+    ids = jnp.concatenate([jnp.full(t.shape, e, jnp.int32) for t, e in parts])
+    s = jnp.where((s >= s_first) & (s <= s_last), s, jnp.inf)  # NaN too (reported by the status)
+    finite = jnp.all(jnp.isfinite(jnp.concatenate([t for t, _ in parts])))
+    order = jnp.argsort(s, stable=True)
+    return s[order], ids[order], finite
+
+
+def jump_solve(prob: Problem, y0, ts, params, events: tuple[Event, ...], conds: tuple, applies: tuple,
+               solve_to: Callable):
+    """``(ys, counters, t_event, y_event, index)`` of a solve whose state jumps at events.
+
+    The span is cut at every event into segments, each an ordinary solve (with the
+    condition events, :func:`evented_solve`) from where the last one ended to the next
+    given time (or ``ts[-1]``); between two segments the state becomes ``apply(t, y)``
+    of the event that ended the first. The segments are the iterations of one
+    ``lax.scan``, as many as the events could make (the given times, plus ``max_fires``
+    of every non-terminal condition event, plus one); the ones after the end integrate
+    over an empty span. Everything is an ordinary differentiable JAX program around
+    differentiable solves, so derivatives (with respect to the event times too) follow
+    from the solves' own rules and the chain rule through ``apply``.
+
+    A save time is taken by the last segment that covers it: a save at an event's time
+    shows the state after the jump. ``applies[e](t, y_flat, a)`` is event ``e``'s state
+    change on flat states (``None`` for terminal events); ``conds`` are the condition
+    events' flat conditions, in order.
+    """
+    known = ts is None
+    ts = jnp.asarray(prob_times(prob, ts))
+    direction = time_direction(ts)
+    s_ts = direction * ts
+    s_first, s_last = s_ts[0], s_ts[-1]
+    dose_s, dose_ids, finite = _schedule(events, direction, s_first, s_last, ts.dtype)
+    n_dose = dose_s.shape[0]
+    dose_s = jnp.concatenate([dose_s, jnp.full((1,), jnp.inf, ts.dtype)])  # j = n_dose: no more
+    dose_ids = jnp.concatenate([dose_ids, jnp.zeros((1,), jnp.int32)])
+    cond_ids = jnp.array([e for e, ev in enumerate(events) if ev.cond_fn is not None] or [0], jnp.int32)
+    n_seg = n_dose + 1 + sum(ev.max_fires for ev in events if ev.cond_fn is not None and not ev.terminal)
+    terminal = jnp.array([ev.terminal for ev in events])
+    progress = (s_first, s_last) if prob.opts.progress else False  # one meter for the whole span
+    seg = prob._replace(known_ts=None, opts=prob.opts._replace(repeated_ts=True, progress=progress))
+    a = prob.args(params)
+    branches = [(lambda t, y, e=e: y if applies[e] is None else applies[e](t, y, a)) for e in range(len(events))]
+
+    def at_start(s0, y):
+        """The saves at a segment's start ``s0``: ``y`` there, and, when the save times are
+        differentiated, their derivative ``f`` with respect to their time (and ``-f`` with
+        respect to ``s0``), as everywhere else."""
+        if known:
+            return y
+        t0 = direction * s0
+        shift = (ts - lax.stop_gradient(ts)) - (t0 - lax.stop_gradient(t0))
+        return y + shift[:, None].astype(y.dtype) * prob.f(t0, y, a)
+
+    def segment(carry, _):
+        s0, y, ys, counters, j, quiet, active, ev = carry
+        # An inactive segment (after the end, a terminal event or a failure) spans nothing.
+        e = jnp.where(active, jnp.minimum(dose_s[j], s_last), s0)
+        # The segment saves at the times after its start up to its end; the others are
+        # saved at its start or end, not differentiated, and not used.
+        sg = lax.stop_gradient
+        inside = jnp.where(s_ts <= s0, sg(s0), jnp.where(s_ts > e, sg(e), s_ts))
+        seg_ts = direction * jnp.concatenate([s0[None], inside, e[None]])
+        if conds:
+            ys_seg, cnt, t_ev, y_ev, idx = evented_solve(seg, y, seg_ts, params, conds, solve_to, quiet)
+            fired = active & (idx >= 0)
+            s_end = jnp.where(fired, direction * t_ev, e)
+            y_end = jnp.where(fired, y_ev, ys_seg[-1])
+        else:
+            ys_seg, cnt = solve_to(seg, y, seg_ts, params)
+            fired, idx, s_end, y_end = jnp.zeros((), bool), jnp.int32(-1), e, ys_seg[-1]
+        ok = cnt[0] == Status.SUCCESS
+        dosed = active & ok & ~fired & (dose_s[j] <= s_last)
+        which = jnp.where(fired, cond_ids[jnp.maximum(idx, 0)], dose_ids[j])
+        stop = (fired | dosed) & terminal[which]
+        jumped = (fired | dosed) & ~stop
+        y_next = lax.switch(which, branches, direction * s_end, y_end)
+        covered = active & (s_ts > s0) & (s_ts <= s_end)
+        ys = jnp.where(covered[:, None], ys_seg[1:-1], ys)
+        ys = jnp.where((active & (s_ts == s0))[:, None], at_start(s0, y), ys)
+        status = jnp.where(counters[0] != Status.SUCCESS, counters[0], jnp.where(active, cnt[0], 0))
+        counters = jnp.concatenate([status[None], counters[1:] + jnp.where(active, cnt[1:], 0)])
+        ev = jtu.tree_map(lambda new, old: jnp.where(stop, new, old), (direction * s_end, y_end, which), ev)
+        carry = (s_end, jnp.where(jumped, y_next, y_end), ys, counters, j + dosed.astype(jnp.int32),
+                 jnp.where(fired & jumped, idx, -1), jumped & ok, ev)
+        return carry, None
+
+    n = y0.shape[0]
+    counters0 = jnp.zeros((5 + len(prob.opts.solver.stat_names),), jnp.int32)
+    counters0 = counters0.at[0].set(jnp.where(finite, Status.SUCCESS, Status.NONFINITE_INPUT))
+    ev0 = (jnp.asarray(jnp.nan, ts.dtype), jnp.full((n,), jnp.nan, y0.dtype), jnp.int32(-1))
+    carry0 = (s_first, y0, jnp.full((ts.shape[0], n), jnp.nan, y0.dtype), counters0, jnp.int32(0), jnp.int32(-1),
+              finite, ev0)
+    (_, _, ys, counters, _, _, active, ev), _ = lax.scan(segment, carry0, None, length=n_seg)
+    # Still going after the last segment: a condition event fired more than max_fires times.
+    # Like any failed solve, it has no derivative: NaN tangents (the segments succeeded).
+    limit = active & (counters[0] == Status.SUCCESS)
+    counters = counters.at[0].set(jnp.where(limit, Status.EVENT_LIMIT, counters[0]))
+    ys, t_ev, y_ev = (_tangent_times(v, jnp.where(limit, jnp.nan, 1).astype(v.dtype)) for v in (ys, ev[0], ev[1]))
+    return ys, counters, t_ev, y_ev, ev[2]
+
+
+@jax.custom_jvp
+def _tangent_times(x, scale):
+    """``x``, whose tangent is multiplied by ``scale`` (not differentiated; linear, so
+    reverse mode multiplies the cotangent by it too)."""
+    return x
+
+
+@_tangent_times.defjvp
+def _tangent_times_jvp(primals, tangents):
+    x, scale = primals
+    return x, tangents[0] * jax.lax.stop_gradient(scale)

@@ -169,13 +169,18 @@ class IntegrateOptions(NamedTuple):
     regularise: bool = False  # also return the accepted steps' regularisers (explicit RK only)
     batched: int = 0  # the size of a jax.vmap around `solve`, as seen where it was called (0: none)
     tstops: Any = None  # times (user time) every step lands on, restarting the solver there
-    progress: bool = False  # report t through jax.debug.callback after every step
+    # Report t through jax.debug.callback after every step: True, or the (internal) span
+    # the meter shows when this solve is a piece of a longer one (a segment between events).
+    progress: Any = False
     # Terminal events, located but not differentiated (solve's first pass, see _events.py):
     # ((cond(t, y, args), direction), ...); the loop stops at the first root and also
     # returns its time (user time, inf if none) and index (-1 if none).
     events: Any = None
     t_stop: Any = None  # stop here (user time, not differentiated); saves after it are 0
     repeated_ts: bool = False  # ts may repeat a value (non-decreasing rather than increasing)
+    # The index of an event whose condition does not count as started at ts[0] (the one that
+    # fired where this solve starts, after a state change), or None: it cannot fire in the first step.
+    event_quiet: Any = None
 
 
 def integrate(
@@ -364,6 +369,8 @@ def integrate(
         # step it fired in (start, size, end points, interpolation data, conditions at
         # its start): the root is located after the loop, once.
         c0 = conds(t0, y_flat)
+        if opts.event_quiet is not None:
+            c0 = jnp.where(jnp.arange(c0.shape[0]) == opts.event_quiet, 0, c0)
         carry.update(ev_c=c0, event=i32(-1), ev_step=(t0, jnp.zeros((), tdtype), y_flat, y_flat,
                                                        solver.dense_zeros(y_flat), c0))
     if opts.regularise:
@@ -499,7 +506,8 @@ def integrate(
         if has_events:
             new.update(_detect(opts.events, conds, solver, c, accept, t, h_try, y, res, dtype))
         if opts.progress:
-            jax.debug.callback(show_progress, slowest(s_new.t), t0, t_end, direction)
+            span = (t0, t_end) if opts.progress is True else opts.progress
+            jax.debug.callback(show_progress, slowest(s_new.t), *span, direction)
         if opts.regularise:
             reg = step_regularisers(y, res.y1, res.y_error, state, res.state, h_try, rtol, atol)
             new["reg"] = c["reg"] + select(accept, reg, jnp.zeros_like(reg))

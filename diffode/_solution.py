@@ -27,6 +27,7 @@ class Status(enum.IntEnum):
     RHS_STRUCTURE_MISMATCH = 8
     NEWTON_FAILED = 9
     BAD_DT0 = 10
+    EVENT_LIMIT = 11
 
 
 MESSAGES: dict[int, str] = {
@@ -57,6 +58,11 @@ MESSAGES: dict[int, str] = {
         "step size."
     ),
     Status.BAD_DT0: "dt0 must be finite and non-zero.",
+    Status.EVENT_LIMIT: (
+        "Non-terminal events fired more often than their max_fires allow (diffode.Event(..., "
+        "max_fires=...)) before the end of the span: raise max_fires, or end the solve with a terminal event where the events come "
+        "ever faster (a bouncing ball coming to rest)."
+    ),
 }
 
 def status_message(status, messages: dict[int, str]) -> str | list:

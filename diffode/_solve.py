@@ -29,7 +29,7 @@ from .solvers.linear import GMRES, LU
 from .solvers.structured import SparseLU
 from ._validate import check_max_steps, check_y0, rhs_structure_problem
 from .sensitivity import AbstractSensitivity, Auto, BacksolveAdjoint, Direct, InterpolatingAdjoint, Problem, split_args
-from ._events import as_events, evented_solve, flat_conditions
+from ._events import as_events, evented_solve, flat_conditions, jump_solve
 from .sensitivity.direct import direct_solve
 from ._regularisers import Regularisers
 from .solvers.explicit_rk import ExplicitRK
@@ -141,13 +141,17 @@ def _solve(
             outside the open span of ``ts`` are ignored; they are not differentiated
             (they are constants of the problem, like the discontinuities of ``f``).
             Works with every solver, sensitivity method and transformation.
-        events: a terminal :class:`Event` or a sequence of them: the solve stops at the
-            first root of an event's condition (located on the solver's interpolant).
-            ``sol.event_t``, ``sol.event_y`` and ``sol.event_index`` report it (NaN,
-            NaN and -1 when none fired), and the entries of ``ys`` after it are NaN.
-            The event time and state are differentiated by the implicit function
-            theorem, with ``Direct`` or ``ForwardSensitivity`` (and ``Auto``); the
-            continuous adjoints raise. See ``docs/discontinuities.md``.
+        events: an :class:`Event` or a sequence of them. A terminal event stops the
+            solve at the first root of its condition (located on the solver's
+            interpolant) or at its first given time: ``sol.event_t``, ``sol.event_y``
+            and ``sol.event_index`` report it (NaN, NaN and -1 when none fired), and the
+            entries of ``ys`` after it are NaN. A non-terminal event replaces the state
+            by its ``apply(t, y, args)`` and the solve goes on; a save at that time
+            shows the state after the jump. Event times are differentiated by the
+            implicit function theorem, with ``Direct`` or ``ForwardSensitivity`` (and
+            ``Auto``; the continuous adjoints raise when an event has a condition);
+            events at given times work with every method and are differentiated with
+            respect to their times too. See ``docs/discontinuities.md``.
         progress: show the progress of the solve, ``t`` against the span, on
             standard error while it runs (also under ``jit`` and ``vmap``, through
             ``jax.debug.callback``; under ``vmap`` the slowest member's ``t``). It does
@@ -244,10 +248,17 @@ def _solve(
         evs = as_events(events)
         if dense or regularise:
             raise NotImplementedError("events cannot be combined with dense=True or regularise=True yet")
-        # Each condition's closed-over arrays are explicit (and differentiated), as f's.
-        ecs = tuple(_explicit_inputs(e.cond_fn, t_ex, y0, args) for e in evs)
-        conds = flat_conditions(evs, unravel, lambda a, e: functools.partial(_call_cond, a[3][e], tdtype, a[2]))
-        method = _event_method(method, solver)
+        # Each condition's and state change's closed-over arrays are explicit (and
+        # differentiated), as f's.
+        ecs = tuple(tuple(None if fn is None else _explicit_inputs(fn, t_ex, y0, args) for fn in (e.cond_fn, e.apply))
+                    for e in evs)
+        for e in evs:
+            _check_apply(e.apply, t_ex, y0, args)
+        conds = flat_conditions(evs, unravel, lambda a, e: functools.partial(_call_cond, a[3][e][0], tdtype, a[2]))
+        applies = tuple(None if e.apply is None else functools.partial(_call_apply, e_, flatten, unravel, tdtype)
+                        for e_, e in enumerate(evs))
+        if conds:
+            method = _event_method(method, solver)
         params, static = split_args((fc, jc, args, ecs))
     else:
         params, static = split_args((fc, jc, args))
@@ -262,8 +273,12 @@ def _solve(
         ys, counters, pieces, reg = direct_solve(direct, integrate, prob, y_flat, ts_arg, params)
         reg = None if reg is None else Regularisers(reg[..., 0], reg[..., 1])
     elif evs is not None:
-        ys, counters, event_t, event_y, event_index = evented_solve(
-            method, prob, y_flat, ts_arg, params, conds, lambda p, y0, ts, q: method.apply(integrate, p, y0, ts, q))
+        solve_to = lambda p, y0, ts, q: method.apply(integrate, p, y0, ts, q)  # noqa: E731
+        if all(e.terminal and e.cond_fn is not None for e in evs):
+            out = evented_solve(prob, y_flat, ts_arg, params, conds, solve_to)
+        else:
+            out = jump_solve(prob, y_flat, ts_arg, params, evs, conds, applies, solve_to)
+        ys, counters, event_t, event_y, event_index = out
         pieces = None
     else:
         ys, counters = method.apply(integrate, prob, y_flat, ts_arg, params)
@@ -313,9 +328,25 @@ def _call_cond(cond, tdtype, args, t, y):
     return out.reshape(())
 
 
+def _call_apply(e, flatten, unravel, tdtype, t, y, a):
+    """Event ``e``'s state change on flat states, ``a`` the problem's arguments."""
+    return flatten(a[3][e][1](lax.convert_element_type(t, tdtype), unravel(y), a[2]))
+
+
+def _check_apply(apply, t, y0, args) -> None:
+    """Raise at trace time unless ``apply(t, y, args)`` returns a state shaped like ``y0``."""
+    if apply is None:
+        return
+    problem = rhs_structure_problem(eqx.filter_eval_shape(apply, t, y0, args), y0)
+    if problem is not None:
+        problem = problem.replace("f returned", "apply returned", 1)
+        raise ValueError(f"an Event's apply(t, y, args) must return the new state, shaped like y0: {problem}")
+
+
 def _event_method(method, solver):
-    """The sensitivity method a solve with events uses: the continuous adjoints run backwards
-    from ``ts[-1]`` and are not supported; ``Auto`` keeps its choice where that is not one."""
+    """The sensitivity method a solve with condition events uses: the continuous adjoints run
+    backwards from ``ts[-1]`` and are not supported; ``Auto`` keeps its choice where that is
+    not one."""
     if isinstance(method, (BacksolveAdjoint, InterpolatingAdjoint)):
         raise NotImplementedError(
             f"{type(method).__name__} does not support events: its backward solve starts at ts[-1], past the "

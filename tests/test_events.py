@@ -120,10 +120,6 @@ def test_float32_and_stiff_solver():
 def test_unsupported_raise_clearly():
     with pytest.raises(NotImplementedError, match="backward solve starts at ts"):
         drop(H, G, diffode.InterpolatingAdjoint())
-    with pytest.raises(NotImplementedError, match="given times"):
-        diffode.Event(times=jnp.array([1.0]))
-    with pytest.raises(NotImplementedError, match="non-terminal"):
-        diffode.Event(lambda t, y, a: y[0], terminal=False, apply=lambda t, y, a: y)
     with pytest.raises(TypeError, match="events must be"):
         diffode.solve(fall, jnp.array([H, 0.0]), TS, G, events="ground")
     with pytest.raises(ValueError, match="direction"):

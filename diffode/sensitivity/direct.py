@@ -577,6 +577,12 @@ def _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_st
     return lax.while_loop(save_cond, save_body, sc)
 
 
+def _start_saves(ys_bar, i_left):
+    """The cotangent of ``y0`` from the saves no step covers: ``ys[0]`` and any later save
+    at ``ts[0]`` itself (``ts`` may repeat a value), up to index ``i_left``."""
+    return jnp.sum(jnp.where((jnp.arange(ys_bar.shape[0]) <= i_left)[:, None], ys_bar, 0), axis=0)
+
+
 def _time_cotangents(fixed, s_ts, num, k, i, t1, t_b, hb_total, tb, t_bar, s_bar, s_stops=None):
     """The cotangents of step ``k``'s start time and of the save times after its own.
 
@@ -680,8 +686,8 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
     a_bar0 = jtu.tree_map(jnp.zeros_like, diff)
     c = (jnp.asarray(ts.shape[0] - 1, jnp.int32), jnp.zeros_like(y0), zero_t, a_bar0, jnp.zeros_like(s_ts))
     c = run_back(layout, num, y_buf, lambda k, y: step_map(t_buf[k], y, h_buf[k], diff)[0], back_step, c)
-    _, y_bar, t_bar, a_bar, s_bar = c
-    y_bar = y_bar + ys_bar[0]
+    i_left, y_bar, t_bar, a_bar, s_bar = c
+    y_bar = y_bar + _start_saves(ys_bar, i_left)
     s_bar = s_bar.at[0].add(t_bar)
     ts_bar = (direction * s_bar).astype(ts.dtype)
     # A failed forward solve has no derivative: NaN cotangents (its status is returned).
@@ -842,9 +848,9 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
     back0 = (jnp.full((size,), s_ts.shape[1] - 1, jnp.int32), jnp.zeros((size, n), dtype),
              jnp.zeros((size,), s_ts.dtype), jnp.zeros_like(s_ts), jtu.tree_map(jnp.zeros_like, diff))
     c = (jnp.ones((), bool), jnp.ones((), bool), i32, i32, i32, back0)
-    _, _, _, _, status, (_, y_bar, t_bar, s_bar, a_bar) = lax.while_loop(lambda c: c[0], chunk, c)
+    _, _, _, _, status, (i_left, y_bar, t_bar, s_bar, a_bar) = lax.while_loop(lambda c: c[0], chunk, c)
 
-    y_bar = y_bar + ys_bar[:, 0]
+    y_bar = y_bar + jax.vmap(_start_saves)(ys_bar, i_left)
     s_bar = s_bar.at[:, 0].add(t_bar)
     bad = status != Status.SUCCESS
     # A failed member has no derivative: NaN cotangents for it, and for the

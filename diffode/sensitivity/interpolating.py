@@ -262,7 +262,9 @@ class _Sweep:
             _, a_y, a_p = rhs_vjp(f, t, y, z[:n], d, st)
             return jnp.concatenate([-a_y, -a_p])
 
-        stretch_opts = self.aug_opts if self.aug_opts.fixed else self.aug_opts._replace(dt0=t_lo - t_hi)
+        # (A zero-length stretch, between repeated save times, takes no step; dt0 only must not be 0.)
+        stretch_opts = self.aug_opts if self.aug_opts.fixed else self.aug_opts._replace(
+            dt0=jnp.where(t_lo == t_hi, 1, t_lo - t_hi).astype(t_hi.dtype))
         z = jnp.concatenate([lam, mu])
         zs, counters, _ = self.loop(aug, z, jnp.stack([t_hi, t_lo]), (self.diff, self.prob.static), stretch_opts)
         status = jnp.where(status == Status.SUCCESS, counters[0], status)
