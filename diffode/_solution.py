@@ -181,6 +181,26 @@ class Solution(eqx.Module):
         """Human-readable status (outside ``jit`` only); a nested list when batched."""
         return status_message(self.status, MESSAGES)
 
+    def steps(self) -> tuple[Array, PyTree, Array]:
+        """``(t, y, count)``: ``ts[0]`` and the end of every accepted step, in order, and how
+        many of those rows are used (``stats["num_accepted"] + 1``). Needs ``dense=True``,
+        whose buffer of ``max_steps`` rows holds them; the rows after the last step are NaN.
+        Differentiable as :meth:`evaluate` is (also under ``vmap``: then every array
+        has the batch axis first).
+        """
+        if self.dense_output is None:
+            raise ValueError("Solution.steps needs solve(..., dense=True).")
+        d = self.dense_output
+        count = d.num_pieces + 1
+        used = jnp.arange(d.t_start.shape[-1] + 1) < count[..., None]
+        s = jnp.concatenate([d.t_start[..., :1], d.t_start + d.h], axis=-1)
+        t = jnp.where(used, jnp.expand_dims(self.direction, -1) * s, jnp.nan).astype(self.ts.dtype)
+        y = jnp.where(used[..., None], jnp.concatenate([d.y0[..., :1, :], d.y1], axis=-2), jnp.nan)
+        unravel = self.unravel
+        for _ in range(y.ndim - 1):
+            unravel = jax.vmap(unravel)
+        return t, unravel(y), count
+
     def evaluate(self, t) -> PyTree:
         """State at time(s) ``t`` from the solver's own interpolant (``dense=True``).
 

@@ -35,7 +35,8 @@ def dosed(ka, ke, dose, times, ts, method=None):
     ev = diffode.Event(times=times, terminal=False, apply=lambda t, y, args: {**y, "gut": y["gut"] + dose})
     zero = jnp.zeros((), jnp.result_type(dose))
     y0 = {"gut": zero, "central": zero}
-    sol = diffode.solve(pk, y0, ts, (ka, ke), events=ev, sensitivity=method, rtol=1e-10, atol=1e-12)
+    tol = 1e-10 if zero.dtype == jnp.float64 else 1e-6
+    sol = diffode.solve(pk, y0, ts, (ka, ke), events=ev, sensitivity=method, rtol=tol, atol=tol / 100)
     return sol.ys["central"]
 
 
