@@ -181,6 +181,8 @@ class IntegrateOptions(NamedTuple):
     # The index of an event whose condition does not count as started at ts[0] (the one that
     # fired where this solve starts, after a state change), or None: it cannot fire in the first step.
     event_quiet: Any = None
+    # What a save keeps instead of the state: save_fn(t, y_flat, args) -> (m,) (t in user time).
+    save_fn: Callable | None = None
 
 
 def integrate(
@@ -522,6 +524,10 @@ def integrate(
             )
         return new, (accept, t, h_try, y, res.y1, res.dense, t_new)
 
+    def keep(target, y):
+        """What the save at internal time ``target`` keeps of the state ``y``."""
+        return y if opts.save_fn is None else opts.save_fn(direction * target, y, args)
+
     def unreached(target):
         """A save the steps did not reach: NaN (a failure), or 0 beyond the stop time."""
         if s_stop is None:
@@ -540,10 +546,10 @@ def integrate(
     # Both loops start at ts[0], whose save is y0 itself.
     if by_steps:
         out, ys = _save_after_each_step(carry, y_flat, n_ts, dtype, interpolating, solver, target_of, going, t_end,
-                                        attempt, at_step_end, jax.vmap(unreached)(s_ts))
+                                        attempt, at_step_end, jax.vmap(unreached)(s_ts), keep)
     else:
         out, ys = _steps_between_saves(carry, y_flat, n_ts, dtype, interpolating, solver, target_of, going, unpack,
-                                       y_state, attempt, at_step_end, unreached)
+                                       y_state, attempt, at_step_end, unreached, keep)
     pieces = None
     if dense:
         p = out["pieces"]
@@ -560,7 +566,7 @@ def integrate(
 
 
 def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, unpack, y_state, attempt,
-                         at_step_end, unreached):
+                         at_step_end, unreached, keep):
     """The loop outside vmap: an outer loop over the save times, and an inner one that
     takes steps until the last accepted step covers the next save time.
 
@@ -598,18 +604,19 @@ def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_o
             frozen = lambda tg: solver.interpolate(  # noqa: E731
                 sg(p_h).astype(dtype), sg(p_y), sg(y), sg(c["p_dense"]), ((tg - sg(p_t)) * sg(p_h_inv)).astype(dtype))
             val = select(target == s.t, at_step_end(target, s.t, y, frozen), val)
+        val = keep(target, val)
         val = select(s.t >= target, val, unreached(target))  # not reached after a failure
         return i + 1, lax.dynamic_update_index_in_dim(ys, val, i, 0, allow_negative_indices=False), c
 
     # The buffer's initial value is never read (the first save is y0), so it can
     # be a literal placeholder (writing y0 into zeros would be a kernel to compile).
-    ys0 = finite_filler(jax.ShapeDtypeStruct((n_ts,) + y0.shape, dtype))
+    ys0 = finite_filler(jax.ShapeDtypeStruct((n_ts,) + jax.eval_shape(keep, target_of(0), y0).shape, dtype))
     _, ys, out = lax.while_loop(lambda oc: oc[0] < n_ts, save_body, (jnp.asarray(0, jnp.int32), ys0, carry))
     return out, ys
 
 
 def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, t_end, attempt,
-                          at_step_end, unreached):
+                          at_step_end, unreached, keep):
     """The loop under vmap: one loop over steps; after each accepted step an inner loop
     saves every save time the step covers, from the step's interpolant.
 
@@ -620,9 +627,10 @@ def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_
     the dense output or a sensitivity method's step record). Returns the final
     carry and the saves.
     """
+    first = keep(target_of(0), y0)
     nan_ys = jnp.broadcast_to(jnp.concatenate([unreached, jnp.full((1,), jnp.nan, dtype)])[:, None],
-                              (n_ts + 1,) + y0.shape)
-    carry = dict(carry, i=jnp.asarray(1, jnp.int32), ys=lax.dynamic_update_index_in_dim(nan_ys, y0, 0, 0))
+                              (n_ts + 1,) + first.shape)
+    carry = dict(carry, i=jnp.asarray(1, jnp.int32), ys=lax.dynamic_update_index_in_dim(nan_ys, first, 0, 0))
 
     def save(i, ys, accept, t, h, y, y1, dense_data, t_new):
         def due(i):
@@ -634,7 +642,7 @@ def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_
 
         if not interpolating:
             # Every save time is a step end, and a step ends on at most one.
-            return write(i, ys, y1)
+            return write(i, ys, keep(target_of(i), y1))
         h_inv = 1 / select(h == 0, 1, h)
 
         def body(iy):
@@ -644,7 +652,7 @@ def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_
             sg = lax.stop_gradient
             frozen = lambda tg: solver.interpolate(  # noqa: E731
                 sg(h).astype(dtype), sg(y), sg(y1), sg(dense_data), ((tg - sg(t)) * sg(h_inv)).astype(dtype))
-            return write(i, ys, select(target == t_new, at_step_end(target, t_new, y1, frozen), val))
+            return write(i, ys, keep(target, select(target == t_new, at_step_end(target, t_new, y1, frozen), val)))
 
         return lax.while_loop(lambda iy: any_member(due(iy[0])), body, (i, ys))
 

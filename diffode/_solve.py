@@ -76,6 +76,7 @@ def _solve(
     tstops: ArrayLike | None = None,
     progress: bool = False,
     events: Any = None,
+    save_fn: Callable | None = None,
     final_check: bool = True,  # private: False leaves the final status check to the caller
     batched: int = 0,  # private: the size of a jax.vmap around the call (see `solve`)
 ) -> Solution:
@@ -152,6 +153,11 @@ def _solve(
             ``Auto``; the continuous adjoints raise when an event has a condition);
             events at given times work with every method and are differentiated with
             respect to their times too. See ``docs/discontinuities.md``.
+        save_fn: ``save_fn(t, y, args) -> pytree``: what each save keeps instead of
+            the state (an observable, a few components of a large state), so that
+            the saves cost its size, not the state's: ``sol.ys`` is its output with a
+            leading axis of ``len(ts)``. Differentiated as :class:`Direct` does
+            (``sensitivity`` must be ``None``, ``Auto`` or ``Direct``); not with events.
         progress: show the progress of the solve, ``t`` against the span, on
             standard error while it runs (also under ``jit`` and ``vmap``, through
             ``jax.debug.callback``; under ``vmap`` the slowest member's ``t``). It does
@@ -188,10 +194,11 @@ def _solve(
     # f's output structure is checked at trace time (abstractly: no evaluation).
     out0 = eqx.filter_eval_shape(f, ts_t[0], y0, args)
     problem = rhs_structure_problem(out0, y0)
+    saved = y0 if save_fn is None else _save_structure(save_fn, ts_t[0], y0, args)
     if problem is not None:
         if throw:
             raise ValueError(f"{MESSAGES[Status.RHS_STRUCTURE_MISMATCH]} {problem}")
-        return _failed(ts, y0, Status.RHS_STRUCTURE_MISMATCH)
+        return _failed(ts, saved, Status.RHS_STRUCTURE_MISMATCH)
 
     # f (a function, a closure or an equinox Module) and jac become pytrees whose
     # arrays, closed-over values included, are explicit inputs: every one of them
@@ -243,6 +250,17 @@ def _solve(
     if regularise:
         _check_regularise(solver, fixed, method)
         opts = opts._replace(regularise=True)
+    extra = ()
+    out_unravel = unravel
+    if save_fn is not None:
+        if events is not None:
+            raise NotImplementedError("save_fn cannot be combined with events yet")
+        _check_direct("save_fn", "a function of the saved states", method)
+        out_unravel = ravel_pytree(saved)[1]
+        # Its closed-over arrays are explicit (and differentiated), as f's: the last argument.
+        extra = (_explicit_inputs(save_fn, t_ex, y0, args),)
+        opts = opts._replace(save_fn=lambda t, y, a: flatten(a[-1](lax.convert_element_type(t, tdtype), unravel(y),
+                                                                   a[2])))
     evs = None
     if events is not None:
         evs = as_events(events)
@@ -261,13 +279,13 @@ def _solve(
             method = _event_method(method, solver)
         params, static = split_args((fc, jc, args, ecs))
     else:
-        params, static = split_args((fc, jc, args))
+        params, static = split_args((fc, jc, args) + extra)
     known_ts = known_value(ts_t)
     prob = Problem(f_flat, static, opts, known_ts)
     ts_arg = None if known_ts is not None else ts_t
     reg = None
-    if dense or regularise:
-        # Interpolation pieces and regularisers are discrete data: Direct's rules differentiate them.
+    if dense or regularise or save_fn is not None:
+        # Interpolation pieces, regularisers and saves of save_fn: Direct's rules differentiate them.
         direct = method if isinstance(method, Direct) else (
             Direct(memory_budget=method.memory_budget) if isinstance(method, Auto) else Direct())
         ys, counters, pieces, reg = direct_solve(direct, integrate, prob, y_flat, ts_arg, params)
@@ -296,7 +314,7 @@ def _solve(
         ys = raise_on_failure(ys, status, MESSAGE_LIST)
     return Solution(
         ts=ts,
-        ys=jax.vmap(unravel)(ys),
+        ys=jax.vmap(out_unravel)(ys),
         stats=Stats(counters, stat_names, offset=1),
         status=status,
         dense_output=pieces,
@@ -318,6 +336,16 @@ def _sparse_default(solver: AbstractSolver, sparsity: Sparsity) -> AbstractSolve
     else:
         return solver
     return eqx.tree_at(lambda s: s.linear_solver, solver, new)
+
+
+def _save_structure(save_fn, t, y0, args):
+    """Zeros shaped like ``save_fn``'s output (checked at trace time: real arrays)."""
+    out = eqx.filter_eval_shape(save_fn, t, y0, args)
+    leaves = jtu.tree_leaves(out)
+    if not leaves or not all(isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.floating)
+                             for x in leaves):
+        raise ValueError(f"save_fn(t, y, args) must return a non-empty pytree of real floating arrays, got {out}")
+    return jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), out)
 
 
 def _call_cond(cond, tdtype, args, t, y):
@@ -378,10 +406,16 @@ def _check_regularise(solver, fixed: bool, method) -> None:
             f"{type(solver).__name__}{' with fixed steps' if fixed else ''}: the regularisers are its error "
             "estimate and the stiffness estimate from its first and last stages"
         )
+    _check_direct("regularise=True", "sums over the solver's discrete steps", method)
+
+
+def _check_direct(option: str, what: str, method) -> None:
+    """Raise unless ``method`` is ``Direct`` or ``Auto`` (which then uses ``Direct``): ``option``
+    makes the solve's outputs ``what``, which only ``Direct``'s replay differentiates."""
     if not isinstance(method, (Auto, Direct)):
         raise ValueError(
-            f"regularise=True is differentiated by Direct (the regularisers are sums over the solver's "
-            f"discrete steps, which {type(method).__name__} does not replay): use sensitivity=None, Auto() or Direct()"
+            f"{option} is differentiated by Direct (the outputs are {what}, which {type(method).__name__} does "
+            "not differentiate): use sensitivity=None, Auto() or Direct()"
         )
 
 

@@ -549,7 +549,16 @@ def _interp(solver, dtype):
     return interp
 
 
-def _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop=False):
+def save_keep(prob, direction) -> Callable | None:
+    """``keep(s, y, diff)``: what the loop saves of the state ``y`` at internal time ``s``
+    (``solve(..., save_fn=...)``), or ``None`` when it saves the state itself."""
+    fn = prob.opts.save_fn
+    if fn is None:
+        return None
+    return lambda s, y, d: fn(direction * s, y, combine(d, prob.static))
+
+
+def _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop=False, keep=None, diff=None):
     """Add the cotangents of the saves that step ``[t, t1]`` covers, last first.
 
     ``sc = (i, y_b, y1_b, d_b, t_b, h_b, s_bar)``: the next save index (counting
@@ -557,30 +566,42 @@ def _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_st
     time and size, and of the internal save times; returned updated. A save at
     the step's end point is the end state itself, not interpolated; when that end
     is a tstop (``end_on_stop``), the save time's cotangent is still the
-    interpolant's (as the loop's save there is differentiated).
+    interpolant's (as the loop's save there is differentiated). With ``keep``
+    (:func:`save_keep`) a save is ``keep`` of the state, and ``sc`` ends with the
+    cotangent of ``diff`` too.
     """
 
     def save_cond(sc):
         return (sc[0] >= 1) & (s_ts[sc[0]] > t)
 
     def save_body(sc):
-        i, y_b, y1_b, d_b, t_b, h_b, s_b = sc
+        i, y_b, y1_b, d_b, t_b, h_b, s_b, *a_b = sc
         s = s_ts[i]
         g = ys_bar[i]
-        _, vjp_i = jax.vjp(interp, t, h, s, y, y1, dense)
-        tb, hb, sb, yb, y1b, db = vjp_i(g)
         exact = s == t1
+        if keep is None:
+            tb, hb, sb, yb, y1b, db = jax.vjp(interp, t, h, s, y, y1, dense)[1](g)
+            kt, ky = jnp.zeros_like(sb), g
+        else:
+            kept = lambda t, h, s, y, y1, dense, d: keep(s, interp(t, h, s, y, y1, dense), d)  # noqa: E731
+            tb, hb, sb, yb, y1b, db, ab = jax.vjp(kept, t, h, s, y, y1, dense, diff)[1](g)
+            kt, ky, kb = jax.vjp(keep, s, y1, diff)[1](g)  # the save at the step's end: keep(s, y1)
+            a_b = [jtu.tree_map(lambda acc, e, i_: acc + select(exact, e, i_), a_b[0], kb, ab)]
         z = lambda v: select(exact, jnp.zeros_like(v), v)  # noqa: E731
-        return (i - 1, y_b + z(yb), y1_b + select(exact, g, y1b), d_b + z(db), t_b + z(tb), h_b + z(hb),
-                s_b.at[i].add(select(exact & ~end_on_stop, jnp.zeros_like(sb), sb)))
+        return (i - 1, y_b + z(yb), y1_b + select(exact, ky, y1b), d_b + z(db), t_b + z(tb), h_b + z(hb),
+                s_b.at[i].add(select(exact & ~end_on_stop, kt, sb)), *a_b)
 
     return lax.while_loop(save_cond, save_body, sc)
 
 
-def _start_saves(ys_bar, i_left):
-    """The cotangent of ``y0`` from the saves no step covers: ``ys[0]`` and any later save
-    at ``ts[0]`` itself (``ts`` may repeat a value), up to index ``i_left``."""
-    return jnp.sum(jnp.where((jnp.arange(ys_bar.shape[0]) <= i_left)[:, None], ys_bar, 0), axis=0)
+def _start_saves(ys_bar, i_left, keep=None, s_ts=None, y0=None, diff=None):
+    """The cotangents from the saves no step covers: ``ys[0]`` and any later save at
+    ``ts[0]`` itself (``ts`` may repeat a value), up to index ``i_left``: of ``y0``, and
+    with ``keep`` (:func:`save_keep`) also of the save times and of ``diff``."""
+    g = jnp.where((jnp.arange(ys_bar.shape[0]) <= i_left)[:, None], ys_bar, 0)
+    if keep is None:
+        return jnp.sum(g, axis=0)
+    return jax.vjp(lambda s, y, d: jax.vmap(keep, (0, None, None))(s, y, d), s_ts, y0, diff)[1](g)
 
 
 def _time_cotangents(fixed, s_ts, num, k, i, t1, t_b, hb_total, tb, t_bar, s_bar, s_stops=None):
@@ -660,6 +681,7 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
     s_stops = tstop_times(opts, ts)
     t_last = last_time(opts, direction, s_ts[-1])
     interp = _interp(opts.solver, dtype)
+    keep = save_keep(prob, direction)
 
     def t_next(k):
         # End of step k: the next step's start, or the final time for the last one.
@@ -676,9 +698,13 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
             pb = [lax.dynamic_index_in_dim(v, k, keepdims=False) for v in pieces_bar]
             sc = (i, pb[2].astype(dtype), y_bar + pb[3], pb[4], pb[0].astype(tdtype), pb[1].astype(tdtype), s_bar)
         end_on_stop = False if (s_stops is None or opts.fixed) else jnp.any(s_stops == t1)
-        i_next, y_b, y1_b, d_b, t_b, h_b, s_bar = _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc,
-                                                                   end_on_stop)
+        if keep is not None:
+            sc = sc + (jtu.tree_map(jnp.zeros_like, diff),)
+        i_next, y_b, y1_b, d_b, t_b, h_b, s_bar, *saves_a = _save_cotangents(
+            interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop, keep, diff)
         tb, yb, hb, ab = vjp_step((y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),)))
+        if saves_a:
+            ab = jtu.tree_map(jnp.add, ab, saves_a[0])
         t_bar, s_bar = _time_cotangents(opts.fixed, s_ts, num, k, i, t1, t_b, h_b + hb, tb, t_bar, s_bar, s_stops)
         return (i_next, y_b + yb, t_bar, jtu.tree_map(jnp.add, a_bar, ab), s_bar)
 
@@ -687,7 +713,11 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
     c = (jnp.asarray(ts.shape[0] - 1, jnp.int32), jnp.zeros_like(y0), zero_t, a_bar0, jnp.zeros_like(s_ts))
     c = run_back(layout, num, y_buf, lambda k, y: step_map(t_buf[k], y, h_buf[k], diff)[0], back_step, c)
     i_left, y_bar, t_bar, a_bar, s_bar = c
-    y_bar = y_bar + _start_saves(ys_bar, i_left)
+    if keep is None:
+        y_bar = y_bar + _start_saves(ys_bar, i_left)
+    else:
+        s_b, y_b, a_b = _start_saves(ys_bar, i_left, keep, s_ts, y0, diff)
+        y_bar, s_bar, a_bar = y_bar + y_b, s_bar + s_b, jtu.tree_map(jnp.add, a_bar, a_b)
     s_bar = s_bar.at[0].add(t_bar)
     ts_bar = (direction * s_bar).astype(ts.dtype)
     # A failed forward solve has no derivative: NaN cotangents (its status is returned).
@@ -756,6 +786,8 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
     if not _shared_axes_match(r_axes, x_axes, x_struct):
         return None
     opts = prob_static.opts
+    if opts.save_fn is not None:
+        return None  # saves of a function of the state: the vmapped one-solve replay
     members = (arrays, y0, ts, diff)
     m_axes = (ax_arrays, ax_y0, ax_ts, ax_diff)
     n, dtype = y0.shape[0 if ax_y0 in (None, 1) else 1], y0.dtype
