@@ -1,6 +1,6 @@
 """Benchmark: gradient of an ODE solve, every diffode sensitivity method against diffrax's.
 
-Lotka-Volterra (``tests/problems.py``), Tsit5, rtol = atol = 1e-6, t in [0, 10],
+Lotka-Volterra (``diffode/problems.py``), Tsit5, rtol = atol = 1e-6, t in [0, 10],
 100 save points, float64; the loss is ``sum(ys**2)`` and the gradient is taken
 with respect to the 4 parameters. Run from the repository root::
 
@@ -17,7 +17,7 @@ Candidates, measured in the same run and interleaved (``benchmarks/_timing.py``)
 
 Compile time is the median first call after ``jax.clear_caches()``; run time
 the median per-call time. Every gradient is compared with the reference from
-the hand-written forward sensitivity equations (``tests/problems.py``). Targets
+the hand-written forward sensitivity equations (``diffode/problems.py``). Targets
 are reported, not asserted.
 """
 
@@ -37,7 +37,7 @@ import diffode  # noqa: E402
 
 from . import _timing  # noqa: E402
 from .solve_lv import environment  # noqa: E402
-from tests.problems import lotka_volterra, lotka_volterra_sensitivities  # noqa: E402
+from diffode.problems import lotka_volterra, lotka_volterra_sensitivities  # noqa: E402
 
 NUM_SAVE = 100
 RTOL = ATOL = 1e-6

@@ -44,7 +44,7 @@ from jax.experimental import io_callback  # noqa: E402
 import diffode  # noqa: E402
 
 from . import _timing  # noqa: E402
-from tests.problems import lotka_volterra, lotka_volterra_reference  # noqa: E402
+from diffode.problems import lotka_volterra, lotka_volterra_reference  # noqa: E402
 
 NUM_SAVE = 100
 
@@ -140,7 +140,7 @@ def count_fevals(factory, f, ts, y0, args) -> int:
 
 
 def reference_solution(ts) -> np.ndarray:
-    """SciPy DOP853 at rtol = atol = 1e-13 (the shared reference of tests/problems.py)."""
+    """SciPy DOP853 at rtol = atol = 1e-13 (the shared reference of diffode/problems.py)."""
     return np.asarray(lotka_volterra_reference(ts))
 
 

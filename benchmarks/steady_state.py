@@ -1,6 +1,6 @@
 """Benchmark: derivatives of a steady state, implicit function theorem against integrating.
 
-Model: ``tests.problems.enzyme_chain(n=64)`` (64 states, 254 parameters in the
+Model: ``diffode.problems.enzyme_chain(n=64)`` (64 states, 254 parameters in the
 dict ``args``), float64. The loss is ``L(args) = sum(y*(args)**2)``, with
 ``f(t, y*, args) = 0``. Run from the repository root::
 
@@ -70,7 +70,7 @@ import diffode  # noqa: E402
 
 from . import _timing  # noqa: E402
 from .solve_lv import environment  # noqa: E402
-from tests.problems import enzyme_chain  # noqa: E402
+from diffode.problems import enzyme_chain  # noqa: E402
 
 N_STATES = 64
 T_LONG = 1000.0  # max|f(y(T_LONG))| is checked and reported (must be <= 1e-10)

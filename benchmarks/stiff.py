@@ -8,7 +8,7 @@ Usage (from the repository root)::
 
 Problems: HIRES, ROBER, VDPOL (eps = 1e-6), OREGO and POLLU from F. Mazzia and
 C. Magherini, "Test Set for Initial Value Problem Solvers", release 2.4,
-University of Bari, 2008 (``tests/problems.py`` holds the equations and the
+University of Bari, 2008 (``diffode/problems.py`` holds the equations and the
 published end-time references). Every solve runs from ``t0`` to ``t1`` in
 float64 and keeps only ``y(t1)``.
 
@@ -82,13 +82,13 @@ import diffode  # noqa: E402
 
 from . import _timing  # noqa: E402
 from .solve_lv import environment  # noqa: E402
-from tests.problems import TESTSET, TESTSET_ATOL_OVER_RTOL as ATOL_OVER_RTOL, Problem  # noqa: E402
+from diffode.problems import TESTSET, TESTSET_ATOL_OVER_RTOL as ATOL_OVER_RTOL, Problem  # noqa: E402
 
 RTOLS_FULL = (1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
 RTOLS_QUICK = (1e-4, 1e-7, 1e-10)
 MAX_STEPS = 100_000
 
-# atol = rtol * ATOL_OVER_RTOL[problem]; see tests/problems.py.
+# atol = rtol * ATOL_OVER_RTOL[problem]; see diffode/problems.py.
 
 # The diffode candidates: name -> solver class.
 DIFFODE_SOLVERS = {

@@ -17,7 +17,7 @@ from jax.flatten_util import ravel_pytree
 import diffode
 from diffode.sensitivity.backsolve import BacksolveAdjoint
 
-from . import problems
+from diffode import problems
 from .test_errors import SOLVE_ERRORS, own_message
 
 TS_LV = np.array([0.0, 1.3, 2.9, 5.0, 7.7, 10.0])

@@ -20,7 +20,7 @@ import pytest
 import diffode
 from diffode.sensitivity.direct import Direct
 
-from .problems import (
+from diffode.problems import (
     exponential_decay,
     linear_solution,
     linear_system,

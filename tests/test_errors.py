@@ -17,7 +17,7 @@ import pytest
 
 import diffode
 from diffode import Status
-from tests import problems
+from diffode import problems
 
 
 def decay(t, y, args):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import diffode
-from tests import problems
+from diffode import problems
 
 # (solver, order, problem, dt0 values). Step sizes are powers of two that divide
 # the save-time spacing, so fixed steps land on every save time exactly.

@@ -9,7 +9,7 @@ import pytest
 
 import diffode
 from diffode.sensitivity.forward import ForwardSensitivity
-from tests import problems
+from diffode import problems
 
 JACS = {"jacfwd": jax.jacfwd, "jacrev": jax.jacrev}
 FORWARD = ForwardSensitivity()

@@ -20,7 +20,7 @@ from diffode.solvers.sdirk import (
 )
 from diffode.solvers.linear import GMRES, LU
 from diffode.solvers.butcher import ButcherTableau
-from tests import problems
+from diffode import problems
 
 # ----------------------------------------------------------------------------
 # Tableaus.
@@ -226,7 +226,7 @@ VDP_TS = np.array([0.0, 400.0, 1200.0, 2000.0, 2800.0, VDP.t1])
 
 @functools.cache
 def radau_reference(name):
-    """The SciPy Radau reference (:func:`tests.problems.scipy_radau_reference`) at the save times."""
+    """The SciPy Radau reference (:func:`diffode.problems.scipy_radau_reference`) at the save times."""
     if name == "robertson":
         return problems.scipy_radau_reference("robertson")(ROB_TS).T
     return problems.scipy_radau_reference("van_der_pol")(VDP_TS).T

@@ -29,7 +29,7 @@ import diffode
 from diffode.solvers.sdirk import ImplicitEuler, Kvaerno3, Kvaerno5
 from diffode.sensitivity.direct import Direct
 
-from .problems import lotka_volterra
+from diffode.problems import lotka_volterra
 
 
 def _rel(a, b):

@@ -17,7 +17,7 @@ from jax.flatten_util import ravel_pytree
 import diffode
 from diffode.sensitivity.interpolating import InterpolatingAdjoint, dense_bytes
 
-from . import problems
+from diffode import problems
 
 TS_LV = np.array([0.0, 1.3, 2.9, 5.0, 7.7, 10.0])
 W_LV = np.random.default_rng(0).normal(size=(len(TS_LV), 2))

@@ -7,7 +7,7 @@ import optimistix as optx
 import pytest
 
 import diffode
-from tests import problems
+from diffode import problems
 
 LV = problems.lotka_volterra()
 TS = LV.ts(31)

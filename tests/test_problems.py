@@ -1,4 +1,4 @@
-"""Self-checks of the shared problem definitions in tests/problems.py (a wrong
+"""Self-checks of the shared problem definitions in diffode/problems.py (a wrong
 "exact" solution would silently weaken every test that uses it)."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import problems
+from diffode import problems
 
 WITH_EXACT = [
     problems.exponential_decay, problems.linear_system, problems.rescaled_kepler, problems.cos_linear

@@ -22,7 +22,7 @@ from diffode.solvers.radau import (
     RADAU_VINV,
     Radau5,
 )
-from tests import problems
+from diffode import problems
 
 # ----------------------------------------------------------------------------
 # References. NumPy right-hand sides and Jacobians for SciPy (its Python loop
@@ -33,7 +33,7 @@ _rob_np, _rob_jac_np = problems.robertson_np, problems.robertson_jac_np
 
 
 def scipy_reference(name: str, t1: float):
-    """:func:`tests.problems.scipy_radau_reference` (dense), for ``t1`` its end time."""
+    """:func:`diffode.problems.scipy_radau_reference` (dense), for ``t1`` its end time."""
     assert t1 == (1e5 if name == "robertson" else problems.van_der_pol_stiff().t1)
     return problems.scipy_radau_reference(name)
 

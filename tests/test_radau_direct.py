@@ -24,7 +24,7 @@ import diffode
 from diffode.solvers.radau import Radau5
 from diffode.sensitivity.direct import Direct
 
-from . import problems
+from diffode import problems
 
 
 def _rel(a, b):

@@ -10,7 +10,7 @@ import pytest
 
 import diffode
 from diffode.solvers.rosenbrock import RODAS5P_TABLEAU, Rodas5, Rodas5P, RosenbrockTableau
-from tests import problems
+from diffode import problems
 
 # Arrays are traced, Python values static: each configuration compiles once.
 solve = eqx.filter_jit(diffode.solve)
@@ -143,7 +143,7 @@ VDP_TS = np.linspace(VDP.t0, VDP.t1, 11)
 
 
 def _radau_reference(which: str) -> np.ndarray:
-    """The SciPy Radau reference (:func:`tests.problems.scipy_radau_reference`) at the save times."""
+    """The SciPy Radau reference (:func:`diffode.problems.scipy_radau_reference`) at the save times."""
     ts = ROB_TS if which == "robertson" else VDP_TS
     return problems.scipy_radau_reference("robertson" if which == "robertson" else "van_der_pol")(ts).T
 

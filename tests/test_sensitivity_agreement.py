@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import diffode
-from tests import problems
+from diffode import problems
 
 METHODS = {
     "Direct": diffode.Direct(),

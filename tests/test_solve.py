@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import diffode
-from tests import problems
+from diffode import problems
 
 # One jitted entry point: keyword options that are Python values (solver,
 # rtol, ...) are static, arrays are traced, so every distinct configuration

@@ -1,6 +1,6 @@
 """diffode.steady_state: values and implicit-function derivatives of every order.
 
-References are closed forms (tests/problems.py: linear, cubic relaxation,
+References are closed forms (diffode/problems.py: linear, cubic relaxation,
 Michaelis-Menten inflow/outflow), differentiated by JAX: an independent route to
 the same derivatives. Tolerance 1e-8, as asked by the issue. The roots are
 solved to max|f| <= 1.8e-12 (the float64 default) and |df/dy|^-1 is O(1) on
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import diffode
-from tests import problems
+from diffode import problems
 
 METHODS = {
     "newton_lu": diffode.Newton(),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import diffode
-from tests import problems
+from diffode import problems
 
 RTOL = 1e-8
 SOLVERS = {"Radau5": diffode.Radau5(), "Rodas5": diffode.Rodas5(), "Rodas5P": diffode.Rodas5P()}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import diffode
-from tests import problems
+from diffode import problems
 
 LV = problems.lotka_volterra()
 TS = LV.ts(21)

@@ -1,4 +1,10 @@
-"""Shared initial value problems for the tests (and, later, ``benchmarks/``).
+"""Standard problems with known answers, shared by the tests and ``benchmarks/``.
+
+Each is a right-hand side, initial values, parameters and, where one exists, an exact
+solution or a published reference value (cited where it is defined): Lotka-Volterra,
+linear systems, the Arenstorf orbit, Van der Pol, Robertson, the stiff problems of the
+Test Set for IVP Solvers (HIRES, ROBER, VDPOL, OREGO, POLLU) and steady-state problems
+with closed forms.
 
 Import-light on purpose: only ``jax`` and ``numpy`` at module level; SciPy is
 imported inside the functions that compute reference solutions.
