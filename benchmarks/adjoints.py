@@ -1,148 +1,466 @@
-"""Benchmark: gradient of an ODE solve, every diffode sensitivity method against diffrax's.
+"""The adjoint-method benchmark: every diffode sensitivity method and its peers, on the
+problems users bring, in one generated table.
 
-Lotka-Volterra (``diffode/problems.py``), Tsit5, rtol = atol = 1e-6, t in [0, 10],
-100 save points, float64; the loss is ``sum(ys**2)`` and the gradient is taken
-with respect to the 4 parameters. Run from the repository root::
+Run from the repository root::
 
-    python -m benchmarks.adjoints [--quick] [--json PATH]
+    python -m benchmarks.adjoints [--problems ...] [--methods ...] [--quick] [--out DIR]
 
-Candidates, measured in the same run and interleaved (``benchmarks/_timing.py``):
+It writes into ``--out`` (default ``benchmarks/``) ``RESULTS.md`` (the tables),
+``adjoints.csv`` (one row per case and method) and the plots ``adjoints_run.png``
+(run time per method on each problem) and ``adjoints_brusselator.png`` (the scaling
+study: run time against the number of states). ``--quick`` uses tiny sizes and one
+sample of each measurement (a smoke run, which a test runs). A failing case, or a
+gradient with NaN, is a table entry, never a crash. A line per case goes to stderr.
 
-* diffode: ``Direct()`` (every step stored), ``Direct(checkpoints=16)``,
-  ``ForwardSensitivity()`` (with and without error control on the
-  sensitivities), ``BacksolveAdjoint()``, ``InterpolatingAdjoint()``,
-  ``Auto()`` under ``jax.grad``, and plain ``jax.jacfwd`` through the solve;
-* diffrax: ``RecursiveCheckpointAdjoint`` (its default), ``BacksolveAdjoint``
-  under ``jax.grad``, and ``ForwardMode`` under ``jax.jacfwd``.
+The model of Ma, Dixit, Innes, Guo and Rackauckas, "A Comparison of Automatic
+Differentiation and Continuous Sensitivity Analysis for Derivatives of Differential
+Equation Solutions" (arXiv 1812.01892): the gradient of a loss of the saved states
+with respect to the parameters.
 
-Compile time is the median first call after ``jax.clear_caches()``; run time
-the median per-call time. Every gradient is compared with the reference from
-the hand-written forward sensitivity equations (``diffode/problems.py``). Targets
-are reported, not asserted.
+Problems (from :mod:`diffode.problems`, and the Brusselator and neural field of the
+other benchmarks): Lotka-Volterra (2 states, 4 parameters), a PK/PD model (5 states,
+11 parameters), POLLU (20 states, 25 log rate constants, stiff), the 2-D Brusselator
+on an N x N grid (2 N^2 states, 3 parameters, stiff) and an MLP neural ODE over a
+batch (thousands of parameters).
+
+Metrics per case and method: compile time (cold first call, ``jax.clear_caches()``
+first) and run time (median per call, interleaved, ``jax.block_until_ready``), the
+compiled program's memory (``memory_analysis``: temporaries, arguments and outputs),
+the primal solve's evaluations of ``f``, and the gradient's error relative to a
+reference: the forward sensitivity equations solved by SciPy's Radau at rtol 1e-12
+(independent of diffode's solvers) where the augmented system has at most
+``SCIPY_REFERENCE_MAX`` states, else diffode's ``Radau5`` with
+``ForwardSensitivity`` at rtol 1e-11 (the neural ODE: ``Direct`` at rtol 1e-10).
+
+Peers, in the same run when installed: diffrax (``RecursiveCheckpointAdjoint``,
+``BacksolveAdjoint``, ``ForwardMode``) and ``jax.experimental.ode.odeint`` (non-stiff
+problems only: it has no stiff solver). torchdiffeq and torchode are not in this
+harness yet; the table says so.
 """
 
 from __future__ import annotations
 
 import jax
 
-jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_enable_x64", True)  # the benchmark runs in float64
 
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
+import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import diffode  # noqa: E402
+from diffode import problems  # noqa: E402
 
 from . import _timing  # noqa: E402
-from .solve_lv import environment  # noqa: E402
-from diffode.problems import lotka_volterra, lotka_volterra_sensitivities  # noqa: E402
 
-NUM_SAVE = 100
-RTOL = ATOL = 1e-6
-
-
-def diffode_grad(method, ts, f) -> Callable:
-    def loss(args, y0):
-        sol = diffode.solve(f, y0, ts, args, rtol=RTOL, atol=ATOL, sensitivity=method)
-        return jnp.sum(sol.ys**2)
-
-    return jax.grad(loss)
+#: The largest augmented system (states x (parameters + 1)) whose reference SciPy solves.
+SCIPY_REFERENCE_MAX = 600
+REFERENCE_PEER = "diffrax RecursiveCheckpointAdjoint"
 
 
-def diffode_jacfwd(ts, f) -> Callable:
-    def loss(args, y0):
-        return jnp.sum(diffode.solve(f, y0, ts, args, rtol=RTOL, atol=ATOL).ys ** 2)
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One gradient problem: ``loss(solve(f, y0, ts, params).ys)`` differentiated in ``params``."""
 
-    return jax.jacfwd(loss)
+    problem: str
+    label: str
+    f: Callable
+    y0: Any
+    ts: Any
+    params: Any
+    stiff: bool
+    rtol: float
+    atol: float
+    loss: Callable = lambda ys: jnp.sum(ys**2) / ys.size  # noqa: E731
+    tstops: tuple = ()
+    batched: bool = False  # y0 has a leading batch axis (vmapped solves, shared params)
 
+    @property
+    def n(self) -> int:
+        return int(np.prod(np.shape(self.y0)[1:] if self.batched else np.shape(self.y0)))
 
-def diffrax_grad(adjoint_name, ts, f, forward=False) -> Callable:
-    import diffrax
-
-    adjoint = getattr(diffrax, adjoint_name)()
-
-    def loss(args, y0):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(f), diffrax.Tsit5(), ts[0], ts[-1], None, y0, args, saveat=diffrax.SaveAt(ts=ts),
-            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL), adjoint=adjoint,
-        )
-        return jnp.sum(sol.ys**2)
-
-    return jax.jacfwd(loss) if forward else jax.grad(loss)
-
-
-def candidates(ts, f) -> dict[str, Callable]:
-    return {
-        "diffode Direct": diffode_grad(diffode.Direct(), ts, f),
-        "diffode Direct(checkpoints=16)": diffode_grad(diffode.Direct(checkpoints=16), ts, f),
-        "diffode ForwardSensitivity": diffode_grad(diffode.ForwardSensitivity(), ts, f),
-        "diffode ForwardSensitivity(error_control=False)": diffode_grad(
-            diffode.ForwardSensitivity(error_control=False), ts, f),
-        "diffode BacksolveAdjoint": diffode_grad(diffode.BacksolveAdjoint(), ts, f),
-        "diffode InterpolatingAdjoint": diffode_grad(diffode.InterpolatingAdjoint(), ts, f),
-        "diffode Auto": diffode_grad(diffode.Auto(), ts, f),
-        "diffode jacfwd": diffode_jacfwd(ts, f),
-        "diffrax RecursiveCheckpointAdjoint": diffrax_grad("RecursiveCheckpointAdjoint", ts, f),
-        "diffrax BacksolveAdjoint": diffrax_grad("BacksolveAdjoint", ts, f),
-        "diffrax ForwardMode": diffrax_grad("ForwardMode", ts, f, forward=True),
-    }
+    @property
+    def p(self) -> int:
+        return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(self.params))
 
 
-def reference_gradient(ts) -> np.ndarray:
-    ys, _, dys_dp, _ = lotka_volterra_sensitivities(np.asarray(ts))
-    return np.einsum("tj,tjk->k", 2 * ys, dys_dp)
+# ---------------------------------------------------------------------------
+# The problems.
+# ---------------------------------------------------------------------------
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    env = environment()
-    p = lotka_volterra(jnp.float64)
-    ts = p.ts(NUM_SAVE)
-    fns = {n: jax.jit(g) for n, g in candidates(ts, p.f).items()}
-    pairs = {n: (fn, (p.args, p.y0)) for n, fn in fns.items()}
-    reps_c, reps_r = (3, 5) if quick else (5, 7)
-    print(f"# compile: 1 + {reps_c} interleaved cold first calls each ...", file=sys.stderr)
-    ctimes = _timing.compile_times(pairs, repeats=reps_c, warmup=1)
-    print(f"# run: {reps_r} interleaved repeats each ...", file=sys.stderr)
-    rtimes = _timing.run_times(pairs, repeats=reps_r, min_time=0.05 if quick else 0.2)
-    ref = reference_gradient(ts)
-    results = {}
-    for n, fn in fns.items():
-        g = np.asarray(fn(p.args, p.y0))
-        results[n] = dict(compile_s=ctimes[n].as_dict(), run_s=rtimes[n].as_dict(),
-                          rel_error=float(np.abs(g - ref).max() / np.abs(ref).max()))
-    return dict(benchmark="adjoints", environment=env, results=results, reference_gradient=ref.tolist())
+def lv_case(quick: bool) -> list[Case]:
+    pb = problems.lotka_volterra()
+    return [Case("lotka_volterra", "Lotka-Volterra", pb.f, pb.y0, pb.ts(100), pb.args, False, 1e-6, 1e-6)]
 
 
-def report(out: dict[str, Any]) -> str:
-    r = out["results"]
-    lines = ["| candidate | compile (s) | run (ms) | max rel. error vs reference |", "|---|---:|---:|---:|"]
-    for n, x in r.items():
-        lines.append(f"| {n} | {x['compile_s']['median']:.3f} | {x['run_s']['median'] * 1e3:.3f} | {x['rel_error']:.1e} |")
-    dx = {n: x for n, x in r.items() if n.startswith("diffrax")}
-    do = {n: x for n, x in r.items() if n.startswith("diffode") and n != "diffode Auto"}
-    best_dx = min(dx, key=lambda n: dx[n]["run_s"]["median"])
-    best_do = min(do, key=lambda n: do[n]["run_s"]["median"])
-    rdx, rdo = dx[best_dx]["run_s"]["median"], do[best_do]["run_s"]["median"]
-    auto = r["diffode Auto"]
-    cdef = r["diffrax RecursiveCheckpointAdjoint"]["compile_s"]["median"]
-    lines += [
-        "",
-        f"{'PASS' if rdo <= 0.5 * rdx else 'FAIL'} fastest diffode ({best_do}, {rdo * 1e3:.3f} ms) <= 0.5 x fastest "
-        f"diffrax ({best_dx}, {rdx * 1e3:.3f} ms): ratio {rdo / rdx:.2f}",
-        f"{'PASS' if auto['run_s']['median'] <= rdx else 'FAIL'} Auto ({auto['run_s']['median'] * 1e3:.3f} ms) <= "
-        f"fastest diffrax: ratio {auto['run_s']['median'] / rdx:.2f}",
-        f"{'PASS' if auto['compile_s']['median'] <= 0.5 * cdef else 'FAIL'} Auto compile "
-        f"({auto['compile_s']['median']:.3f} s) <= 0.5 x diffrax default adjoint compile ({cdef:.3f} s): "
-        f"ratio {auto['compile_s']['median'] / cdef:.2f}",
-    ]
+def pkpd_case(quick: bool) -> list[Case]:
+    pb = problems.pkpd()
+    return [Case("pkpd", "PK/PD", pb.f, pb.y0, pb.ts(49), pb.args, False, 1e-6, 1e-8)]
+
+
+def _pollu_log(t, y, logk):
+    return problems.pollu_rhs(t, y, jnp.exp(logk))
+
+
+def pollu_case(quick: bool) -> list[Case]:
+    pb = problems.pollu()
+    return [Case("pollu", "POLLU (log k)", _pollu_log, pb.y0, pb.ts(13), jnp.log(pb.args), True, 1e-6, 1e-10)]
+
+
+def brusselator_cases(quick: bool) -> list[Case]:
+    from .brusselator import T1, T_ON, Bruss, PARAMS
+
+    out = []
+    for N in (2, 4) if quick else (2, 4, 8, 16, 32):
+        b = Bruss(N)
+        ts = jnp.linspace(0.0, T1, 12)
+        out.append(Case("brusselator", f"Brusselator N={N}", b.rhs(), jnp.asarray(b.y0()), ts, jnp.asarray(PARAMS),
+                        True, 1e-6, 1e-8, tstops=(T_ON,)))
+    return out
+
+
+def neural_case(quick: bool) -> list[Case]:
+    from . import neural_ode as nb
+
+    width, batch = (16, 8) if quick else (64, 256)
+    params, static = eqx.partition(nb.make_model(width, jnp.float64), eqx.is_inexact_array)
+    ts, y0, target = nb.make_data(batch, jnp.float64)
+
+    def f(t, y, p):
+        return eqx.combine(p, static)(t, y, None)
+
+    return [Case("neural", f"neural ODE (MLP {width}, batch {batch})", f, y0, ts, params, False, 1e-3, 1e-6,
+                 loss=lambda ys: jnp.mean((ys - target) ** 2), batched=True)]
+
+
+PROBLEMS = {"lotka_volterra": lv_case, "pkpd": pkpd_case, "pollu": pollu_case, "brusselator": brusselator_cases,
+            "neural": neural_case}
+
+
+# ---------------------------------------------------------------------------
+# The candidates: each builds grad(params) for a case, or says why it does not apply.
+# ---------------------------------------------------------------------------
+
+
+def _batched(case: Case, solve_one: Callable) -> Callable:
+    """``loss(params)`` of a case from ``solve_one(params, y0) -> ys``."""
+    if case.batched:
+        return lambda p: case.loss(jax.vmap(lambda y: solve_one(p, y))(case.y0))
+    return lambda p: case.loss(solve_one(p, case.y0))
+
+
+def diffode_solve_one(case: Case, method=None) -> Callable:
+    solver = diffode.Rodas5P() if case.stiff else diffode.Tsit5()
+    f = case.f
+
+    def solve_one(p, y0):
+        return diffode.solve(f, y0, case.ts, p, solver=solver, rtol=case.rtol, atol=case.atol, sensitivity=method,
+                             tstops=list(case.tstops) or None, max_steps=20_000).ys
+
+    return solve_one
+
+
+def diffode_candidate(method) -> Callable:
+    def make(case: Case):
+        if isinstance(method, diffode.ForwardSensitivity) and case.n * (case.p + 1) > 50_000:
+            return "skipped: forward sensitivities of n (p + 1) > 50000 equations"
+        return jax.grad(_batched(case, diffode_solve_one(case, method)))
+
+    return make
+
+
+def diffode_jacfwd(case: Case):
+    if case.p > 200:
+        return "skipped: jacfwd over p > 200 parameters"
+    return jax.jacfwd(_batched(case, diffode_solve_one(case)))
+
+
+def diffrax_candidate(adjoint_name: str, forward: bool = False) -> Callable:
+    def make(case: Case):
+        import diffrax
+
+        if forward and case.p > 200:
+            return "skipped: forward mode over p > 200 parameters"
+        solver = diffrax.Kvaerno5() if case.stiff else diffrax.Tsit5()
+        controller = diffrax.PIDController(rtol=case.rtol, atol=case.atol,
+                                           jump_ts=jnp.asarray(case.tstops) if case.tstops else None)
+        f = case.f
+
+        def solve_one(p, y0):
+            return diffrax.diffeqsolve(
+                diffrax.ODETerm(f), solver, case.ts[0], case.ts[-1], None, y0, p, saveat=diffrax.SaveAt(ts=case.ts),
+                stepsize_controller=controller, adjoint=getattr(diffrax, adjoint_name)(), max_steps=20_000).ys
+
+        loss = _batched(case, solve_one)
+        return jax.jacfwd(loss) if forward else jax.grad(loss)
+
+    return make
+
+
+def odeint_candidate(case: Case):
+    from jax.experimental.ode import odeint
+
+    if case.stiff:
+        return "not applicable: odeint has no stiff solver"
+    f = case.f
+
+    def solve_one(p, y0):
+        return odeint(lambda y, t, p: f(t, y, p), y0, case.ts, p, rtol=case.rtol, atol=case.atol, mxstep=20_000)
+
+    return jax.grad(_batched(case, solve_one))
+
+
+METHODS: dict[str, Callable] = {
+    "diffode Direct": diffode_candidate(diffode.Direct()),
+    "diffode Direct(checkpoints=16)": diffode_candidate(diffode.Direct(checkpoints=16)),
+    "diffode ForwardSensitivity": diffode_candidate(diffode.ForwardSensitivity()),
+    "diffode BacksolveAdjoint": diffode_candidate(diffode.BacksolveAdjoint()),
+    "diffode BacksolveAdjoint(seminorm=True)": diffode_candidate(diffode.BacksolveAdjoint(seminorm=True)),
+    "diffode InterpolatingAdjoint": diffode_candidate(diffode.InterpolatingAdjoint()),
+    "diffode Auto": diffode_candidate(diffode.Auto()),
+    "diffode jax.jacfwd": diffode_jacfwd,
+    "diffrax RecursiveCheckpointAdjoint": diffrax_candidate("RecursiveCheckpointAdjoint"),
+    "diffrax BacksolveAdjoint": diffrax_candidate("BacksolveAdjoint"),
+    "diffrax ForwardMode": diffrax_candidate("ForwardMode", forward=True),
+    "jax odeint": odeint_candidate,
+}
+QUICK_METHODS = ("diffode Direct", "diffode ForwardSensitivity", "diffode InterpolatingAdjoint", "diffode Auto",
+                 "diffrax RecursiveCheckpointAdjoint", "jax odeint")
+
+
+# ---------------------------------------------------------------------------
+# References and metrics.
+# ---------------------------------------------------------------------------
+
+
+def scipy_reference(case: Case) -> np.ndarray:
+    """The loss gradient from the forward sensitivity equations, solved by SciPy's Radau."""
+    from scipy.integrate import solve_ivp
+
+    y0, p = np.asarray(case.y0, np.float64), np.asarray(case.params, np.float64)
+    n, m = y0.size, p.size
+
+    def aug(t, z):
+        y, s = z[:n], z[n:].reshape(n, m)
+        jy, jp = jax.jacfwd(case.f, argnums=(1, 2))(t, y, p)
+        return jnp.concatenate([case.f(t, y, p), (jy @ s + jp).ravel()])
+
+    rhs = jax.jit(aug)
+    jac = jax.jit(jax.jacfwd(aug, argnums=1))
+    ts = np.asarray(case.ts)
+    z0 = np.concatenate([y0, np.zeros(n * m)])
+    pieces, start = [], (ts[0], z0)
+    bounds = sorted({*case.tstops, ts[-1]})
+    for b in bounds:
+        seg = ts[(ts >= start[0]) & (ts <= b)]
+        sol = solve_ivp(lambda t, z: np.asarray(rhs(t, z)), (start[0], b), start[1], method="Radau", t_eval=seg,
+                        rtol=1e-12, atol=1e-14, jac=lambda t, z: np.asarray(jac(t, z)))
+        pieces.append(sol.y.T if b == bounds[-1] else sol.y.T[:-1] if seg.size and seg[-1] == b else sol.y.T)
+        start = (b, sol.y[:, -1] if sol.t[-1] == b else solve_ivp(
+            lambda t, z: np.asarray(rhs(t, z)), (sol.t[-1], b), sol.y[:, -1], method="Radau", rtol=1e-12,
+            atol=1e-14).y[:, -1])
+    zs = np.concatenate(pieces)
+    ys, sens = zs[:, :n], zs[:, n:].reshape(-1, n, m)
+    dl_dys = np.asarray(jax.grad(case.loss)(jnp.asarray(ys)))
+    return np.einsum("tn,tnm->m", dl_dys, sens)
+
+
+def reference_gradient(case: Case):
+    if not case.batched and case.n * (case.p + 1) <= SCIPY_REFERENCE_MAX:
+        return scipy_reference(case), "SciPy Radau, forward sensitivities, rtol 1e-12"
+    if case.batched:
+        method, solver, rtol = diffode.Direct(), diffode.Tsit5(), 1e-10
+        what = "diffode Tsit5 + Direct, rtol 1e-10"
+    else:
+        method, solver, rtol = diffode.ForwardSensitivity(), diffode.Radau5(), 1e-11
+        what = "diffode Radau5 + ForwardSensitivity, rtol 1e-11"
+    f = case.f
+
+    def solve_one(p, y0):
+        return diffode.solve(f, y0, case.ts, p, solver=solver, rtol=rtol, atol=rtol * 1e-2, sensitivity=method,
+                             tstops=list(case.tstops) or None, max_steps=200_000).ys
+
+    return _flat(jax.jit(jax.grad(_batched(case, solve_one)))(case.params)), what
+
+
+def _flat(tree) -> np.ndarray:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves]) if leaves else np.zeros(0)
+
+
+def primal_fevals(case: Case, name: str) -> float | None:
+    """Evaluations of ``f`` by the primal solve (mean over a batch), from the solver's counters."""
+    if name.startswith("diffode"):
+        solver = diffode.Rodas5P() if case.stiff else diffode.Tsit5()
+
+        def count(y0):
+            return diffode.solve(case.f, y0, case.ts, case.params, solver=solver, rtol=case.rtol,
+                                 atol=case.atol, tstops=list(case.tstops) or None, max_steps=20_000,
+                                 throw=False).stats["num_fevals"]
+
+        n = jax.vmap(count)(case.y0) if case.batched else count(case.y0)
+        return float(np.mean(np.asarray(n)))
+    return None
+
+
+def measure(case: Case, name: str, make: Callable, reference: np.ndarray, quick: bool) -> dict[str, Any]:
+    row = dict(problem=case.problem, case=case.label, n=case.n, p=case.p, method=name)
+    try:
+        grad = make(case)
+        if isinstance(grad, str):
+            return dict(row, status=grad)
+        fn = jax.jit(grad)
+        jax.clear_caches()
+        t0 = time.perf_counter()  # a cold first call: trace, lower, compile and one run
+        compiled = fn.lower(case.params).compile()
+        g = _flat(jax.block_until_ready(compiled(case.params)))
+        compile_s = time.perf_counter() - t0
+        if not quick:  # the median of more cold first calls
+            compile_s = _timing.median([compile_s] + list(_timing.compile_time(fn, case.params, repeats=2, warmup=0).samples))
+        mem = compiled.memory_analysis()
+        err = float(np.max(np.abs(g - reference)) / max(np.max(np.abs(reference)), 1e-300))
+        rt = _timing.run_time(compiled, case.params, repeats=3 if quick else 7, min_time=0.02 if quick else 0.2)
+        return dict(row, status="ok" if np.all(np.isfinite(g)) else "nan in gradient", compile_s=compile_s,
+                    run_ms=1e3 * rt.median, memory_mb=(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                                       + mem.output_size_in_bytes) / 2**20,
+                    fevals=primal_fevals(case, name), grad_rel_error=err)
+    except Exception as e:  # noqa: BLE001 -- a failure is a table entry
+        return dict(row, status=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+
+
+# ---------------------------------------------------------------------------
+# Output.
+# ---------------------------------------------------------------------------
+
+COLUMNS = ("problem", "case", "n", "p", "method", "status", "compile_s", "run_ms", "memory_mb", "fevals",
+           "grad_rel_error")
+
+
+def _fmt(x, spec) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown(rows: list[dict], notes: list[str], quick: bool) -> str:
+    lines = ["# Adjoint-method benchmark", "",
+             f"Generated by `python -m benchmarks.adjoints{' --quick' if quick else ''}`; do not edit by hand.", ""]
+    lines += [f"- {n}" for n in notes] + [""]
+    for label in dict.fromkeys(r["case"] for r in rows):
+        group = [r for r in rows if r["case"] == label]
+        ref = next((r for r in group if r["method"] == REFERENCE_PEER and r.get("run_ms")), None)
+        lines += [f"## {label} ({group[0]['n']} states, {group[0]['p']} parameters)", "",
+                  "| method | compile (s) | run (ms) | run / diffrax | memory (MiB) | primal fevals | gradient error |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in group:
+            if r["status"] != "ok" and r.get("run_ms") is None:
+                lines.append(f"| {r['method']} | | | | | | {r['status']} |")
+                continue
+            ratio = _fmt(r["run_ms"] / ref["run_ms"], ".2f") if ref else ""
+            err = _fmt(r["grad_rel_error"], ".1e") + ("" if r["status"] == "ok" else f" ({r['status']})")
+            lines.append(f"| {r['method']} | {_fmt(r['compile_s'], '.2f')} | {_fmt(r['run_ms'], '.3f')} | {ratio} | "
+                         f"{_fmt(r['memory_mb'], '.2f')} | {_fmt(r.get('fevals'), '.0f')} | {err} |")
+        lines.append("")
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    _timing.quick_json_main("python -m benchmarks.adjoints", __doc__, run, report, argv)
+def plots(rows: list[dict], out: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    done = [r for r in rows if r.get("run_ms")]
+    written = []
+    labels = list(dict.fromkeys(r["case"] for r in done))
+    methods = list(dict.fromkeys(r["method"] for r in done))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels)), 4.5))
+    width = 0.8 / max(len(methods), 1)
+    for k, m in enumerate(methods):
+        xs = [i + k * width for i, c in enumerate(labels) for r in done if r["case"] == c and r["method"] == m]
+        ys = [r["run_ms"] for c in labels for r in done if r["case"] == c and r["method"] == m]
+        ax.bar(xs, ys, width, label=m)
+    ax.set_xticks([i + 0.4 for i in range(len(labels))], labels, rotation=20, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("gradient run time (ms)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    written.append(os.path.join(out, "adjoints_run.png"))
+    fig.savefig(written[-1], dpi=110)
+    bruss = [r for r in done if r["problem"] == "brusselator"]
+    if len({r["n"] for r in bruss}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for m in dict.fromkeys(r["method"] for r in bruss):
+            pts = sorted((r["n"], r["run_ms"]) for r in bruss if r["method"] == m)
+            ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("states (2 N^2)")
+        ax.set_ylabel("gradient run time (ms)")
+        ax.set_title("2-D Brusselator: gradient with respect to 3 parameters")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        written.append(os.path.join(out, "adjoints_brusselator.png"))
+        fig.savefig(written[-1], dpi=110)
+    plt.close("all")
+    return written
+
+
+def run(problem_names, method_filter, quick: bool, out: str) -> list[dict]:
+    os.makedirs(out, exist_ok=True)
+    names = [m for m in METHODS if (not method_filter and (not quick or m in QUICK_METHODS))
+             or any(s in m for s in method_filter or ())]
+    rows, notes = [], ["torchdiffeq and torchode: not in this harness yet. Primal fevals: diffode's counters of "
+                       "the forward solve (mean over a batch); the peers' and the backward passes' are not counted yet.",
+                       f"jax {jax.__version__}, {os.cpu_count()} CPUs, float64; run times are medians of interleaved "
+                       "repeats, each call blocked until ready; compile = cold first call."]
+    start = time.time()
+    for pname in problem_names:
+        for case in PROBLEMS[pname](quick):
+            try:
+                reference, what = reference_gradient(case)
+            except Exception as e:  # noqa: BLE001
+                reference, what = np.full(case.p, np.nan), f"reference failed: {type(e).__name__}: {e}"[:200]
+            notes.append(f"{case.label}: reference {what}.")
+            for name in names:
+                row = measure(case, name, METHODS[name], reference, quick)
+                rows.append(row)
+                print(f"[{time.time() - start:6.1f} s] {case.label} | {name}: {row['status']}"
+                      + (f", {row['run_ms']:.3f} ms" if row.get("run_ms") else ""), file=sys.stderr)
+                jax.clear_caches()
+    with open(os.path.join(out, "adjoints.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    written = plots(rows, out)
+    if written:
+        notes.append("Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in written) + ".")
+    with open(os.path.join(out, "RESULTS.md"), "w") as fh:
+        fh.write(markdown(rows, notes, quick))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.adjoints", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--problems", nargs="*", choices=list(PROBLEMS), default=list(PROBLEMS))
+    ap.add_argument("--methods", nargs="*", help="keep the methods whose name contains one of these")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one sample each (a smoke run)")
+    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    a = ap.parse_args(argv)
+    rows = run(a.problems, a.methods, a.quick, a.out)
+    print(f"# wrote {a.out}/RESULTS.md, adjoints.csv ({len(rows)} rows)", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

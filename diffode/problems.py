@@ -50,6 +50,7 @@ __all__ = [
     "lotka_volterra_sensitivities",
     "lotka_volterra_weighted_gradient",
     "orego",
+    "pkpd",
     "pollu",
     "rescaled_kepler",
     "rober",
@@ -714,6 +715,45 @@ def pollu(dtype=np.float64) -> Problem:
 
 # The five, in the order of the benchmark tables.
 TESTSET = (hires, rober, vdpol, orego, pollu)
+
+
+# ----------------------------------------------------------------------------
+# A pharmacokinetic/pharmacodynamic model: an oral dose into a two-compartment
+# model with an effect compartment driving an indirect response (inhibition of
+# production; Dayneka, Garg and Jusko, J. Pharmacokinet. Biopharm. 21, 1993, model I).
+# No closed form: the benchmarks compare gradients with a tight independent solve.
+# ----------------------------------------------------------------------------
+
+#: ka, F, CL, V1, Q, V2, ke0, kin, kout, imax, ic50 (hours, litres, mg).
+PKPD_PARAMS = (1.0, 0.8, 5.0, 20.0, 10.0, 50.0, 0.5, 10.0, 0.5, 0.9, 2.0)
+PKPD_DOSE = 100.0
+
+
+def pkpd_rhs(t, y, args):
+    """States: gut amount, central amount, peripheral amount, effect-site concentration,
+    response; the response's production is inhibited by ``imax Ce^2 / (ic50^2 + Ce^2)``."""
+    ka, F, CL, V1, Q, V2, ke0, kin, kout, imax, ic50 = (args[i] for i in range(11))
+    gut, central, peripheral, ce, response = y[0], y[1], y[2], y[3], y[4]
+    conc = central / V1
+    inhibition = imax * ce**2 / (ic50**2 + ce**2)
+    return jnp.stack([
+        -ka * gut,
+        F * ka * gut - CL * conc - Q * conc + Q * peripheral / V2,
+        Q * conc - Q * peripheral / V2,
+        ke0 * (conc - ce),
+        kin * (1.0 - inhibition) - kout * response,
+    ])
+
+
+def pkpd(dtype=np.float64) -> Problem:
+    """The PK/PD model above: 5 states, 11 parameters, a dose of 100 at ``t = 0``, the
+    response at its baseline ``kin / kout``, on ``[0, 24]`` hours."""
+    dtype = _check_dtype(dtype)
+    kin, kout = PKPD_PARAMS[7], PKPD_PARAMS[8]
+    return Problem(
+        name="pkpd", f=pkpd_rhs, y0=jnp.asarray([PKPD_DOSE, 0.0, 0.0, 0.0, kin / kout], dtype), t0=0.0, t1=24.0,
+        args=jnp.asarray(PKPD_PARAMS, dtype), dtype=dtype,
+    )
 
 # Tolerances for the test set: atol = rtol * TESTSET_ATOL_OVER_RTOL[name]. Chosen from the size of the components
 # that matter (our choice, not the test set's: its reports use per-solver
