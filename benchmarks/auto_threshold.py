@@ -513,10 +513,14 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="reduced set, a few minutes")
     ap.add_argument("--json", metavar="PATH", help=f"where to save (full run default: {OUT_DEFAULT})")
     ap.add_argument("--study", action="append", choices=list(STUDIES), help="run only this study (repeatable)")
+    ap.add_argument("--results", action="store_true", help="write the report into its section of RESULTS.md")
     a = ap.parse_args(argv)
     path = a.json or (None if a.quick else OUT_DEFAULT)
     out = run(quick=a.quick, studies=tuple(a.study or STUDIES), path=path)
-    print(report(out))
+    text = report(out)
+    print(text)
+    if a.results:
+        _timing.write_section("auto_threshold", text)
     if path:
         print(f"# wrote {path}", file=sys.stderr)
 

@@ -986,6 +986,7 @@ def main(argv=None) -> None:
                          "(plot at N = 8, gradients at N = 4, 8)")
     ap.add_argument("--cap", type=float, default=120.0, help="skip a run extrapolated to take longer (s)")
     ap.add_argument("--out", metavar="PATH", help="write the results as JSON to PATH")
+    ap.add_argument("--results", action="store_true", help="write the report into its section of RESULTS.md")
     ap.add_argument("--plot", nargs="?", const="benchmarks/brusselator.png", metavar="PATH",
                     help="work-precision plot at N = 16 (8 with --quick), saved to PATH")
     ap.add_argument("--grad", action="store_true", help="gradient part at N = 4, 8 and 16 (4, 8 with --quick)")
@@ -1062,7 +1063,10 @@ def main(argv=None) -> None:
     if a.grad_accuracy:
         out["gradient_accuracy"] = run_gradient_accuracy(a.grad_accuracy, (1e-6, 1e-7, 1e-8), log)
     out["wall_s"] = time.perf_counter() - t_start
-    print(report(out))
+    text = report(out)
+    print(text)
+    if a.results:
+        _timing.write_section("brusselator", text)
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(out, fh, indent=1)

@@ -550,13 +550,17 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", default=[],
                     help="keep only candidates whose name contains one of these (the reference is always kept)")
     ap.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--results", action="store_true", help="write the report into its section of RESULTS.md")
     a = ap.parse_args(argv)
     METHODS[:] = a.methods
     RUN_SIZES[:] = a.sizes
     path = a.out or (None if a.quick else DEFAULT_OUT)
     out = run(quick=a.quick, partial_out=path)
     sys.stderr.flush()
-    print(report(out), flush=True)
+    text = report(out)
+    print(text, flush=True)
+    if a.results:
+        _timing.write_section("neural_ode", text)
     if path:
         with open(path, "w") as fh:
             json.dump(out, fh, indent=1)

@@ -50,6 +50,8 @@ import optax
 
 import diffode
 
+from . import _timing
+
 RTOL, ATOL = 1e-5, 1e-6
 TARGET_NFE, TARGET_LOSS = 0.7, 1.1  # the target: >= 30% fewer evaluations, loss within 10%
 
@@ -244,6 +246,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="Adam steps (default per problem)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--results", action="store_true", help="write the summary into its section of RESULTS.md")
     args = parser.parse_args()
     seeds = range(args.seeds or (1 if args.quick else 3))
     builders = dict(rings=rings, spiral=spiral)
@@ -263,6 +266,8 @@ def main() -> None:
         summary += summarise(mine, problem)
     print(f"\nmedian (range) over {len(seeds)} seed(s); ratios against the unregularised run of the same seed\n")
     print(table(summary))
+    if args.results:
+        _timing.write_section("regulariser", table(summary))
     for s in summary:
         if s["lam_error"] or s["lam_stiffness"]:
             print(f"{s['problem']}, {label((s['lam_error'], s['lam_stiffness']))}: target (NFE <= {TARGET_NFE} x, "

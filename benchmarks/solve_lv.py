@@ -289,13 +289,17 @@ def report(out: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.solve_lv", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    ap.add_argument("--results", action="store_true", help="write the report into its section of RESULTS.md")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     ap.add_argument("--compile-repeats", type=int, default=None, help="cold first calls per candidate")
     ap.add_argument("--run-repeats", type=int, default=None, help="run-time repeats per candidate")
     a = ap.parse_args(argv)
     out = run(quick=a.quick, compile_repeats=a.compile_repeats, run_repeats=a.run_repeats)
     sys.stderr.flush()
-    print(report(out), flush=True)
+    text = report(out)
+    print(text, flush=True)
+    if a.results:
+        _timing.write_section("solve_lv", text)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=2)

@@ -491,6 +491,7 @@ def _json_safe(x):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.stiff", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    ap.add_argument("--results", action="store_true", help="write the report into its section of RESULTS.md")
     ap.add_argument("--plot", metavar="PATH", help="save a work-precision plot (PNG, SVG, ...) to PATH")
     ap.add_argument("--quick", action="store_true", help="3 tolerances and fewer repetitions (a few minutes)")
     ap.add_argument("--problems", help="comma-separated subset of: " + ",".join(m.__name__ for m in TESTSET))
@@ -504,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
                   problems=tuple(a.problems.split(",")) if a.problems else None)
     out["settings"]["wall_s"] = time.perf_counter() - start
     sys.stderr.flush()
-    print(report(out), flush=True)
+    text = report(out)
+    print(text, flush=True)
+    if a.results:
+        _timing.write_section("stiff", text)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(_json_safe(out), fh, indent=2)

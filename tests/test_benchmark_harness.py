@@ -24,7 +24,8 @@ def test_quick_run_writes_results_and_survives_a_failure(tmp_path, monkeypatch):
             # rtol 1e-6 solves against SciPy references at 1e-12: errors ~1e-5 at most.
             assert r["status"] == "ok" and r["grad_rel_error"] < 1e-3 and r["run_ms"] > 0 and r["compile_s"] > 0
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "## Lotka-Volterra" in text and "## PK/PD" in text and "failed: RuntimeError" in text
+    assert "### Lotka-Volterra" in text and "### PK/PD" in text and "failed: RuntimeError" in text
+    assert text.count("<!-- begin adjoints -->") == 1
     with open(tmp_path / "adjoints.csv") as fh:
         assert len(list(csv.DictReader(fh))) == len(rows)
     assert os.path.getsize(tmp_path / "adjoints_run.png") > 0
