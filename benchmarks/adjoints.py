@@ -33,10 +33,11 @@ reference: the forward sensitivity equations solved by SciPy's Radau at rtol 1e-
 ``SCIPY_REFERENCE_MAX`` states, else diffode's ``Radau5`` with
 ``ForwardSensitivity`` at rtol 1e-11 (the neural ODE: ``Direct`` at rtol 1e-10).
 
-Peers, in the same run when installed: diffrax (``RecursiveCheckpointAdjoint``,
-``BacksolveAdjoint``, ``ForwardMode``) and ``jax.experimental.ode.odeint`` (non-stiff
-problems only: it has no stiff solver). torchdiffeq and torchode are not in this
-harness yet; the table says so.
+Peers, in the same run when installed (``pip install -e ".[bench]"``): diffrax
+(``RecursiveCheckpointAdjoint``, ``BacksolveAdjoint``, ``ForwardMode``),
+``jax.experimental.ode.odeint``, torchdiffeq (``odeint``, ``odeint_adjoint``) and
+torchode (``AutoDiffAdjoint``), the last three on the non-stiff problems only (they have
+no stiff solver). A peer that is not installed is a "failed: ModuleNotFoundError" entry.
 """
 
 from __future__ import annotations
@@ -140,8 +141,12 @@ def neural_case(quick: bool) -> list[Case]:
     def f(t, y, p):
         return eqx.combine(p, static)(t, y, None)
 
+    def loss(ys):
+        return jnp.mean((ys - target) ** 2)
+
+    loss.target = target  # for the torch peers
     return [Case("neural", f"neural ODE (MLP {width}, batch {batch})", f, y0, ts, params, False, 1e-3, 1e-6,
-                 loss=lambda ys: jnp.mean((ys - target) ** 2), batched=True)]
+                 loss=loss, batched=True)]
 
 
 PROBLEMS = {"lotka_volterra": lv_case, "pkpd": pkpd_case, "pollu": pollu_case, "brusselator": brusselator_cases,
@@ -221,6 +226,117 @@ def odeint_candidate(case: Case):
     return jax.grad(_batched(case, solve_one))
 
 
+# ---------------------------------------------------------------------------
+# torch peers: the same problems written in torch (float64, CPU), timed as the gradient
+# of the same loss by loss.backward(). A candidate is then a "torch:" thunk, measured by
+# measure_torch.
+# ---------------------------------------------------------------------------
+
+
+def torch_problem(case: Case):
+    """``(f(t, y, params), y0, ts, params, loss)`` in torch for the non-stiff problems, or the
+    reason there is none."""
+    import torch
+
+    T = lambda x: torch.tensor(np.asarray(x), dtype=torch.float64)  # noqa: E731
+    if case.stiff:
+        return "not applicable: no stiff solver (the problem is stiff)"
+    if case.problem == "lotka_volterra":
+        def f(t, y, p):
+            a, b, c, d = p[0]
+            return torch.stack([a * y[..., 0] - b * y[..., 0] * y[..., 1], -c * y[..., 1] + d * y[..., 0] * y[..., 1]],
+                               -1)
+        params = [T(case.params)]
+    elif case.problem == "pkpd":
+        def f(t, y, p):
+            ka, F, CL, V1, Q, V2, ke0, kin, kout, imax, ic50 = p[0]
+            gut, central, peripheral, ce, response = (y[..., i] for i in range(5))
+            conc = central / V1
+            inhibition = imax * ce**2 / (ic50**2 + ce**2)
+            return torch.stack([-ka * gut, F * ka * gut - CL * conc - Q * conc + Q * peripheral / V2,
+                                Q * conc - Q * peripheral / V2, ke0 * (conc - ce),
+                                kin * (1.0 - inhibition) - kout * response], -1)
+        params = [T(case.params)]
+    elif case.problem == "neural":
+        layers = [(T(layer.weight), T(layer.bias)) for layer in case.params.mlp.layers]
+        params = [x for wb in layers for x in wb]
+
+        def f(t, y, p):
+            for k in range(0, len(p), 2):
+                y = y @ p[k].T + p[k + 1]
+                y = torch.tanh(y) if k + 2 < len(p) else y
+            return y
+    else:
+        return "not written in torch yet"
+    for x in params:
+        x.requires_grad_(True)
+    target = getattr(case.loss, "target", None)
+    target = None if target is None else T(target)
+
+    def loss(ys):  # the case's loss, in torch: sum of squares, or the neural case's MSE
+        return torch.mean((ys - target) ** 2) if target is not None else torch.sum(ys**2) / ys.numel()
+
+    return f, T(case.y0), T(case.ts), params, loss
+
+
+def torchdiffeq_candidate(adjoint: bool) -> Callable:
+    def make(case: Case):
+        import torchdiffeq
+
+        tp = torch_problem(case)
+        if isinstance(tp, str):
+            return tp
+        f, y0, ts, params, loss = tp
+        odeint = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+
+        class Field(__import__("torch").nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.p = __import__("torch").nn.ParameterList(params)
+
+            def forward(self, t, y):
+                return f(t, y, list(self.p))
+
+        field = Field()
+        # (batched neural case: y0 is (batch, 2), solved as one system, as torchdiffeq users do)
+
+        def grad():
+            field.zero_grad()
+            ys = odeint(field, y0, ts, rtol=case.rtol, atol=case.atol, method="dopri5")
+            value = loss(ys.transpose(0, 1) if case.batched else ys)
+            value.backward()
+            return np.concatenate([x.grad.detach().numpy().ravel() for x in field.p])
+
+        return ("torch", grad)
+
+    return make
+
+
+def torchode_candidate(case: Case):
+    import torch
+    import torchode as to
+
+    tp = torch_problem(case)
+    if isinstance(tp, str):
+        return tp
+    f, y0, ts, params, loss = tp
+    y0b = y0 if case.batched else y0[None]
+    term = to.ODETerm(lambda t, y: f(t, y, params))
+    solver = to.AutoDiffAdjoint(to.Tsit5(term=term), to.IntegralController(atol=case.atol, rtol=case.rtol, term=term))
+
+    def grad():
+        for x in params:
+            x.grad = None
+        problem = to.InitialValueProblem(y0=y0b, t_eval=ts.expand(y0b.shape[0], -1))
+        ys = solver.solve(problem).ys  # (batch, T, n)
+        value = loss(ys if case.batched else ys[0])
+        value.backward()
+        return np.concatenate([x.grad.detach().numpy().ravel() for x in params])
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return ("torch", grad)
+
+
 METHODS: dict[str, Callable] = {
     "diffode Direct": diffode_candidate(diffode.Direct()),
     "diffode Direct(checkpoints=16)": diffode_candidate(diffode.Direct(checkpoints=16)),
@@ -234,9 +350,13 @@ METHODS: dict[str, Callable] = {
     "diffrax BacksolveAdjoint": diffrax_candidate("BacksolveAdjoint"),
     "diffrax ForwardMode": diffrax_candidate("ForwardMode", forward=True),
     "jax odeint": odeint_candidate,
+    "torchdiffeq odeint": torchdiffeq_candidate(adjoint=False),
+    "torchdiffeq odeint_adjoint": torchdiffeq_candidate(adjoint=True),
+    "torchode (AutoDiffAdjoint)": torchode_candidate,
 }
 QUICK_METHODS = ("diffode Direct", "diffode ForwardSensitivity", "diffode InterpolatingAdjoint", "diffode Auto",
-                 "diffrax RecursiveCheckpointAdjoint", "jax odeint")
+                 "diffrax RecursiveCheckpointAdjoint", "jax odeint", "torchdiffeq odeint", "torchdiffeq odeint_adjoint",
+                 "torchode (AutoDiffAdjoint)")
 
 
 # ---------------------------------------------------------------------------
@@ -320,6 +440,8 @@ def measure(case: Case, name: str, make: Callable, reference: np.ndarray, quick:
         grad = make(case)
         if isinstance(grad, str):
             return dict(row, status=grad)
+        if isinstance(grad, tuple):
+            return measure_torch(row, grad[1], reference, quick)
         fn = jax.jit(grad)
         jax.clear_caches()
         t0 = time.perf_counter()  # a cold first call: trace, lower, compile and one run
@@ -337,6 +459,26 @@ def measure(case: Case, name: str, make: Callable, reference: np.ndarray, quick:
                     fevals=primal_fevals(case, name), grad_rel_error=err)
     except Exception as e:  # noqa: BLE001 -- a failure is a table entry
         return dict(row, status=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+
+
+def measure_torch(row: dict, grad: Callable, reference: np.ndarray, quick: bool) -> dict[str, Any]:
+    """A torch candidate: no compilation (compile = the first call), run = median per call,
+    peak memory = the process's resident-set growth during the first call (MiB)."""
+    import resource
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    g = grad()
+    first = time.perf_counter() - t0
+    rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    err = float(np.max(np.abs(g - reference)) / max(np.max(np.abs(reference)), 1e-300))
+    samples = []
+    for _ in range(3 if quick else 7):
+        t0 = time.perf_counter()
+        grad()
+        samples.append(time.perf_counter() - t0)
+    return dict(row, status="ok" if np.all(np.isfinite(g)) else "nan in gradient", compile_s=first,
+                run_ms=1e3 * _timing.median(samples), memory_mb=rss, fevals=None, grad_rel_error=err)
 
 
 # ---------------------------------------------------------------------------
@@ -421,8 +563,11 @@ def run(problem_names, method_filter, quick: bool, out: str) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     names = [m for m in METHODS if (not method_filter and (not quick or m in QUICK_METHODS))
              or any(s in m for s in method_filter or ())]
-    rows, notes = [], ["torchdiffeq and torchode: not in this harness yet. Primal fevals: diffode's counters of "
-                       "the forward solve (mean over a batch); the peers' and the backward passes' are not counted yet.",
+    rows, notes = [], ["torch peers (torchdiffeq, torchode): float64 on the CPU, `dopri5`/`Tsit5`, the same "
+                       "tolerances; no compilation, so their compile column is the first call, and their memory "
+                       "the process's resident-set growth in it; not installed means a 'failed: "
+                       "ModuleNotFoundError' entry. Primal fevals: diffode's counters of the forward solve (mean "
+                       "over a batch); the peers' and the backward passes' are not counted yet.",
                        f"jax {jax.__version__}, {os.cpu_count()} CPUs, float64; run times are medians of interleaved "
                        "repeats, each call blocked until ready; compile = cold first call."]
     start = time.time()
