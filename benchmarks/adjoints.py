@@ -385,17 +385,18 @@ def scipy_reference(case: Case) -> np.ndarray:
     rhs = jax.jit(aug)
     jac = jax.jit(jax.jacfwd(aug, argnums=1))
     ts = np.asarray(case.ts)
-    z0 = np.concatenate([y0, np.zeros(n * m)])
-    pieces, start = [], (ts[0], z0)
-    bounds = sorted({*case.tstops, ts[-1]})
-    for b in bounds:
-        seg = ts[(ts >= start[0]) & (ts <= b)]
-        sol = solve_ivp(lambda t, z: np.asarray(rhs(t, z)), (start[0], b), start[1], method="Radau", t_eval=seg,
-                        rtol=1e-12, atol=1e-14, jac=lambda t, z: np.asarray(jac(t, z)))
-        pieces.append(sol.y.T if b == bounds[-1] else sol.y.T[:-1] if seg.size and seg[-1] == b else sol.y.T)
-        start = (b, sol.y[:, -1] if sol.t[-1] == b else solve_ivp(
-            lambda t, z: np.asarray(rhs(t, z)), (sol.t[-1], b), sol.y[:, -1], method="Radau", rtol=1e-12,
-            atol=1e-14).y[:, -1])
+    z = np.concatenate([y0, np.zeros(n * m)])
+    # One solve per stretch between the tstops (the forcing switches there), each saving at
+    # its own save times and ending on the stretch's end, where the next one starts.
+    stops = sorted(b for b in case.tstops if ts[0] < b < ts[-1])
+    pieces = []
+    for a, b in zip([ts[0], *stops], [*stops, ts[-1]]):
+        keep = ts[(ts >= a) & ((ts < b) | (b == ts[-1]))]
+        sol = solve_ivp(lambda t, z: np.asarray(rhs(t, z)), (a, b), z, method="Radau",
+                        t_eval=np.unique(np.append(keep, b)), rtol=1e-12, atol=1e-14,
+                        jac=lambda t, z: np.asarray(jac(t, z)))
+        pieces.append(sol.y.T[np.isin(sol.t, keep)])
+        z = sol.y[:, -1]
     zs = np.concatenate(pieces)
     ys, sens = zs[:, :n], zs[:, n:].reshape(-1, n, m)
     dl_dys = np.asarray(jax.grad(case.loss)(jnp.asarray(ys)))
@@ -425,22 +426,23 @@ def _flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves]) if leaves else np.zeros(0)
 
 
-def primal_fevals(case: Case, name: str) -> float | None:
-    """Evaluations of ``f`` by the primal solve (mean over a batch), from the solver's counters."""
-    if name.startswith("diffode"):
-        solver = diffode.Rodas5P() if case.stiff else diffode.Tsit5()
+def primal_fevals(case: Case) -> float:
+    """Evaluations of ``f`` by diffode's primal solve (mean over a batch), from its counters."""
+    solver = diffode.Rodas5P() if case.stiff else diffode.Tsit5()
 
-        def count(y0):
-            return diffode.solve(case.f, y0, case.ts, case.params, solver=solver, rtol=case.rtol,
-                                 atol=case.atol, tstops=list(case.tstops) or None, max_steps=20_000,
-                                 throw=False).stats["num_fevals"]
+    def count(y0):
+        return diffode.solve(case.f, y0, case.ts, case.params, solver=solver, rtol=case.rtol, atol=case.atol,
+                             tstops=list(case.tstops) or None, max_steps=20_000, throw=False).stats["num_fevals"]
 
-        n = jax.vmap(count)(case.y0) if case.batched else count(case.y0)
-        return float(np.mean(np.asarray(n)))
-    return None
+    n = jax.vmap(count)(case.y0) if case.batched else count(case.y0)
+    return float(np.mean(np.asarray(n)))
 
 
-def measure(case: Case, name: str, make: Callable, reference: np.ndarray, quick: bool) -> dict[str, Any]:
+def measure(case: Case, name: str, make: Callable, reference: np.ndarray, quick: bool,
+            fevals: float | None = None) -> dict[str, Any]:
+    """One row: ``make(case)``'s gradient timed and checked against ``reference``; ``fevals``
+    (diffode's primal evaluations of ``f``, the same for every diffode method) goes into
+    the diffode rows."""
     row = dict(problem=case.problem, case=case.label, n=case.n, p=case.p, method=name)
     try:
         grad = make(case)
@@ -466,7 +468,7 @@ def measure(case: Case, name: str, make: Callable, reference: np.ndarray, quick:
         return dict(row, status="ok" if np.all(np.isfinite(g)) else "nan in gradient", compile_s=compile_s,
                     run_ms=1e3 * rt.median, memory_mb=(mem.temp_size_in_bytes + mem.argument_size_in_bytes
                                                        + mem.output_size_in_bytes) / 2**20,
-                    fevals=primal_fevals(case, name), grad_rel_error=err)
+                    fevals=fevals if name.startswith("diffode") else None, grad_rel_error=err)
     except Exception as e:  # noqa: BLE001 -- a failure is a table entry
         return dict(row, status=f"failed: {_reason(e)}")
 
@@ -598,8 +600,9 @@ def run(problem_names, method_filter, quick: bool, out: str) -> list[dict]:
             except Exception as e:  # noqa: BLE001
                 reference, what = np.full(case.p, np.nan), f"reference failed: {type(e).__name__}: {e}"[:200]
             notes.append(f"{case.label}: reference {what}.")
+            fevals = primal_fevals(case)
             for name in names:
-                row = measure(case, name, METHODS[name], reference, quick)
+                row = measure(case, name, METHODS[name], reference, quick, fevals)
                 rows.append(row)
                 print(f"[{time.time() - start:6.1f} s] {case.label} | {name}: {row['status']}"
                       + (f", {row['run_ms']:.3f} ms" if row.get("run_ms") else ""), file=sys.stderr)

@@ -60,8 +60,8 @@ MESSAGES: dict[int, str] = {
     Status.BAD_DT0: "dt0 must be finite and non-zero.",
     Status.EVENT_LIMIT: (
         "Non-terminal events fired more often than their max_fires allow (diffode.Event(..., "
-        "max_fires=...)) before the end of the span: raise max_fires, or end the solve with a terminal event where the events come "
-        "ever faster (a bouncing ball coming to rest)."
+        "max_fires=...)) before the end of the span: raise max_fires, or end the solve with a "
+        "terminal event where the events come ever faster (a bouncing ball coming to rest)."
     ),
 }
 

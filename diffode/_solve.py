@@ -365,9 +365,8 @@ def _check_apply(apply, t, y0, args) -> None:
     """Raise at trace time unless ``apply(t, y, args)`` returns a state shaped like ``y0``."""
     if apply is None:
         return
-    problem = rhs_structure_problem(eqx.filter_eval_shape(apply, t, y0, args), y0)
+    problem = rhs_structure_problem(eqx.filter_eval_shape(apply, t, y0, args), y0, "apply")
     if problem is not None:
-        problem = problem.replace("f returned", "apply returned", 1)
         raise ValueError(f"an Event's apply(t, y, args) must return the new state, shaped like y0: {problem}")
 
 

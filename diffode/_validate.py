@@ -35,16 +35,17 @@ def check_y0(y0) -> None:
         raise ValueError("y0 has no array leaves")
 
 
-def rhs_structure_problem(out, y0) -> str | None:
-    """Compare ``f``'s output with ``y0`` (at trace time); describe any mismatch."""
+def rhs_structure_problem(out, y0, name: str = "f") -> str | None:
+    """Compare the output of ``f`` (or of the function ``name``) with ``y0`` (at trace time);
+    describe any mismatch."""
     want, got = jtu.tree_structure(y0), jtu.tree_structure(out)
     if want != got:
-        return f"f returned structure {got}, but y0 has structure {want}."
+        return f"{name} returned structure {got}, but y0 has structure {want}."
     for (path, a), b in zip(jtu.tree_leaves_with_path(y0), jtu.tree_leaves(out)):
         if jnp.shape(a) != jnp.shape(b):
-            return f"f returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
+            return f"{name} returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
         if not jnp.issubdtype(jnp.result_type(b), jnp.floating) and not jnp.issubdtype(jnp.result_type(b), jnp.integer):
-            return (f"f returned dtype {jnp.result_type(b)} at y{jtu.keystr(path)}, but the state is real "
+            return (f"{name} returned dtype {jnp.result_type(b)} at y{jtu.keystr(path)}, but the state is real "
                     f"({jnp.result_type(a)}): return real values (split complex ones into real and imaginary parts).")
     return None
 

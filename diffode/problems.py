@@ -10,8 +10,7 @@ Import-light on purpose: only ``jax`` and ``numpy`` at module level; SciPy is
 imported inside the functions that compute reference solutions.
 
 Arrays are built by the factory functions, never at import time, so that a
-script can enable float64 (``jax.config.update("jax_enable_x64", True)``)
-before any array exists; diffode never enables it itself. Every factory takes a
+script can switch on JAX's 64-bit mode before any array exists; diffode never enables it itself. Every factory takes a
 ``dtype`` (float64 by default) and refuses float64 when x64 is off instead of
 silently truncating to float32.
 
@@ -88,8 +87,8 @@ class Problem:
 
 def _check_dtype(dtype):
     dtype = jnp.dtype(dtype)
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        raise RuntimeError('float64 needs jax.config.update("jax_enable_x64", True) first')
+    if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        raise RuntimeError("float64 needs JAX's x64 (64-bit) mode, which the caller switches on first")
     return dtype
 
 
