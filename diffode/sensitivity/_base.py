@@ -60,6 +60,16 @@ def combine(params: PyTree, static: PyTree) -> PyTree:
     return params if static is None else eqx.combine(params, static)
 
 
+def split_differentiated(params: PyTree, dparams: PyTree) -> tuple[PyTree, PyTree]:
+    """``(diff, fixed)``: the leaves of ``params`` whose tangent in ``dparams`` is not
+    ``None``, and the others (closed-over constants, frozen arrays of a module), each
+    with ``None`` in the other's places, so that ``eqx.combine(diff, fixed)`` is
+    ``params``. Sensitivities are carried for ``diff`` only."""
+    diff = jtu.tree_map(lambda v, d: None if d is None else v, params, dparams)
+    fixed = jtu.tree_map(lambda v, d: v if d is None else None, params, dparams)
+    return diff, fixed
+
+
 def split_args(args: PyTree) -> tuple[PyTree, PyTree]:
     """``(diff, static)``: the inexact-array leaves of ``args`` (differentiated) and the rest."""
     return eqx.partition(args, eqx.is_inexact_array)

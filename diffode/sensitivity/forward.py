@@ -29,12 +29,11 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 
 from ..solvers.linear import AbstractDirectSolver
 from ..solvers.structured import SensitivityLU
-from ._base import AbstractSensitivity, Problem, add_time_shift, combine, fill_zeros, prob_times
+from ._base import AbstractSensitivity, Problem, add_time_shift, combine, prob_times, split_differentiated
 
 
 class _LeadingErrorController(eqx.Module):
@@ -132,10 +131,11 @@ class ForwardSensitivity(AbstractSensitivity):
         f, static = prob.f, prob.static
         ts_ = prob_times(prob, ts)
         n, dtype = y0.shape[0], y0.dtype
-        p_flat, unravel_p = ravel_pytree(params)
+        diff_p, fixed_p = split_differentiated(params, dparams)
+        p_flat, unravel_p = ravel_pytree(diff_p)
         m = p_flat.shape[0]
         want_y = dy0 is not None or dts is not None
-        want_p = m > 0 and len(jtu.tree_leaves(dparams)) > 0
+        want_p = m > 0
         s0_blocks, dp_blocks, coeffs = [], [], []
         args = combine(params, static)
         if want_y:
@@ -148,26 +148,27 @@ class ForwardSensitivity(AbstractSensitivity):
         if want_p:
             s0_blocks.append(jnp.zeros((m, n), dtype))
             dp_blocks.append(jnp.eye(m, dtype=p_flat.dtype))
-            coeffs.append(ravel_pytree(fill_zeros(dparams, params))[0].astype(dtype))
+            coeffs.append(ravel_pytree(dparams)[0].astype(dtype))
         S0 = jnp.concatenate(s0_blocks)
         k = S0.shape[0]
         DP = jnp.concatenate(dp_blocks) if want_p else None
 
         def aug_f(t, z, aa):
-            p, DP = aa
+            (q, fixed), DP = aa
             y, S = z[:n], z[n:].reshape(k, n)
+            args_of = lambda q_: combine(eqx.combine(q_, fixed), static)  # noqa: E731
             if DP is None:
-                fy, JS = jax.vmap(lambda s: jax.jvp(lambda y_: f(t, y_, combine(p, static)), (y,), (s,)),
+                fy, JS = jax.vmap(lambda s: jax.jvp(lambda y_: f(t, y_, args_of(q)), (y,), (s,)),
                                   out_axes=(None, 0))(S)
             else:
                 def one(s, dp):
-                    return jax.jvp(lambda y_, p_: f(t, y_, combine(p_, static)), (y, p), (s, unravel_p(dp)))
+                    return jax.jvp(lambda y_, q_: f(t, y_, args_of(q_)), (y, q), (s, unravel_p(dp)))
 
                 fy, JS = jax.vmap(one, out_axes=(None, 0))(S, DP)
             return jnp.concatenate([fy, JS.astype(fy.dtype).reshape(-1)])
 
         aug = Problem(aug_f, None, self._aug_opts(prob.opts, n), prob.known_ts)
-        zs, counters = self.apply(loop, aug, jnp.concatenate([y0, S0.reshape(-1)]), ts, (params, DP))
+        zs, counters = self.apply(loop, aug, jnp.concatenate([y0, S0.reshape(-1)]), ts, ((diff_p, fixed_p), DP))
         ys, S = zs[:, :n], zs[:, n:].reshape(zs.shape[0], k, n)
         dys = jnp.einsum("tkn,k->tn", S, jnp.concatenate(coeffs))
         if dts is not None:
