@@ -21,17 +21,21 @@ with respect to the parameters.
 Problems (from :mod:`diffode.problems`, and the Brusselator and neural field of the
 other benchmarks): Lotka-Volterra (2 states, 4 parameters), a PK/PD model (5 states,
 11 parameters), POLLU (20 states, 25 log rate constants, stiff), the 2-D Brusselator
-on an N x N grid (2 N^2 states, 3 parameters, stiff) and an MLP neural ODE over a
-batch (thousands of parameters).
+on an N x N grid (2 N^2 states, stiff) with 3 parameters and with the feed rate a field
+(N^2 + 2 parameters: states and parameters grow together), and an MLP neural ODE over
+a batch (thousands of parameters).
 
 Metrics per case and method: compile time (cold first call, ``jax.clear_caches()``
 first) and run time (median per call, interleaved, ``jax.block_until_ready``), the
 compiled program's memory (``memory_analysis``: temporaries, arguments and outputs),
-the primal solve's evaluations of ``f``, and the gradient's error relative to a
+the evaluations of ``f`` in a plain solve and in one gradient call (counted by ``f``
+itself, through a host callback, in separate calls that are not timed; a vmapped batch
+of evaluations counts once), and the gradient's error relative to a
 reference: the forward sensitivity equations solved by SciPy's Radau at rtol 1e-12
 (independent of diffode's solvers) where the augmented system has at most
 ``SCIPY_REFERENCE_MAX`` states, else diffode's ``Radau5`` with
-``ForwardSensitivity`` at rtol 1e-11 (the neural ODE: ``Direct`` at rtol 1e-10).
+``ForwardSensitivity`` at rtol 1e-11 (past 50,000 sensitivities ``Rodas5P`` with ``Direct``,
+the neural ODE ``Tsit5`` with ``Direct``, both at rtol 1e-10).
 
 Peers, in the same run when installed (``pip install -e ".[bench]"``): diffrax
 (``RecursiveCheckpointAdjoint``, ``BacksolveAdjoint``, ``ForwardMode``),
@@ -57,6 +61,7 @@ from typing import Any, Callable  # noqa: E402
 
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 import numpy as np  # noqa: E402
 
 import diffode  # noqa: E402
@@ -64,8 +69,16 @@ from diffode import problems  # noqa: E402
 
 from . import _timing  # noqa: E402
 
-#: A candidate whose gradient call takes longer than this (s) is timed by one more call only.
+#: A candidate whose gradient call takes longer than this (s) is timed by one more call only
+#: (and its compile time by one cold call).
 SLOW_CALL_S = 2.0
+#: Evaluations of f are counted (one more solve and gradient) when a call takes less (s).
+COUNT_MAX_CALL_S = 10.0
+#: A candidate is skipped where its run time, extrapolated from the problem's previous
+#: (smaller) size as (states ratio)^1.5, exceeds this (s): the full run stays within an hour.
+CAP_S = 30.0
+#: The evaluations of ``f`` so far: incremented by the counting right-hand sides.
+FEVALS = [0]
 #: The largest augmented system (states x (parameters + 1)) whose reference SciPy solves.
 SCIPY_REFERENCE_MAX = 600
 REFERENCE_PEER = "diffrax RecursiveCheckpointAdjoint"
@@ -137,6 +150,21 @@ def brusselator_cases(quick: bool) -> list[Case]:
     return out
 
 
+def brusselator_field_cases(quick: bool) -> list[Case]:
+    """The Brusselator with the feed rate ``B`` a field (one value per grid cell) besides
+    the diffusion scale and ``A``: ``p = N^2 + 2`` grows with the grid, as in an inverse
+    problem for a spatially varying coefficient."""
+    from .brusselator import T1, T_ON, Bruss, PARAMS
+
+    out = []
+    for N in (2, 4) if quick else BRUSSELATOR_N:
+        b = Bruss(N)
+        params = (jnp.asarray(PARAMS[0]), jnp.asarray(PARAMS[1]), jnp.full((N, N), PARAMS[2]))
+        out.append(Case("brusselator_field", f"Brusselator N={N}, B field", b.rhs(), jnp.asarray(b.y0()),
+                        jnp.linspace(0.0, T1, 12), params, True, 1e-6, 1e-8, tstops=(T_ON,)))
+    return out
+
+
 def neural_case(quick: bool) -> list[Case]:
     from . import neural_ode as nb
 
@@ -156,7 +184,7 @@ def neural_case(quick: bool) -> list[Case]:
 
 
 PROBLEMS = {"lotka_volterra": lv_case, "pkpd": pkpd_case, "pollu": pollu_case, "brusselator": brusselator_cases,
-            "neural": neural_case}
+            "brusselator_field": brusselator_field_cases, "neural": neural_case}
 
 
 # ---------------------------------------------------------------------------
@@ -182,11 +210,22 @@ def diffode_solve_one(case: Case, method=None) -> Callable:
     return solve_one
 
 
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A JAX candidate: ``loss(params)``, differentiated by ``jax.grad`` or (``forward``) ``jax.jacfwd``."""
+
+    fn: Callable
+    forward: bool = False
+
+    def gradient(self) -> Callable:
+        return (jax.jacfwd if self.forward else jax.grad)(self.fn)
+
+
 def diffode_candidate(method) -> Callable:
     def make(case: Case):
         if isinstance(method, diffode.ForwardSensitivity) and (case.n * (case.p + 1) > 50_000 or case.p > 1000):
             return "skipped: forward sensitivities of more than 1000 parameters or 50000 equations"
-        return jax.grad(_batched(case, diffode_solve_one(case, method)))
+        return Loss(_batched(case, diffode_solve_one(case, method)))
 
     return make
 
@@ -194,7 +233,7 @@ def diffode_candidate(method) -> Callable:
 def diffode_jacfwd(case: Case):
     if case.p > 200:
         return "skipped: jacfwd over p > 200 parameters"
-    return jax.jacfwd(_batched(case, diffode_solve_one(case)))
+    return Loss(_batched(case, diffode_solve_one(case)), forward=True)
 
 
 def diffrax_candidate(adjoint_name: str, forward: bool = False) -> Callable:
@@ -213,8 +252,7 @@ def diffrax_candidate(adjoint_name: str, forward: bool = False) -> Callable:
                 diffrax.ODETerm(f), solver, case.ts[0], case.ts[-1], None, y0, p, saveat=diffrax.SaveAt(ts=case.ts),
                 stepsize_controller=controller, adjoint=getattr(diffrax, adjoint_name)(), max_steps=20_000).ys
 
-        loss = _batched(case, solve_one)
-        return jax.jacfwd(loss) if forward else jax.grad(loss)
+        return Loss(_batched(case, solve_one), forward)
 
     return make
 
@@ -229,7 +267,7 @@ def odeint_candidate(case: Case):
     def solve_one(p, y0):
         return odeint(lambda y, t, p: f(t, y, p), y0, case.ts, p, rtol=case.rtol, atol=case.atol, mxstep=20_000)
 
-    return jax.grad(_batched(case, solve_one))
+    return Loss(_batched(case, solve_one))
 
 
 # ---------------------------------------------------------------------------
@@ -277,12 +315,21 @@ def torch_problem(case: Case):
     for x in params:
         x.requires_grad_(True)
     target = getattr(case.loss, "target", None)
+    f = _counted_torch(f)
     target = None if target is None else T(target)
 
     def loss(ys):  # the case's loss, in torch: sum of squares, or the neural case's MSE
         return torch.mean((ys - target) ** 2) if target is not None else torch.sum(ys**2) / ys.numel()
 
     return f, T(case.y0), T(case.ts), params, loss
+
+
+def _counted_torch(f: Callable) -> Callable:
+    def counted(t, y, p):
+        FEVALS[0] += 1
+        return f(t, y, p)
+
+    return counted
 
 
 def torchdiffeq_candidate(adjoint: bool) -> Callable:
@@ -306,14 +353,16 @@ def torchdiffeq_candidate(adjoint: bool) -> Callable:
         field = Field()
         # (batched neural case: y0 is (batch, 2), solved as one system, as torchdiffeq users do)
 
+        def value():
+            ys = odeint(field, y0, ts, rtol=case.rtol, atol=case.atol, method="dopri5")
+            return loss(ys.transpose(0, 1) if case.batched else ys)
+
         def grad():
             field.zero_grad()
-            ys = odeint(field, y0, ts, rtol=case.rtol, atol=case.atol, method="dopri5")
-            value = loss(ys.transpose(0, 1) if case.batched else ys)
-            value.backward()
+            value().backward()
             return np.concatenate([x.grad.detach().numpy().ravel() for x in field.p])
 
-        return ("torch", grad)
+        return ("torch", grad, value)
 
     return make
 
@@ -330,17 +379,19 @@ def torchode_candidate(case: Case):
     term = to.ODETerm(lambda t, y: f(t, y, params))
     solver = to.AutoDiffAdjoint(to.Tsit5(term=term), to.IntegralController(atol=case.atol, rtol=case.rtol, term=term))
 
+    def value():
+        problem = to.InitialValueProblem(y0=y0b, t_eval=ts.expand(y0b.shape[0], -1))
+        ys = solver.solve(problem).ys  # (batch, T, n)
+        return loss(ys if case.batched else ys[0])
+
     def grad():
         for x in params:
             x.grad = None
-        problem = to.InitialValueProblem(y0=y0b, t_eval=ts.expand(y0b.shape[0], -1))
-        ys = solver.solve(problem).ys  # (batch, T, n)
-        value = loss(ys if case.batched else ys[0])
-        value.backward()
+        value().backward()
         return np.concatenate([x.grad.detach().numpy().ravel() for x in params])
 
     torch.set_num_threads(os.cpu_count() or 1)
-    return ("torch", grad)
+    return ("torch", grad, value)
 
 
 METHODS: dict[str, Callable] = {
@@ -374,13 +425,15 @@ def scipy_reference(case: Case) -> np.ndarray:
     """The loss gradient from the forward sensitivity equations, solved by SciPy's Radau."""
     from scipy.integrate import solve_ivp
 
-    y0, p = np.asarray(case.y0, np.float64), np.asarray(case.params, np.float64)
+    y0 = np.asarray(case.y0, np.float64)
+    p, unravel = ravel_pytree(case.params)
     n, m = y0.size, p.size
 
     def aug(t, z):
         y, s = z[:n], z[n:].reshape(n, m)
-        jy, jp = jax.jacfwd(case.f, argnums=(1, 2))(t, y, p)
-        return jnp.concatenate([case.f(t, y, p), (jy @ s + jp).ravel()])
+        f = lambda y, p: case.f(t, y, unravel(p))  # noqa: E731
+        jy, jp = jax.jacfwd(f, argnums=(0, 1))(y, p)
+        return jnp.concatenate([f(y, p), (jy @ s + jp).ravel()])
 
     rhs = jax.jit(aug)
     jac = jax.jit(jax.jacfwd(aug, argnums=1))
@@ -409,6 +462,9 @@ def reference_gradient(case: Case):
     if case.batched:
         method, solver, rtol = diffode.Direct(), diffode.Tsit5(), 1e-10
         what = "diffode Tsit5 + Direct, rtol 1e-10"
+    elif case.n * (case.p + 1) > 50_000:  # too many sensitivities to carry: reverse mode
+        method, solver, rtol = diffode.Direct(), diffode.Rodas5P(), 1e-10
+        what = "diffode Rodas5P + Direct, rtol 1e-10"
     else:
         method, solver, rtol = diffode.ForwardSensitivity(), diffode.Radau5(), 1e-11
         what = "diffode Radau5 + ForwardSensitivity, rtol 1e-11"
@@ -426,49 +482,69 @@ def _flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves]) if leaves else np.zeros(0)
 
 
-def primal_fevals(case: Case) -> float:
-    """Evaluations of ``f`` by diffode's primal solve (mean over a batch), from its counters."""
-    solver = diffode.Rodas5P() if case.stiff else diffode.Tsit5()
+def _counted(f: Callable) -> Callable:
+    """``f`` that adds one to ``FEVALS`` per evaluation, by a host callback (a vmapped
+    batch of evaluations, such as ``jax.jacfwd``'s columns or a batch of members solved
+    together, counts once)."""
 
-    def count(y0):
-        return diffode.solve(case.f, y0, case.ts, case.params, solver=solver, rtol=case.rtol, atol=case.atol,
-                             tstops=list(case.tstops) or None, max_steps=20_000, throw=False).stats["num_fevals"]
+    def bump():
+        FEVALS[0] += 1
 
-    n = jax.vmap(count)(case.y0) if case.batched else count(case.y0)
-    return float(np.mean(np.asarray(n)))
+    def counted(t, y, p):
+        jax.debug.callback(bump)
+        return f(t, y, p)
+
+    return counted
 
 
-def measure(case: Case, name: str, make: Callable, reference: np.ndarray, quick: bool,
-            fevals: float | None = None) -> dict[str, Any]:
-    """One row: ``make(case)``'s gradient timed and checked against ``reference``; ``fevals``
-    (diffode's primal evaluations of ``f``, the same for every diffode method) goes into
-    the diffode rows."""
+def _count(fn: Callable, *args) -> int:
+    FEVALS[0] = 0
+    jax.block_until_ready(fn(*args))
+    return FEVALS[0]
+
+
+def count_fevals(case: Case, make: Callable) -> dict[str, int]:
+    """Evaluations of ``f`` in one plain solve of the candidate's library and in one call of
+    its gradient (forward and backward passes together), with ``f`` counting itself."""
+    loss = make(dataclasses.replace(case, f=_counted(case.f)))
+    return dict(fevals_solve=_count(jax.jit(loss.fn), case.params),
+                fevals_grad=_count(jax.jit(loss.gradient()), case.params))
+
+
+def _rel_error(g: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.max(np.abs(g - reference)) / max(np.max(np.abs(reference)), 1e-300))
+
+
+def measure(case: Case, name: str, make: Callable, reference: np.ndarray, quick: bool) -> dict[str, Any]:
+    """One row: ``make(case)``'s gradient timed, its evaluations of ``f`` counted, and
+    checked against ``reference``."""
     row = dict(problem=case.problem, case=case.label, n=case.n, p=case.p, method=name)
     try:
-        grad = make(case)
-        if isinstance(grad, str):
-            return dict(row, status=grad)
-        if isinstance(grad, tuple):
-            return measure_torch(row, grad[1], reference, quick)
-        fn = jax.jit(grad)
+        cand = make(case)
+        if isinstance(cand, str):
+            return dict(row, status=cand)
+        if isinstance(cand, tuple):
+            return measure_torch(row, cand[1], cand[2], reference, quick)
+        fn = jax.jit(cand.gradient())
         jax.clear_caches()
         t0 = time.perf_counter()  # a cold first call: trace, lower, compile and one run
         compiled = fn.lower(case.params).compile()
         g = _flat(jax.block_until_ready(compiled(case.params)))
         compile_s = time.perf_counter() - t0
-        if not quick:  # the median of more cold first calls
-            compile_s = _timing.median([compile_s] + list(_timing.compile_time(fn, case.params, repeats=2, warmup=0).samples))
         mem = compiled.memory_analysis()
-        err = float(np.max(np.abs(g - reference)) / max(np.max(np.abs(reference)), 1e-300))
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(case.params))
-        slow = time.perf_counter() - t0 > SLOW_CALL_S  # one more sample is all such a candidate gets
+        call_s = time.perf_counter() - t0
+        slow = call_s > SLOW_CALL_S  # one more sample is all such a candidate gets
+        if not quick and not slow:  # the median of more cold first calls
+            compile_s = _timing.median([compile_s] + list(_timing.compile_time(fn, case.params, repeats=2, warmup=0).samples))
         rt = _timing.run_time(compiled, case.params, repeats=1 if slow else 3 if quick else 7, number=1 if slow else None,
                               min_time=0.02 if quick else 0.2)
+        counts = count_fevals(case, make) if call_s < COUNT_MAX_CALL_S else {}
         return dict(row, status="ok" if np.all(np.isfinite(g)) else "nan in gradient", compile_s=compile_s,
                     run_ms=1e3 * rt.median, memory_mb=(mem.temp_size_in_bytes + mem.argument_size_in_bytes
                                                        + mem.output_size_in_bytes) / 2**20,
-                    fevals=fevals if name.startswith("diffode") else None, grad_rel_error=err)
+                    grad_rel_error=_rel_error(g, reference), **counts)
     except Exception as e:  # noqa: BLE001 -- a failure is a table entry
         return dict(row, status=f"failed: {_reason(e)}")
 
@@ -482,32 +558,40 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:160] if text else ''}"
 
 
-def measure_torch(row: dict, grad: Callable, reference: np.ndarray, quick: bool) -> dict[str, Any]:
+def measure_torch(row: dict, grad: Callable, value: Callable, reference: np.ndarray, quick: bool) -> dict[str, Any]:
     """A torch candidate: no compilation (compile = the first call), run = median per call,
     peak memory = the process's resident-set growth during the first call (MiB)."""
     import resource
 
+    import torch
+
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    FEVALS[0] = 0
     t0 = time.perf_counter()
     g = grad()
     first = time.perf_counter() - t0
+    fevals_grad = FEVALS[0]
     rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    err = float(np.max(np.abs(g - reference)) / max(np.max(np.abs(reference)), 1e-300))
+    with torch.no_grad():
+        FEVALS[0] = 0
+        value()
+        fevals_solve = FEVALS[0]
     samples = []
     for _ in range(3 if quick else 7):
         t0 = time.perf_counter()
         grad()
         samples.append(time.perf_counter() - t0)
     return dict(row, status="ok" if np.all(np.isfinite(g)) else "nan in gradient", compile_s=first,
-                run_ms=1e3 * _timing.median(samples), memory_mb=rss, fevals=None, grad_rel_error=err)
+                run_ms=1e3 * _timing.median(samples), memory_mb=rss, fevals_solve=fevals_solve,
+                fevals_grad=fevals_grad, grad_rel_error=_rel_error(g, reference))
 
 
 # ---------------------------------------------------------------------------
 # Output.
 # ---------------------------------------------------------------------------
 
-COLUMNS = ("problem", "case", "n", "p", "method", "status", "compile_s", "run_ms", "memory_mb", "fevals",
-           "grad_rel_error")
+COLUMNS = ("problem", "case", "n", "p", "method", "status", "compile_s", "run_ms", "memory_mb", "fevals_solve",
+           "fevals_grad", "grad_rel_error")
 
 
 def _fmt(x, spec) -> str:
@@ -523,16 +607,18 @@ def markdown(rows: list[dict], notes: list[str], quick: bool) -> str:
         group = [r for r in rows if r["case"] == label]
         ref = next((r for r in group if r["method"] == REFERENCE_PEER and r.get("run_ms")), None)
         lines += [f"### {label} ({group[0]['n']} states, {group[0]['p']} parameters)", "",
-                  "| method | compile (s) | run (ms) | run / diffrax | memory (MiB) | primal fevals | gradient error |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| method | compile (s) | run (ms) | run / diffrax | memory (MiB) | f evals: solve | f evals: gradient "
+                  "| gradient error |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in group:
             if r["status"] != "ok" and r.get("run_ms") is None:
-                lines.append(f"| {r['method']} | | | | | | {r['status']} |")
+                lines.append(f"| {r['method']} | | | | | | | {r['status']} |")
                 continue
             ratio = _fmt(r["run_ms"] / ref["run_ms"], ".2f") if ref else ""
             err = _fmt(r["grad_rel_error"], ".1e") + ("" if r["status"] == "ok" else f" ({r['status']})")
             lines.append(f"| {r['method']} | {_fmt(r['compile_s'], '.2f')} | {_fmt(r['run_ms'], '.3f')} | {ratio} | "
-                         f"{_fmt(r['memory_mb'], '.2f')} | {_fmt(r.get('fevals'), '.0f')} | {err} |")
+                         f"{_fmt(r['memory_mb'], '.2f')} | {_fmt(r.get('fevals_solve'), '.0f')} | "
+                         f"{_fmt(r.get('fevals_grad'), '.0f')} | {err} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -562,18 +648,21 @@ def plots(rows: list[dict], out: str) -> list[str]:
     fig.tight_layout()
     written.append(os.path.join(out, "adjoints_run.png"))
     fig.savefig(written[-1], dpi=110)
-    bruss = [r for r in done if r["problem"] == "brusselator"]
-    if len({r["n"] for r in bruss}) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for m in dict.fromkeys(r["method"] for r in bruss):
-            pts = sorted((r["n"], r["run_ms"]) for r in bruss if r["method"] == m)
-            ax.plot(*zip(*pts), marker="o", label=m)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("states (2 N^2)")
-        ax.set_ylabel("gradient run time (ms)")
-        ax.set_title("2-D Brusselator: gradient with respect to 3 parameters")
-        ax.legend(fontsize=6)
+    studies = [(pr, title) for pr, title in (("brusselator", "3 parameters"), ("brusselator_field", "B a field: N^2 + 2 parameters"))
+               if len({r["n"] for r in done if r["problem"] == pr}) > 1]
+    if studies:
+        fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4.5), squeeze=False)
+        for ax, (pr, title) in zip(axes[0], studies):
+            rs = [r for r in done if r["problem"] == pr]
+            for m in dict.fromkeys(r["method"] for r in rs):
+                pts = sorted((r["n"], r["run_ms"]) for r in rs if r["method"] == m)
+                ax.plot(*zip(*pts), marker="o", label=m)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("states (2 N^2)")
+            ax.set_ylabel("gradient run time (ms)")
+            ax.set_title(f"2-D Brusselator, {title}")
+            ax.legend(fontsize=6)
         fig.tight_layout()
         written.append(os.path.join(out, "adjoints_brusselator.png"))
         fig.savefig(written[-1], dpi=110)
@@ -588,8 +677,12 @@ def run(problem_names, method_filter, quick: bool, out: str) -> list[dict]:
     rows, notes = [], ["torch peers (torchdiffeq, torchode): float64 on the CPU, `dopri5`/`Tsit5`, the same "
                        "tolerances; no compilation, so their compile column is the first call, and their memory "
                        "the process's resident-set growth in it; not installed means a 'failed: "
-                       "ModuleNotFoundError' entry. Primal fevals: diffode's counters of the forward solve (mean "
-                       "over a batch); the peers' and the backward passes' are not counted yet.",
+                       "ModuleNotFoundError' entry.",
+                       "f evals: evaluations of f counted by f itself (a host callback in JAX, a counter in torch) "
+                       "in one plain solve of the library's solver and in one gradient call (forward and backward "
+                       "passes together); a vmapped batch of evaluations (a Jacobian's columns by jacfwd, the "
+                       "members of a batch) counts once. Not counted for calls over "
+                       f"{COUNT_MAX_CALL_S:.0f} s.",
                        f"jax {jax.__version__}, {os.cpu_count()} CPUs, float64; run times are medians of interleaved "
                        "repeats, each call blocked until ready; compile = cold first call."]
     start = time.time()
@@ -600,9 +693,14 @@ def run(problem_names, method_filter, quick: bool, out: str) -> list[dict]:
             except Exception as e:  # noqa: BLE001
                 reference, what = np.full(case.p, np.nan), f"reference failed: {type(e).__name__}: {e}"[:200]
             notes.append(f"{case.label}: reference {what}.")
-            fevals = primal_fevals(case)
             for name in names:
-                row = measure(case, name, METHODS[name], reference, quick, fevals)
+                guess = _extrapolated_s(rows, case, name)
+                if guess > CAP_S:
+                    row = dict(problem=case.problem, case=case.label, n=case.n, p=case.p, method=name,
+                               status=f"skipped: extrapolated from the previous size to {guess:.0f} s a call "
+                                      f"(cap {CAP_S:.0f} s)")
+                else:
+                    row = measure(case, name, METHODS[name], reference, quick)
                 rows.append(row)
                 print(f"[{time.time() - start:6.1f} s] {case.label} | {name}: {row['status']}"
                       + (f", {row['run_ms']:.3f} ms" if row.get("run_ms") else ""), file=sys.stderr)
@@ -610,6 +708,20 @@ def run(problem_names, method_filter, quick: bool, out: str) -> list[dict]:
             write(rows, notes, quick, out, final=False)  # what is done so far survives an interruption
     write(rows, notes, quick, out, final=True)
     return rows
+
+
+def _extrapolated_s(rows: list[dict], case: Case, name: str) -> float:
+    """The run time (s) of ``name`` on ``case`` extrapolated from its last size of the same
+    problem as (states ratio)^1.5, or 0 when there is none; a skipped smaller size
+    propagates (infinity)."""
+    prev = [r for r in rows if r["problem"] == case.problem and r["method"] == name]
+    if not prev:
+        return 0.0
+    if str(prev[-1]["status"]).startswith("skipped: extrapolated"):
+        return math.inf
+    if not prev[-1].get("run_ms"):
+        return 0.0
+    return 1e-3 * prev[-1]["run_ms"] * (case.n / prev[-1]["n"]) ** 1.5
 
 
 def write(rows: list[dict], notes: list[str], quick: bool, out: str, final: bool) -> None:
