@@ -61,8 +61,8 @@ from typing import Any, Callable  # noqa: E402
 
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import diffode  # noqa: E402
 from diffode import problems  # noqa: E402
@@ -139,14 +139,26 @@ BRUSSELATOR_N = [2, 4, 8, 16, 32]
 
 
 def brusselator_cases(quick: bool) -> list[Case]:
-    from .brusselator import T1, T_ON, Bruss, PARAMS
+    from .brusselator import PARAMS, T1, T_ON, Bruss
 
     out = []
     for N in (2, 4) if quick else BRUSSELATOR_N:
         b = Bruss(N)
         ts = jnp.linspace(0.0, T1, 12)
-        out.append(Case("brusselator", f"Brusselator N={N}", b.rhs(), jnp.asarray(b.y0()), ts, jnp.asarray(PARAMS),
-                        True, 1e-6, 1e-8, tstops=(T_ON,)))
+        out.append(
+            Case(
+                "brusselator",
+                f"Brusselator N={N}",
+                b.rhs(),
+                jnp.asarray(b.y0()),
+                ts,
+                jnp.asarray(PARAMS),
+                True,
+                1e-6,
+                1e-8,
+                tstops=(T_ON,),
+            )
+        )
     return out
 
 
@@ -154,14 +166,26 @@ def brusselator_field_cases(quick: bool) -> list[Case]:
     """The Brusselator with the feed rate ``B`` a field (one value per grid cell) besides
     the diffusion scale and ``A``: ``p = N^2 + 2`` grows with the grid, as in an inverse
     problem for a spatially varying coefficient."""
-    from .brusselator import T1, T_ON, Bruss, PARAMS
+    from .brusselator import PARAMS, T1, T_ON, Bruss
 
     out = []
     for N in (2, 4) if quick else BRUSSELATOR_N:
         b = Bruss(N)
         params = (jnp.asarray(PARAMS[0]), jnp.asarray(PARAMS[1]), jnp.full((N, N), PARAMS[2]))
-        out.append(Case("brusselator_field", f"Brusselator N={N}, B field", b.rhs(), jnp.asarray(b.y0()),
-                        jnp.linspace(0.0, T1, 12), params, True, 1e-6, 1e-8, tstops=(T_ON,)))
+        out.append(
+            Case(
+                "brusselator_field",
+                f"Brusselator N={N}, B field",
+                b.rhs(),
+                jnp.asarray(b.y0()),
+                jnp.linspace(0.0, T1, 12),
+                params,
+                True,
+                1e-6,
+                1e-8,
+                tstops=(T_ON,),
+            )
+        )
     return out
 
 
@@ -179,12 +203,31 @@ def neural_case(quick: bool) -> list[Case]:
         return jnp.mean((ys - target) ** 2)
 
     loss.target = target  # for the torch peers
-    return [Case("neural", f"neural ODE (MLP {width}, batch {batch})", f, y0, ts, params, False, 1e-3, 1e-6,
-                 loss=loss, batched=True)]
+    return [
+        Case(
+            "neural",
+            f"neural ODE (MLP {width}, batch {batch})",
+            f,
+            y0,
+            ts,
+            params,
+            False,
+            1e-3,
+            1e-6,
+            loss=loss,
+            batched=True,
+        )
+    ]
 
 
-PROBLEMS = {"lotka_volterra": lv_case, "pkpd": pkpd_case, "pollu": pollu_case, "brusselator": brusselator_cases,
-            "brusselator_field": brusselator_field_cases, "neural": neural_case}
+PROBLEMS = {
+    "lotka_volterra": lv_case,
+    "pkpd": pkpd_case,
+    "pollu": pollu_case,
+    "brusselator": brusselator_cases,
+    "brusselator_field": brusselator_field_cases,
+    "neural": neural_case,
+}
 
 
 # ---------------------------------------------------------------------------
@@ -204,8 +247,18 @@ def diffode_solve_one(case: Case, method=None) -> Callable:
     f = case.f
 
     def solve_one(p, y0):
-        return diffode.solve(f, y0, case.ts, p, solver=solver, rtol=case.rtol, atol=case.atol, sensitivity=method,
-                             tstops=list(case.tstops) or None, max_steps=20_000).ys
+        return diffode.solve(
+            f,
+            y0,
+            case.ts,
+            p,
+            solver=solver,
+            rtol=case.rtol,
+            atol=case.atol,
+            sensitivity=method,
+            tstops=list(case.tstops) or None,
+            max_steps=20_000,
+        ).ys
 
     return solve_one
 
@@ -223,7 +276,9 @@ class Loss:
 
 def diffode_candidate(method) -> Callable:
     def make(case: Case):
-        if isinstance(method, diffode.ForwardSensitivity) and (case.n * (case.p + 1) > 50_000 or case.p > 1000):
+        if isinstance(method, diffode.ForwardSensitivity) and (
+            case.n * (case.p + 1) > 50_000 or case.p > 1000
+        ):
             return "skipped: forward sensitivities of more than 1000 parameters or 50000 equations"
         return Loss(_batched(case, diffode_solve_one(case, method)))
 
@@ -243,14 +298,25 @@ def diffrax_candidate(adjoint_name: str, forward: bool = False) -> Callable:
         if forward and case.p > 200:
             return "skipped: forward mode over p > 200 parameters"
         solver = diffrax.Kvaerno5() if case.stiff else diffrax.Tsit5()
-        controller = diffrax.PIDController(rtol=case.rtol, atol=case.atol,
-                                           jump_ts=jnp.asarray(case.tstops) if case.tstops else None)
+        controller = diffrax.PIDController(
+            rtol=case.rtol, atol=case.atol, jump_ts=jnp.asarray(case.tstops) if case.tstops else None
+        )
         f = case.f
 
         def solve_one(p, y0):
             return diffrax.diffeqsolve(
-                diffrax.ODETerm(f), solver, case.ts[0], case.ts[-1], None, y0, p, saveat=diffrax.SaveAt(ts=case.ts),
-                stepsize_controller=controller, adjoint=getattr(diffrax, adjoint_name)(), max_steps=20_000).ys
+                diffrax.ODETerm(f),
+                solver,
+                case.ts[0],
+                case.ts[-1],
+                None,
+                y0,
+                p,
+                saveat=diffrax.SaveAt(ts=case.ts),
+                stepsize_controller=controller,
+                adjoint=getattr(diffrax, adjoint_name)(),
+                max_steps=20_000,
+            ).ys
 
         return Loss(_batched(case, solve_one), forward)
 
@@ -265,7 +331,9 @@ def odeint_candidate(case: Case):
     f = case.f
 
     def solve_one(p, y0):
-        return odeint(lambda y, t, p: f(t, y, p), y0, case.ts, p, rtol=case.rtol, atol=case.atol, mxstep=20_000)
+        return odeint(
+            lambda y, t, p: f(t, y, p), y0, case.ts, p, rtol=case.rtol, atol=case.atol, mxstep=20_000
+        )
 
     return Loss(_batched(case, solve_one))
 
@@ -286,20 +354,32 @@ def torch_problem(case: Case):
     if case.stiff:
         return "not applicable: no stiff solver (the problem is stiff)"
     if case.problem == "lotka_volterra":
+
         def f(t, y, p):
             a, b, c, d = p[0]
-            return torch.stack([a * y[..., 0] - b * y[..., 0] * y[..., 1], -c * y[..., 1] + d * y[..., 0] * y[..., 1]],
-                               -1)
+            return torch.stack(
+                [a * y[..., 0] - b * y[..., 0] * y[..., 1], -c * y[..., 1] + d * y[..., 0] * y[..., 1]], -1
+            )
+
         params = [T(case.params)]
     elif case.problem == "pkpd":
+
         def f(t, y, p):
             ka, F, CL, V1, Q, V2, ke0, kin, kout, imax, ic50 = p[0]
             gut, central, peripheral, ce, response = (y[..., i] for i in range(5))
             conc = central / V1
             inhibition = imax * ce**2 / (ic50**2 + ce**2)
-            return torch.stack([-ka * gut, F * ka * gut - CL * conc - Q * conc + Q * peripheral / V2,
-                                Q * conc - Q * peripheral / V2, ke0 * (conc - ce),
-                                kin * (1.0 - inhibition) - kout * response], -1)
+            return torch.stack(
+                [
+                    -ka * gut,
+                    F * ka * gut - CL * conc - Q * conc + Q * peripheral / V2,
+                    Q * conc - Q * peripheral / V2,
+                    ke0 * (conc - ce),
+                    kin * (1.0 - inhibition) - kout * response,
+                ],
+                -1,
+            )
+
         params = [T(case.params)]
     elif case.problem == "neural":
         layers = [(T(layer.weight), T(layer.bias)) for layer in case.params.mlp.layers]
@@ -377,7 +457,9 @@ def torchode_candidate(case: Case):
     f, y0, ts, params, loss = tp
     y0b = y0 if case.batched else y0[None]
     term = to.ODETerm(lambda t, y: f(t, y, params))
-    solver = to.AutoDiffAdjoint(to.Tsit5(term=term), to.IntegralController(atol=case.atol, rtol=case.rtol, term=term))
+    solver = to.AutoDiffAdjoint(
+        to.Tsit5(term=term), to.IntegralController(atol=case.atol, rtol=case.rtol, term=term)
+    )
 
     def value():
         problem = to.InitialValueProblem(y0=y0b, t_eval=ts.expand(y0b.shape[0], -1))
@@ -411,9 +493,17 @@ METHODS: dict[str, Callable] = {
     "torchdiffeq odeint_adjoint": torchdiffeq_candidate(adjoint=True),
     "torchode (AutoDiffAdjoint)": torchode_candidate,
 }
-QUICK_METHODS = ("diffode Direct", "diffode ForwardSensitivity", "diffode InterpolatingAdjoint", "diffode Auto",
-                 "diffrax RecursiveCheckpointAdjoint", "jax odeint", "torchdiffeq odeint", "torchdiffeq odeint_adjoint",
-                 "torchode (AutoDiffAdjoint)")
+QUICK_METHODS = (
+    "diffode Direct",
+    "diffode ForwardSensitivity",
+    "diffode InterpolatingAdjoint",
+    "diffode Auto",
+    "diffrax RecursiveCheckpointAdjoint",
+    "jax odeint",
+    "torchdiffeq odeint",
+    "torchdiffeq odeint_adjoint",
+    "torchode (AutoDiffAdjoint)",
+)
 
 
 # ---------------------------------------------------------------------------
@@ -445,9 +535,16 @@ def scipy_reference(case: Case) -> np.ndarray:
     pieces = []
     for a, b in zip([ts[0], *stops], [*stops, ts[-1]]):
         keep = ts[(ts >= a) & ((ts < b) | (b == ts[-1]))]
-        sol = solve_ivp(lambda t, z: np.asarray(rhs(t, z)), (a, b), z, method="Radau",
-                        t_eval=np.unique(np.append(keep, b)), rtol=1e-12, atol=1e-14,
-                        jac=lambda t, z: np.asarray(jac(t, z)))
+        sol = solve_ivp(
+            lambda t, z: np.asarray(rhs(t, z)),
+            (a, b),
+            z,
+            method="Radau",
+            t_eval=np.unique(np.append(keep, b)),
+            rtol=1e-12,
+            atol=1e-14,
+            jac=lambda t, z: np.asarray(jac(t, z)),
+        )
         pieces.append(sol.y.T[np.isin(sol.t, keep)])
         z = sol.y[:, -1]
     zs = np.concatenate(pieces)
@@ -471,8 +568,18 @@ def reference_gradient(case: Case):
     f = case.f
 
     def solve_one(p, y0):
-        return diffode.solve(f, y0, case.ts, p, solver=solver, rtol=rtol, atol=rtol * 1e-2, sensitivity=method,
-                             tstops=list(case.tstops) or None, max_steps=200_000).ys
+        return diffode.solve(
+            f,
+            y0,
+            case.ts,
+            p,
+            solver=solver,
+            rtol=rtol,
+            atol=rtol * 1e-2,
+            sensitivity=method,
+            tstops=list(case.tstops) or None,
+            max_steps=200_000,
+        ).ys
 
     return _flat(jax.jit(jax.grad(_batched(case, solve_one)))(case.params)), what
 
@@ -507,8 +614,10 @@ def count_fevals(case: Case, make: Callable) -> dict[str, int]:
     """Evaluations of ``f`` in one plain solve of the candidate's library and in one call of
     its gradient (forward and backward passes together), with ``f`` counting itself."""
     loss = make(dataclasses.replace(case, f=_counted(case.f)))
-    return dict(fevals_solve=_count(jax.jit(loss.fn), case.params),
-                fevals_grad=_count(jax.jit(loss.gradient()), case.params))
+    return dict(
+        fevals_solve=_count(jax.jit(loss.fn), case.params),
+        fevals_grad=_count(jax.jit(loss.gradient()), case.params),
+    )
 
 
 def _rel_error(g: np.ndarray, reference: np.ndarray) -> float:
@@ -537,14 +646,27 @@ def measure(case: Case, name: str, make: Callable, reference: np.ndarray, quick:
         call_s = time.perf_counter() - t0
         slow = call_s > SLOW_CALL_S  # one more sample is all such a candidate gets
         if not quick and not slow:  # the median of more cold first calls
-            compile_s = _timing.median([compile_s] + list(_timing.compile_time(fn, case.params, repeats=2, warmup=0).samples))
-        rt = _timing.run_time(compiled, case.params, repeats=1 if slow else 3 if quick else 7, number=1 if slow else None,
-                              min_time=0.02 if quick else 0.2)
+            compile_s = _timing.median(
+                [compile_s] + list(_timing.compile_time(fn, case.params, repeats=2, warmup=0).samples)
+            )
+        rt = _timing.run_time(
+            compiled,
+            case.params,
+            repeats=1 if slow else 3 if quick else 7,
+            number=1 if slow else None,
+            min_time=0.02 if quick else 0.2,
+        )
         counts = count_fevals(case, make) if call_s < COUNT_MAX_CALL_S else {}
-        return dict(row, status="ok" if np.all(np.isfinite(g)) else "nan in gradient", compile_s=compile_s,
-                    run_ms=1e3 * rt.median, memory_mb=(mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                                       + mem.output_size_in_bytes) / 2**20,
-                    grad_rel_error=_rel_error(g, reference), **counts)
+        return dict(
+            row,
+            status="ok" if np.all(np.isfinite(g)) else "nan in gradient",
+            compile_s=compile_s,
+            run_ms=1e3 * rt.median,
+            memory_mb=(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
+            / 2**20,
+            grad_rel_error=_rel_error(g, reference),
+            **counts,
+        )
     except Exception as e:  # noqa: BLE001 -- a failure is a table entry
         return dict(row, status=f"failed: {_reason(e)}")
 
@@ -558,7 +680,9 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:160] if text else ''}"
 
 
-def measure_torch(row: dict, grad: Callable, value: Callable, reference: np.ndarray, quick: bool) -> dict[str, Any]:
+def measure_torch(
+    row: dict, grad: Callable, value: Callable, reference: np.ndarray, quick: bool
+) -> dict[str, Any]:
     """A torch candidate: no compilation (compile = the first call), run = median per call,
     peak memory = the process's resident-set growth during the first call (MiB)."""
     import resource
@@ -581,17 +705,36 @@ def measure_torch(row: dict, grad: Callable, value: Callable, reference: np.ndar
         t0 = time.perf_counter()
         grad()
         samples.append(time.perf_counter() - t0)
-    return dict(row, status="ok" if np.all(np.isfinite(g)) else "nan in gradient", compile_s=first,
-                run_ms=1e3 * _timing.median(samples), memory_mb=rss, fevals_solve=fevals_solve,
-                fevals_grad=fevals_grad, grad_rel_error=_rel_error(g, reference))
+    return dict(
+        row,
+        status="ok" if np.all(np.isfinite(g)) else "nan in gradient",
+        compile_s=first,
+        run_ms=1e3 * _timing.median(samples),
+        memory_mb=rss,
+        fevals_solve=fevals_solve,
+        fevals_grad=fevals_grad,
+        grad_rel_error=_rel_error(g, reference),
+    )
 
 
 # ---------------------------------------------------------------------------
 # Output.
 # ---------------------------------------------------------------------------
 
-COLUMNS = ("problem", "case", "n", "p", "method", "status", "compile_s", "run_ms", "memory_mb", "fevals_solve",
-           "fevals_grad", "grad_rel_error")
+COLUMNS = (
+    "problem",
+    "case",
+    "n",
+    "p",
+    "method",
+    "status",
+    "compile_s",
+    "run_ms",
+    "memory_mb",
+    "fevals_solve",
+    "fevals_grad",
+    "grad_rel_error",
+)
 
 
 def _fmt(x, spec) -> str:
@@ -599,26 +742,38 @@ def _fmt(x, spec) -> str:
 
 
 def markdown(rows: list[dict], notes: list[str], quick: bool) -> str:
-    command = "python -m benchmarks.adjoints" + (" --quick" if quick else "") + (
-        "" if quick or BRUSSELATOR_N == [2, 4, 8, 16, 32] else " --sizes " + " ".join(map(str, BRUSSELATOR_N)))
+    command = (
+        "python -m benchmarks.adjoints"
+        + (" --quick" if quick else "")
+        + (
+            ""
+            if quick or BRUSSELATOR_N == [2, 4, 8, 16, 32]
+            else " --sizes " + " ".join(map(str, BRUSSELATOR_N))
+        )
+    )
     lines = ["## Adjoint methods (`adjoints`)", "", f"Generated by `{command}`.", ""]
     lines += [f"- {n}" for n in notes] + [""]
     for label in dict.fromkeys(r["case"] for r in rows):
         group = [r for r in rows if r["case"] == label]
         ref = next((r for r in group if r["method"] == REFERENCE_PEER and r.get("run_ms")), None)
-        lines += [f"### {label} ({group[0]['n']} states, {group[0]['p']} parameters)", "",
-                  "| method | compile (s) | run (ms) | run / diffrax | memory (MiB) | f evals: solve | f evals: gradient "
-                  "| gradient error |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"### {label} ({group[0]['n']} states, {group[0]['p']} parameters)",
+            "",
+            "| method | compile (s) | run (ms) | run / diffrax | memory (MiB) | f evals: solve | f evals: gradient "
+            "| gradient error |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in group:
             if r["status"] != "ok" and r.get("run_ms") is None:
                 lines.append(f"| {r['method']} | | | | | | | {r['status']} |")
                 continue
             ratio = _fmt(r["run_ms"] / ref["run_ms"], ".2f") if ref else ""
             err = _fmt(r["grad_rel_error"], ".1e") + ("" if r["status"] == "ok" else f" ({r['status']})")
-            lines.append(f"| {r['method']} | {_fmt(r['compile_s'], '.2f')} | {_fmt(r['run_ms'], '.3f')} | {ratio} | "
-                         f"{_fmt(r['memory_mb'], '.2f')} | {_fmt(r.get('fevals_solve'), '.0f')} | "
-                         f"{_fmt(r.get('fevals_grad'), '.0f')} | {err} |")
+            lines.append(
+                f"| {r['method']} | {_fmt(r['compile_s'], '.2f')} | {_fmt(r['run_ms'], '.3f')} | {ratio} | "
+                f"{_fmt(r['memory_mb'], '.2f')} | {_fmt(r.get('fevals_solve'), '.0f')} | "
+                f"{_fmt(r.get('fevals_grad'), '.0f')} | {err} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -638,7 +793,9 @@ def plots(rows: list[dict], out: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels)), 4.5))
     width = 0.8 / max(len(methods), 1)
     for k, m in enumerate(methods):
-        xs = [i + k * width for i, c in enumerate(labels) for r in done if r["case"] == c and r["method"] == m]
+        xs = [
+            i + k * width for i, c in enumerate(labels) for r in done if r["case"] == c and r["method"] == m
+        ]
         ys = [r["run_ms"] for c in labels for r in done if r["case"] == c and r["method"] == m]
         ax.bar(xs, ys, width, label=m)
     ax.set_xticks([i + 0.4 for i in range(len(labels))], labels, rotation=20, fontsize=7)
@@ -648,8 +805,14 @@ def plots(rows: list[dict], out: str) -> list[str]:
     fig.tight_layout()
     written.append(os.path.join(out, "adjoints_run.png"))
     fig.savefig(written[-1], dpi=110)
-    studies = [(pr, title) for pr, title in (("brusselator", "3 parameters"), ("brusselator_field", "B a field: N^2 + 2 parameters"))
-               if len({r["n"] for r in done if r["problem"] == pr}) > 1]
+    studies = [
+        (pr, title)
+        for pr, title in (
+            ("brusselator", "3 parameters"),
+            ("brusselator_field", "B a field: N^2 + 2 parameters"),
+        )
+        if len({r["n"] for r in done if r["problem"] == pr}) > 1
+    ]
     if studies:
         fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4.5), squeeze=False)
         for ax, (pr, title) in zip(axes[0], studies):
@@ -672,19 +835,28 @@ def plots(rows: list[dict], out: str) -> list[str]:
 
 def run(problem_names, method_filter, quick: bool, out: str) -> list[dict]:
     os.makedirs(out, exist_ok=True)
-    names = [m for m in METHODS if (not method_filter and (not quick or m in QUICK_METHODS))
-             or any(s in m for s in method_filter or ())]
-    rows, notes = [], ["torch peers (torchdiffeq, torchode): float64 on the CPU, `dopri5`/`Tsit5`, the same "
-                       "tolerances; no compilation, so their compile column is the first call, and their memory "
-                       "the process's resident-set growth in it; not installed means a 'failed: "
-                       "ModuleNotFoundError' entry.",
-                       "f evals: evaluations of f counted by f itself (a host callback in JAX, a counter in torch) "
-                       "in one plain solve of the library's solver and in one gradient call (forward and backward "
-                       "passes together); a vmapped batch of evaluations (a Jacobian's columns by jacfwd, the "
-                       "members of a batch) counts once. Not counted for calls over "
-                       f"{COUNT_MAX_CALL_S:.0f} s.",
-                       f"jax {jax.__version__}, {os.cpu_count()} CPUs, float64; run times are medians of interleaved "
-                       "repeats, each call blocked until ready; compile = cold first call."]
+    names = [
+        m
+        for m in METHODS
+        if (not method_filter and (not quick or m in QUICK_METHODS))
+        or any(s in m for s in method_filter or ())
+    ]
+    rows, notes = (
+        [],
+        [
+            "torch peers (torchdiffeq, torchode): float64 on the CPU, `dopri5`/`Tsit5`, the same "
+            "tolerances; no compilation, so their compile column is the first call, and their memory "
+            "the process's resident-set growth in it; not installed means a 'failed: "
+            "ModuleNotFoundError' entry.",
+            "f evals: evaluations of f counted by f itself (a host callback in JAX, a counter in torch) "
+            "in one plain solve of the library's solver and in one gradient call (forward and backward "
+            "passes together); a vmapped batch of evaluations (a Jacobian's columns by jacfwd, the "
+            "members of a batch) counts once. Not counted for calls over "
+            f"{COUNT_MAX_CALL_S:.0f} s.",
+            f"jax {jax.__version__}, {os.cpu_count()} CPUs, float64; run times are medians of interleaved "
+            "repeats, each call blocked until ready; compile = cold first call.",
+        ],
+    )
     start = time.time()
     for pname in problem_names:
         for case in PROBLEMS[pname](quick):
@@ -696,14 +868,23 @@ def run(problem_names, method_filter, quick: bool, out: str) -> list[dict]:
             for name in names:
                 guess = _extrapolated_s(rows, case, name)
                 if guess > CAP_S:
-                    row = dict(problem=case.problem, case=case.label, n=case.n, p=case.p, method=name,
-                               status=f"skipped: extrapolated from the previous size to {guess:.0f} s a call "
-                                      f"(cap {CAP_S:.0f} s)")
+                    row = dict(
+                        problem=case.problem,
+                        case=case.label,
+                        n=case.n,
+                        p=case.p,
+                        method=name,
+                        status=f"skipped: extrapolated from the previous size to {guess:.0f} s a call "
+                        f"(cap {CAP_S:.0f} s)",
+                    )
                 else:
                     row = measure(case, name, METHODS[name], reference, quick)
                 rows.append(row)
-                print(f"[{time.time() - start:6.1f} s] {case.label} | {name}: {row['status']}"
-                      + (f", {row['run_ms']:.3f} ms" if row.get("run_ms") else ""), file=sys.stderr)
+                print(
+                    f"[{time.time() - start:6.1f} s] {case.label} | {name}: {row['status']}"
+                    + (f", {row['run_ms']:.3f} ms" if row.get("run_ms") else ""),
+                    file=sys.stderr,
+                )
                 jax.clear_caches()
             write(rows, notes, quick, out, final=False)  # what is done so far survives an interruption
     write(rows, notes, quick, out, final=True)
@@ -746,8 +927,13 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", help="keep the methods whose name contains one of these")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one sample each (a smoke run)")
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
-    ap.add_argument("--sizes", nargs="*", type=int, metavar="N",
-                    help=f"the Brusselator's N of a full run (default {BRUSSELATOR_N})")
+    ap.add_argument(
+        "--sizes",
+        nargs="*",
+        type=int,
+        metavar="N",
+        help=f"the Brusselator's N of a full run (default {BRUSSELATOR_N})",
+    )
     a = ap.parse_args(argv)
     if a.sizes:
         BRUSSELATOR_N[:] = a.sizes

@@ -128,7 +128,9 @@ def tanh_case(n: int) -> dict[str, Any]:
 
     def make(method):
         def loss(params, y0):
-            return jnp.sum(diffode.solve(tanh_field, y0, ts, params, rtol=1e-6, atol=1e-6, sensitivity=method).ys ** 2)
+            return jnp.sum(
+                diffode.solve(tanh_field, y0, ts, params, rtol=1e-6, atol=1e-6, sensitivity=method).ys ** 2
+            )
 
         return jax.jit(jax.grad(loss))
 
@@ -146,19 +148,24 @@ class MLPField(eqx.Module):
 
 def neural_case(width: int, batch: int) -> dict[str, Any]:
     ts = jnp.linspace(0.0, 1.0, 50)
-    model = MLPField(eqx.nn.MLP(2, 2, width, depth=2, activation=jnp.tanh, key=jr.PRNGKey(0), dtype=jnp.float64))
+    model = MLPField(
+        eqx.nn.MLP(2, 2, width, depth=2, activation=jnp.tanh, key=jr.PRNGKey(0), dtype=jnp.float64)
+    )
     y0s = jr.normal(jr.PRNGKey(1), (batch, 2), dtype=jnp.float64)
     p = sum(x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array)))
 
     def make(method):
         def loss(model, y0s):
-            sol = jax.vmap(lambda y0: diffode.solve(model, y0, ts, rtol=1e-3, atol=1e-6, sensitivity=method).ys)(y0s)
+            sol = jax.vmap(
+                lambda y0: diffode.solve(model, y0, ts, rtol=1e-3, atol=1e-6, sensitivity=method).ys
+            )(y0s)
             return jnp.mean(sol**2)
 
         return eqx.filter_jit(eqx.filter_grad(loss))
 
-    return dict(case=f"width={width}, batch={batch}", n=2, p=p, batch=batch, width=width, make=make,
-                args=(model, y0s))
+    return dict(
+        case=f"width={width}, batch={batch}", n=2, p=p, batch=batch, width=width, make=make, args=(model, y0s)
+    )
 
 
 def brusselator(t, y, args):
@@ -188,8 +195,12 @@ def stiff_grad(solver_name: str, ts, wrt_y0: bool = False) -> Callable:
 
     def make(method):
         def loss(args, y0):
-            return jnp.sum(diffode.solve(brusselator, y0, ts, args, solver=solver, rtol=1e-6, atol=1e-8,
-                                         sensitivity=method).ys ** 2)
+            return jnp.sum(
+                diffode.solve(
+                    brusselator, y0, ts, args, solver=solver, rtol=1e-6, atol=1e-8, sensitivity=method
+                ).ys
+                ** 2
+            )
 
         return jax.jit(jax.grad(loss, argnums=(0, 1) if wrt_y0 else 0))
 
@@ -199,8 +210,16 @@ def stiff_grad(solver_name: str, ts, wrt_y0: bool = False) -> Callable:
 def stiff_case(big_n: int, solver_name: str) -> dict[str, Any]:
     y0, args, ts = stiff_problem(big_n)
     make = stiff_grad(solver_name, ts)
-    return dict(case=f"N={big_n}, {solver_name}", n=2 * big_n, p=3, batch=1, solver=solver_name, big_n=big_n,
-                make=make, args=(args, y0))
+    return dict(
+        case=f"N={big_n}, {solver_name}",
+        n=2 * big_n,
+        p=3,
+        batch=1,
+        solver=solver_name,
+        big_n=big_n,
+        make=make,
+        args=(args, y0),
+    )
 
 
 def stiff_p_case(big_n: int, wrt: str, solver_name: str) -> dict[str, Any]:
@@ -209,16 +228,28 @@ def stiff_p_case(big_n: int, wrt: str, solver_name: str) -> dict[str, Any]:
         args = (args[0] * jnp.ones(big_n), args[1], args[2])
     p = dict(params=3, field=big_n + 2, y0=2 * big_n + 3)[wrt]
     make = stiff_grad(solver_name, ts, wrt_y0=wrt == "y0")
-    return dict(case=f"N={big_n}, {wrt}, {solver_name}", n=2 * big_n, p=p, batch=1, solver=solver_name,
-                big_n=big_n, wrt=wrt, make=make, args=(args, y0))
+    return dict(
+        case=f"N={big_n}, {wrt}, {solver_name}",
+        n=2 * big_n,
+        p=p,
+        batch=1,
+        solver=solver_name,
+        big_n=big_n,
+        wrt=wrt,
+        make=make,
+        args=(args, y0),
+    )
 
 
 def stiff_plain_solve(big_n: int, solver_name: str) -> dict[str, Any]:
     """The undifferentiated solve: status, steps, compile and one run time."""
     y0, args, ts = stiff_problem(big_n)
     solver = getattr(diffode, solver_name)()
-    fn = jax.jit(lambda args, y0: diffode.solve(brusselator, y0, ts, args, solver=solver, rtol=1e-6, atol=1e-8,
-                                                 throw=False))
+    fn = jax.jit(
+        lambda args, y0: diffode.solve(
+            brusselator, y0, ts, args, solver=solver, rtol=1e-6, atol=1e-8, throw=False
+        )
+    )
     try:
         t0 = time.perf_counter()
         sol = jax.block_until_ready(fn(args, y0))
@@ -233,9 +264,15 @@ def stiff_plain_solve(big_n: int, solver_name: str) -> dict[str, Any]:
         stats = {k: int(np.max(np.asarray(v))) for k, v in dict(sol.stats).items()}
     except Exception:  # noqa: BLE001
         stats = str(sol.stats)
-    return dict(ok=status == int(diffode.Status.SUCCESS) and run <= SOLVE_LIMIT_S, status=status,
-                message=diffode.MESSAGES[status], stats=stats, first_call_s=first, run_s=run,
-                too_slow=run > SOLVE_LIMIT_S)
+    return dict(
+        ok=status == int(diffode.Status.SUCCESS) and run <= SOLVE_LIMIT_S,
+        status=status,
+        message=diffode.MESSAGES[status],
+        stats=stats,
+        first_call_s=first,
+        run_s=run,
+        too_slow=run > SOLVE_LIMIT_S,
+    )
 
 
 # --------------------------------------------------------------------------- measuring
@@ -263,8 +300,14 @@ def method_name(m: Any) -> str:
     return type(m).__name__
 
 
-def measure(case: dict[str, Any], methods: list[str], compile_repeats: int, run_repeats: int,
-            min_time: float, notes: dict[str, str] | None = None) -> dict[str, Any]:
+def measure(
+    case: dict[str, Any],
+    methods: list[str],
+    compile_repeats: int,
+    run_repeats: int,
+    min_time: float,
+    notes: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Screen, compile-time and run-time every method of ``case``; returns the case's record."""
     args = case["args"]
     res: dict[str, Any] = {}
@@ -287,23 +330,32 @@ def measure(case: dict[str, Any], methods: list[str], compile_repeats: int, run_
             res[name] = dict(error=err_text(e))
             print(f"#   {name}: {res[name]['error'][:300]}", file=sys.stderr, flush=True)
         else:
-            print(f"#   {name}: first call {first[name]:.2f} s, call {probe[name] * 1e3:.3f} ms",
-                  file=sys.stderr, flush=True)
+            print(
+                f"#   {name}: first call {first[name]:.2f} s, call {probe[name] * 1e3:.3f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     for name, why in (notes or {}).items():
         res[name] = dict(skipped=why)
     slow = max(probe.values(), default=0.0)
     repeats = run_repeats if slow <= SLOW_CALL_S else min(run_repeats, 3)
     compile_more = compile_repeats - 1 if slow <= SLOW_CALL_S else 0  # slow: the first call is mostly run
-    ctimes = _timing.compile_times(cands, repeats=compile_more, warmup=0) if (cands and compile_more > 0) else {}
+    ctimes = (
+        _timing.compile_times(cands, repeats=compile_more, warmup=0) if (cands and compile_more > 0) else {}
+    )
     number = {k: (1 if probe[k] >= min_time else None) for k in cands}
     rtimes = _timing.run_times(cands, repeats=repeats, number=number, min_time=min_time) if cands else {}
     ref = grads.get("ForwardSensitivity", grads.get("Direct"))
     for name in cands:
         samples = [first[name]] + (list(ctimes[name].samples) if name in ctimes else [])
         c = _timing.Timing(tuple(samples))
-        res[name] = dict(compile_s=c.as_dict(), run_s=rtimes[name].as_dict(), probe_call_s=probe[name],
-                         compile_minus_run_s=c.median - rtimes[name].median,
-                         grad_rel_diff=(rel_diff(grads[name], ref) if ref is not None else None))
+        res[name] = dict(
+            compile_s=c.as_dict(),
+            run_s=rtimes[name].as_dict(),
+            probe_call_s=probe[name],
+            compile_minus_run_s=c.median - rtimes[name].median,
+            grad_rel_diff=(rel_diff(grads[name], ref) if ref is not None else None),
+        )
     auto = diffode.Auto()
     solver = getattr(diffode, case["solver"])() if "solver" in case else None
     chosen = method_name(auto.choose(case["n"], case["p"], solver))
@@ -333,8 +385,11 @@ def warmup() -> None:
 def run_tanh(quick: bool, save: Callable[[], None], out: list) -> None:
     for n in QUICK_SIZES if quick else SIZES:
         print(f"# tanh n = {n}", file=sys.stderr, flush=True)
-        out.append(measure(tanh_case(n), list(METHODS), compile_repeats=1,
-                           run_repeats=3 if quick else 7, min_time=0.05))
+        out.append(
+            measure(
+                tanh_case(n), list(METHODS), compile_repeats=1, run_repeats=3 if quick else 7, min_time=0.05
+            )
+        )
         save()
 
 
@@ -352,18 +407,33 @@ def run_neural(quick: bool, save: Callable[[], None], out: list) -> None:
                 jax.block_until_ready(fn(*small["args"]))
                 per = time.perf_counter() - t0
                 predicted = per * batch / PROBE_BATCH
-                extra = dict(forward_probe_batch=PROBE_BATCH, forward_probe_call_s=per,
-                             forward_predicted_call_s=predicted)
-                print(f"#   ForwardSensitivity probe (batch {PROBE_BATCH}): {per:.3f} s -> {predicted:.1f} s "
-                      f"predicted", file=sys.stderr, flush=True)
+                extra = dict(
+                    forward_probe_batch=PROBE_BATCH,
+                    forward_probe_call_s=per,
+                    forward_predicted_call_s=predicted,
+                )
+                print(
+                    f"#   ForwardSensitivity probe (batch {PROBE_BATCH}): {per:.3f} s -> {predicted:.1f} s "
+                    f"predicted",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if predicted > FORWARD_LIMIT_S:
                     methods.remove("ForwardSensitivity")
-                    notes["ForwardSensitivity"] = (f"skipped: {per:.2f} s per call at batch {PROBE_BATCH}, "
-                                                   f"about {predicted:.0f} s predicted at batch {batch}")
+                    notes["ForwardSensitivity"] = (
+                        f"skipped: {per:.2f} s per call at batch {PROBE_BATCH}, "
+                        f"about {predicted:.0f} s predicted at batch {batch}"
+                    )
             except Exception as e:  # noqa: BLE001
                 extra = dict(forward_probe_error=err_text(e))
-        rec = measure(neural_case(width, batch), methods, compile_repeats=1 if quick else 2,
-                      run_repeats=3 if quick else 5, min_time=0.1, notes=notes)
+        rec = measure(
+            neural_case(width, batch),
+            methods,
+            compile_repeats=1 if quick else 2,
+            run_repeats=3 if quick else 5,
+            min_time=0.1,
+            notes=notes,
+        )
         rec.update(extra)
         out.append(rec)
         save()
@@ -380,8 +450,9 @@ def run_stiff(quick: bool, save: Callable[[], None], out: list) -> None:
                 rec = {k: v for k, v in case.items() if k not in ("make", "args")}
                 rec.update(plain_solve=plain, results={}, skipped="the plain solve failed or was too slow")
             else:
-                rec = measure(case, list(METHODS), compile_repeats=1,
-                              run_repeats=3 if quick else 5, min_time=0.1)
+                rec = measure(
+                    case, list(METHODS), compile_repeats=1, run_repeats=3 if quick else 5, min_time=0.1
+                )
                 rec["plain_solve"] = plain
             out.append(rec)
             save()
@@ -392,7 +463,9 @@ def run_stiff_p(quick: bool, save: Callable[[], None], out: list) -> None:
         for big_n, wrt in QUICK_STIFF_P_CASES if quick else STIFF_P_CASES:
             print(f"# stiff_p N = {big_n}, {wrt}, {solver_name}", file=sys.stderr, flush=True)
             case = stiff_p_case(big_n, wrt, solver_name)
-            rec = measure(case, STIFF_P_METHODS, compile_repeats=1, run_repeats=3 if quick else 5, min_time=0.1)
+            rec = measure(
+                case, STIFF_P_METHODS, compile_repeats=1, run_repeats=3 if quick else 5, min_time=0.1
+            )
             out.append(rec)
             save()
 
@@ -409,10 +482,17 @@ def environment() -> dict[str, Any]:
         return dict(error=str(e), jax=jax.__version__, load_avg_1min=os.getloadavg()[0])
 
 
-def run(quick: bool = False, studies: tuple[str, ...] = tuple(STUDIES), path: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = dict(benchmark="auto_threshold", quick=quick, partial=True, environment=environment(),
-                               auto=dict(max_forward_size=diffode.Auto().max_forward_size),
-                               studies={s: [] for s in studies})
+def run(
+    quick: bool = False, studies: tuple[str, ...] = tuple(STUDIES), path: str | None = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = dict(
+        benchmark="auto_threshold",
+        quick=quick,
+        partial=True,
+        environment=environment(),
+        auto=dict(max_forward_size=diffode.Auto().max_forward_size),
+        studies={s: [] for s in studies},
+    )
     t_start = time.perf_counter()
 
     def save() -> None:
@@ -447,15 +527,20 @@ def _fmt_ms(r: dict[str, Any], key: str = "run_s") -> str:
 
 def report(out: dict[str, Any]) -> str:
     lines = []
-    titles = dict(tanh="Unbatched `y' = tanh(W y + b)`, Tsit5",
-                  neural="Batched neural ODE (MLP depth 2), `vmap` over y0, Tsit5",
-                  stiff="Brusselator 1-D, 2N states, p = 3",
-                  stiff_p="Brusselator 1-D, 2N states, p differentiated inputs")
+    titles = dict(
+        tanh="Unbatched `y' = tanh(W y + b)`, Tsit5",
+        neural="Batched neural ODE (MLP depth 2), `vmap` over y0, Tsit5",
+        stiff="Brusselator 1-D, 2N states, p = 3",
+        stiff_p="Brusselator 1-D, 2N states, p differentiated inputs",
+    )
     for s, recs in out["studies"].items():
         lines.append(f"\n### {titles[s]}\n")
         extra = "| batch " if s == "neural" else ("| solver " if s.startswith("stiff") else "")
-        lines.append(f"| case {extra}| n | p | n·(p+1) | Auto picks | "
-                     + " | ".join(f"{m} run ms (× fastest)" for m in METHODS) + " |")
+        lines.append(
+            f"| case {extra}| n | p | n·(p+1) | Auto picks | "
+            + " | ".join(f"{m} run ms (× fastest)" for m in METHODS)
+            + " |"
+        )
         lines.append("|---" * (5 + bool(extra) + len(METHODS)) + "|")
         for rec in recs:
             res = rec.get("results", {})
@@ -471,20 +556,34 @@ def report(out: dict[str, Any]) -> str:
                     cells.append(_fmt_ms(r))
             if not res and "skipped" in rec:
                 cells = [rec["skipped"]] + [""] * (len(METHODS) - 1)
-            ex = (f"| {rec['batch']} " if s == "neural" else (f"| {rec['solver']} " if s.startswith("stiff") else ""))
-            case = {"stiff": f"N={rec.get('big_n')}", "stiff_p": f"N={rec.get('big_n')}, {rec.get('wrt')}"}.get(
-                s, rec["case"])
+            ex = (
+                f"| {rec['batch']} "
+                if s == "neural"
+                else (f"| {rec['solver']} " if s.startswith("stiff") else "")
+            )
+            case = {
+                "stiff": f"N={rec.get('big_n')}",
+                "stiff_p": f"N={rec.get('big_n')}, {rec.get('wrt')}",
+            }.get(s, rec["case"])
             if s == "neural":
                 case = f"width={rec['width']}"
-            lines.append(f"| {case} {ex}| {rec['n']} | {rec['p']} | {rec['n'] * (rec['p'] + 1)} | "
-                         f"{rec.get('auto_choice', '-')} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {case} {ex}| {rec['n']} | {rec['p']} | {rec['n'] * (rec['p'] + 1)} | "
+                f"{rec.get('auto_choice', '-')} | " + " | ".join(cells) + " |"
+            )
         lines.append("\nCompile time (s, median of cold first calls, including one run):\n")
         lines.append("| case | " + " | ".join(METHODS) + " |")
         lines.append("|---" * (1 + len(METHODS)) + "|")
         for rec in recs:
             res = rec.get("results", {})
-            cells = [(f"{res[m]['compile_s']['median']:.2f}" if m in res and "compile_s" in res[m]
-                      else (_fmt_ms(res[m]) if m in res else "-")) for m in METHODS]
+            cells = [
+                (
+                    f"{res[m]['compile_s']['median']:.2f}"
+                    if m in res and "compile_s" in res[m]
+                    else (_fmt_ms(res[m]) if m in res else "-")
+                )
+                for m in METHODS
+            ]
             lines.append(f"| {rec['case']} | " + " | ".join(cells) + " |")
         notes = []
         for rec in recs:
@@ -494,14 +593,18 @@ def report(out: dict[str, Any]) -> str:
                 if "skipped" in r:
                     notes.append(f"- {rec['case']}, {m}: {r['skipped']}")
             if "auto_vs_choice_grad_rel_diff" in rec and rec["auto_vs_choice_grad_rel_diff"] > 1e-12:
-                notes.append(f"- {rec['case']}: Auto's gradient differs from {rec['auto_choice']}'s by "
-                             f"{rec['auto_vs_choice_grad_rel_diff']:.1e}")
+                notes.append(
+                    f"- {rec['case']}: Auto's gradient differs from {rec['auto_choice']}'s by "
+                    f"{rec['auto_vs_choice_grad_rel_diff']:.1e}"
+                )
             if "plain_solve" in rec:
                 ps = rec["plain_solve"]
                 st = ps.get("stats", {})
                 steps = st.get("num_steps") if isinstance(st, dict) else st
-                notes.append(f"- {rec['case']}: plain solve {ps.get('message', ps.get('error'))}, "
-                             f"{steps} steps, {ps.get('run_s', float('nan')) * 1e3:.3g} ms")
+                notes.append(
+                    f"- {rec['case']}: plain solve {ps.get('message', ps.get('error'))}, "
+                    f"{steps} steps, {ps.get('run_s', float('nan')) * 1e3:.3g} ms"
+                )
         if notes:
             lines.append("")
             lines.extend(notes)
@@ -509,10 +612,14 @@ def report(out: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.auto_threshold", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.auto_threshold", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--quick", action="store_true", help="reduced set, a few minutes")
     ap.add_argument("--json", metavar="PATH", help=f"where to save (full run default: {OUT_DEFAULT})")
-    ap.add_argument("--study", action="append", choices=list(STUDIES), help="run only this study (repeatable)")
+    ap.add_argument(
+        "--study", action="append", choices=list(STUDIES), help="run only this study (repeatable)"
+    )
     ap.add_argument("--results", action="store_true", help="write the report into its section of RESULTS.md")
     a = ap.parse_args(argv)
     path = a.json or (None if a.quick else OUT_DEFAULT)

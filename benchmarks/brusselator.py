@@ -1,4 +1,4 @@
-"""Benchmark: the 2-D Brusselator, large stiff systems (issue 15).
+r"""Benchmark: the 2-D Brusselator, large stiff systems (issue 15).
 
 Run from the repository root::
 
@@ -165,12 +165,12 @@ class Bruss:
         inv_dx2 = 1.0 / self.dx**2
 
         def lap(w):
-            return (jnp.roll(w, 1, 0) + jnp.roll(w, -1, 0) + jnp.roll(w, 1, 1) + jnp.roll(w, -1, 1) - 4.0 * w)
+            return jnp.roll(w, 1, 0) + jnp.roll(w, -1, 0) + jnp.roll(w, 1, 1) + jnp.roll(w, -1, 1) - 4.0 * w
 
         def f(t, y, p):
             scale, A, B = p[0], p[1], p[2]
             alpha = 10.0 * scale * inv_dx2
-            u, v = y[: N * N].reshape(N, N), y[N * N:].reshape(N, N)
+            u, v = y[: N * N].reshape(N, N), y[N * N :].reshape(N, N)
             uuv = u * u * v
             forcing = jnp.where(t >= T_ON, 5.0, 0.0) * mask
             du = alpha * lap(u) + B + uuv - (A + 1.0) * u + forcing
@@ -189,7 +189,9 @@ class Bruss:
                 rows.append(idx.ravel())
                 cols.append(np.roll(idx, s, axis).ravel())
                 vals.append(np.ones(N * N))
-        L = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(N * N,) * 2)
+        L = sp.coo_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(N * N,) * 2
+        )
         return L.tocsr()  # duplicates (N <= 2 only) are summed
 
     def sparse_jac(self, p) -> Callable:
@@ -199,9 +201,14 @@ class Bruss:
         aL = (10.0 * scale / self.dx**2) * self.laplacian()
 
         def jac(t, y):
-            u, v = y[: N * N], y[N * N:]
-            return sp.bmat([[aL + sp.diags(2 * u * v - (A + 1.0)), sp.diags(u * u)],
-                            [sp.diags(A - 2 * u * v), aL - sp.diags(u * u)]], format="csc")
+            u, v = y[: N * N], y[N * N :]
+            return sp.bmat(
+                [
+                    [aL + sp.diags(2 * u * v - (A + 1.0)), sp.diags(u * u)],
+                    [sp.diags(A - 2 * u * v), aL - sp.diags(u * u)],
+                ],
+                format="csc",
+            )
 
         return jac
 
@@ -230,8 +237,9 @@ def bandwidth(pattern: sp.spmatrix) -> tuple[int, int]:
 # ---------------------------------------------------------------------------
 
 
-def tight_solve(N: int, p, method: str = "Radau", rtol: float = REF_TOL["rtol"],
-                atol: float = REF_TOL["atol"]) -> np.ndarray:
+def tight_solve(
+    N: int, p, method: str = "Radau", rtol: float = REF_TOL["rtol"], atol: float = REF_TOL["atol"]
+) -> np.ndarray:
     from scipy.integrate import solve_ivp
 
     pb = Bruss(N)
@@ -246,8 +254,9 @@ def tight_solve(N: int, p, method: str = "Radau", rtol: float = REF_TOL["rtol"],
             yp[:] = fn(t, y)
 
         for a, b in ((T0, T_ON), (T_ON, T1)):
-            s = CVODE(rhsfn, rtol=rtol, atol=atol, linsolver="sparse", sparsity=pb.sparsity(),
-                      max_num_steps=10**7)
+            s = CVODE(
+                rhsfn, rtol=rtol, atol=atol, linsolver="sparse", sparsity=pb.sparsity(), max_num_steps=10**7
+            )
             y = np.asarray(s.solve(np.array([a, 0.5 * (a + b), b]), y).y[-1])
         return y
     jac = pb.sparse_jac(p)
@@ -330,9 +339,12 @@ def diffusion_preconditioner(pb: Bruss) -> Callable:
 # GMRES+LU: GMRES preconditioned by the LU factors the Jacobian-reuse policy keeps
 # (with a pattern, SparseLU's). GMRES+FFT: matrix-free, J never formed, preconditioned
 # by the diffusion inverse above.
-LINEAR_SOLVERS = {"LU": lambda pb: diffode.LU(), "GMRES": lambda pb: diffode.GMRES(),
-                  "GMRES+LU": lambda pb: diffode.GMRES(preconditioner=diffode.LU()),
-                  "GMRES+FFT": lambda pb: diffode.GMRES(preconditioner=diffusion_preconditioner(pb))}
+LINEAR_SOLVERS = {
+    "LU": lambda pb: diffode.LU(),
+    "GMRES": lambda pb: diffode.GMRES(),
+    "GMRES+LU": lambda pb: diffode.GMRES(preconditioner=diffode.LU()),
+    "GMRES+FFT": lambda pb: diffode.GMRES(preconditioner=diffusion_preconditioner(pb)),
+}
 
 
 def make_diffode(solver_name: str, linsolver: str | None, sparse: bool) -> Callable[[Bruss], Runner]:
@@ -354,12 +366,21 @@ def make_diffode(solver_name: str, linsolver: str | None, sparse: bool) -> Calla
         ts = jnp.asarray([T0, T1])
 
         def solve(y0, p, rtol, atol):
-            sol = diffode.solve(f, y0, ts, p, solver=solver, rtol=rtol, atol=atol, max_steps=MAX_STEPS,
-                                throw=False, **kwargs)
+            sol = diffode.solve(
+                f, y0, ts, p, solver=solver, rtol=rtol, atol=atol, max_steps=MAX_STEPS, throw=False, **kwargs
+            )
             st = sol.stats
-            stats = dict(status=sol.status, steps=st["num_accepted"], rejected=st["num_rejected"],
-                         fevals=st["num_fevals"])
-            for k, name in (("jac", "num_jac_evals"), ("lu", "num_lu_decomps"), ("newton", "num_newton_iters")):
+            stats = dict(
+                status=sol.status,
+                steps=st["num_accepted"],
+                rejected=st["num_rejected"],
+                fevals=st["num_fevals"],
+            )
+            for k, name in (
+                ("jac", "num_jac_evals"),
+                ("lu", "num_lu_decomps"),
+                ("newton", "num_newton_iters"),
+            ):
                 if name in st:
                     stats[k] = st[name]
             return sol.ys[-1], stats
@@ -382,12 +403,22 @@ def build_diffrax(pb: Bruss) -> Runner:
     term = diffrax.ODETerm(pb.rhs())
 
     def solve(y0, p, rtol, atol):
-        sol = diffrax.diffeqsolve(term, diffrax.Kvaerno5(), T0, T1, None, y0, p,
-                                  stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                                  max_steps=MAX_STEPS, throw=False)
+        sol = diffrax.diffeqsolve(
+            term,
+            diffrax.Kvaerno5(),
+            T0,
+            T1,
+            None,
+            y0,
+            p,
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            max_steps=MAX_STEPS,
+            throw=False,
+        )
         status = jnp.where(sol.result == diffrax.RESULTS.successful, 0, 1)
-        return sol.ys[-1], dict(status=status, steps=sol.stats["num_accepted_steps"],
-                                rejected=sol.stats["num_rejected_steps"])
+        return sol.ys[-1], dict(
+            status=status, steps=sol.stats["num_accepted_steps"], rejected=sol.stats["num_rejected_steps"]
+        )
 
     y0, p = jnp.asarray(pb.y0()), jnp.asarray(PARAMS)
     c, exe = compile_aot(solve, y0, p, _scalar(RTOL), _scalar(ATOL))
@@ -427,10 +458,17 @@ def make_scipy_bdf(mode: str) -> Callable[[Bruss], Runner]:
             return solve_ivp(fn, (T0, T1), y0, method="BDF", rtol=rtol, atol=atol, **kw)
 
         def result(sol):
-            return sol.y[:, -1], dict(status=0 if sol.success else 1, steps=len(sol.t) - 1, fevals=int(sol.nfev),
-                                      jac=int(sol.njev), lu=int(sol.nlu))
+            return sol.y[:, -1], dict(
+                status=0 if sol.success else 1,
+                steps=len(sol.t) - 1,
+                fevals=int(sol.nfev),
+                jac=int(sol.njev),
+                lu=int(sol.nlu),
+            )
 
-        info = dict(jacobian="jax.jacfwd, dense" if mode == "dense" else "SciPy grouped differences (jac_sparsity)")
+        info = dict(
+            jacobian="jax.jacfwd, dense" if mode == "dense" else "SciPy grouped differences (jac_sparsity)"
+        )
         return Runner(call, result, c, info)
 
     return build
@@ -453,7 +491,9 @@ def make_cvode(linsolver: str, folded: bool = False) -> Callable[[Bruss], Runner
             info.update(lband=lb, uband=ub, ordering="folded, u/v interleaved" if folded else "natural")
         elif linsolver == "sparse":
             opts.update(sparsity=pattern.tocsc())
-            info.update(jacobian="scikit-sundae's sparse difference quotients (sparsity=)", nnz=int(pattern.nnz))
+            info.update(
+                jacobian="scikit-sundae's sparse difference quotients (sparsity=)", nnz=int(pattern.nnz)
+            )
 
         def rhsfn(t, y, yp):
             yp[:] = fn(t, y)
@@ -466,8 +506,9 @@ def make_cvode(linsolver: str, folded: bool = False) -> Callable[[Bruss], Runner
 
         def result(sol):
             z1 = np.asarray(sol.y[-1])
-            return (z1 if inv is None else z1[inv]), dict(status=0 if sol.success else 1, steps=len(sol.t) - 1,
-                                                          fevals=int(sol.nfev), jac=int(sol.njev))
+            return (z1 if inv is None else z1[inv]), dict(
+                status=0 if sol.success else 1, steps=len(sol.t) - 1, fevals=int(sol.nfev), jac=int(sol.njev)
+            )
 
         return Runner(call, result, c, info)
 
@@ -476,11 +517,19 @@ def make_cvode(linsolver: str, folded: bool = False) -> Callable[[Bruss], Runner
 
 # name -> (builder, growth exponent assumed for extrapolation before two sizes are measured)
 DIFFODE_TABLE = [
-    ("Rodas5P", None, False), ("Rodas5P", "GMRES", False), ("Rodas5P", None, True),
-    ("Kvaerno5", "LU", False), ("Kvaerno5", "GMRES", False), ("Kvaerno5", "LU", True),
-    ("Radau5", None, False), ("Radau5", "GMRES", False), ("Radau5", None, True),
+    ("Rodas5P", None, False),
+    ("Rodas5P", "GMRES", False),
+    ("Rodas5P", None, True),
+    ("Kvaerno5", "LU", False),
+    ("Kvaerno5", "GMRES", False),
+    ("Kvaerno5", "LU", True),
+    ("Radau5", None, False),
+    ("Radau5", "GMRES", False),
+    ("Radau5", None, True),
     ("Kvaerno5", "GMRES+LU", True),
-    ("Rodas5P", "GMRES+FFT", False), ("Kvaerno5", "GMRES+FFT", False), ("Radau5", "GMRES+FFT", False),
+    ("Rodas5P", "GMRES+FFT", False),
+    ("Kvaerno5", "GMRES+FFT", False),
+    ("Radau5", "GMRES+FFT", False),
 ]
 
 
@@ -501,8 +550,14 @@ CANDIDATES: dict[str, Callable[[Bruss], Runner]] = {
 
 
 # --quick: one candidate per library and linear-solver kind, none of the slow GMRES ones.
-QUICK_CANDIDATES = ("diffode Rodas5P", "diffode Kvaerno5 LU", "diffode Radau5", "diffrax Kvaerno5",
-                    "scipy BDF sparse", "CVODE sparse")
+QUICK_CANDIDATES = (
+    "diffode Rodas5P",
+    "diffode Kvaerno5 LU",
+    "diffode Radau5",
+    "diffrax Kvaerno5",
+    "scipy BDF sparse",
+    "CVODE sparse",
+)
 
 
 # ---------------------------------------------------------------------------
@@ -520,7 +575,9 @@ def repeats_for(t: float) -> int:
     return 5 if t < 1.0 else 3 if t < 10.0 else 1
 
 
-def interleaved_runs(calls: dict[str, Callable[[], Any]], first: dict[str, float]) -> dict[str, dict[str, Any]]:
+def interleaved_runs(
+    calls: dict[str, Callable[[], Any]], first: dict[str, float]
+) -> dict[str, dict[str, Any]]:
     """Run-time samples after the warm-up calls (seconds in ``first``), interleaved across candidates,
     order reversed every other round; ``number`` calls per sample for the fast ones (>= 0.2 s a sample)."""
     reps = {n: repeats_for(t) for n, t in first.items()}
@@ -561,8 +618,9 @@ def predict(history: list[tuple[int, float]], N: int, dense: bool = False) -> fl
     return t0 * (N / n0) ** s
 
 
-def run_size(N: int, names: list[str], history: dict[str, list[tuple[int, float]]], cap: float,
-             log) -> tuple[dict[str, Any], dict[str, Runner]]:
+def run_size(
+    N: int, names: list[str], history: dict[str, list[tuple[int, float]]], cap: float, log
+) -> tuple[dict[str, Any], dict[str, Runner]]:
     pb = Bruss(N)
     t0 = time.perf_counter()
     ref = reference(N)
@@ -572,8 +630,10 @@ def run_size(N: int, names: list[str], history: dict[str, list[tuple[int, float]
     for name in names:
         guess = predict(history.get(name, []), N, is_dense(name))
         if guess is not None and guess > cap:
-            res[name] = dict(skipped=f"extrapolated run time {guess:.0f} s > cap {cap:.0f} s "
-                                     f"(from N = {history[name][-1][0]}: {history[name][-1][1]:.2f} s)")
+            res[name] = dict(
+                skipped=f"extrapolated run time {guess:.0f} s > cap {cap:.0f} s "
+                f"(from N = {history[name][-1][0]}: {history[name][-1][1]:.2f} s)"
+            )
             log(f"N={N} {name}: skipped ({res[name]['skipped']})")
             continue
         try:
@@ -601,8 +661,10 @@ def run_size(N: int, names: list[str], history: dict[str, list[tuple[int, float]
         first[name] = time.perf_counter() - t
         y1, stats = r.result(raw)
         res[name].update(stats=stats, warmup_s=first[name], **errors(y1, ref))
-        log(f"N={N} {name}: warm-up {first[name]:.3f} s, compile {r.compile_s:.2f} s, "
-            f"err {res[name]['max_abs_error']:.1e}, {stats}")
+        log(
+            f"N={N} {name}: warm-up {first[name]:.3f} s, compile {r.compile_s:.2f} s, "
+            f"err {res[name]['max_abs_error']:.1e}, {stats}"
+        )
     slow = {n: t for n, t in first.items() if t > cap}
     for n, t in slow.items():  # one run over the cap is all it gets
         res[n]["run_s"] = _timing.Timing((t,)).as_dict()
@@ -630,7 +692,11 @@ def work_precision(N: int, runners: dict[str, Runner], cap: float, rtols, log) -
             raw = jax.block_until_ready(r.call(rtol, atol))
             t_first = time.perf_counter() - t
             y1, stats = r.result(raw)
-            ts = [blocked(r.call, rtol, atol) for _ in range(3 if t_first < 2 else 1)] if t_first <= cap else [t_first]
+            ts = (
+                [blocked(r.call, rtol, atol) for _ in range(3 if t_first < 2 else 1)]
+                if t_first <= cap
+                else [t_first]
+            )
             last = _timing.median(ts)
             rows.append(dict(rtol=rtol, atol=atol, run_s=last, stats=stats, **errors(y1, ref)))
             log(f"plot N={N} {name} rtol={rtol:g}: {last:.3f} s, err {rows[-1]['max_abs_error']:.1e}")
@@ -655,8 +721,10 @@ def plot(wp: dict[str, Any], path: str) -> None:
         ax.loglog(e, t, style, label=name, ms=4, color=colours[k % 20])
     ax.set_xlabel("max abs error at t = 11.5 (vs SciPy Radau, rtol 1e-10)")
     ax.set_ylabel("run time (s, median)")
-    ax.set_title(f"2-D Brusselator, N = {wp['N']} ({2 * wp['N'] ** 2} states), rtol 1e-4 ... 1e-8, "
-                 "atol = rtol/100", fontsize=9)
+    ax.set_title(
+        f"2-D Brusselator, N = {wp['N']} ({2 * wp['N'] ** 2} states), rtol 1e-4 ... 1e-8, atol = rtol/100",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -700,22 +768,43 @@ def gradient_candidates(pb: Bruss) -> dict[str, Callable]:
 
     def diffode_loss(sensitivity, **kw):
         def loss(p):
-            sol = diffode.solve(f, y0, ts, p, solver=diffode.Rodas5P(), rtol=RTOL, atol=ATOL, max_steps=MAX_STEPS,
-                                sensitivity=sensitivity, **kw)
+            sol = diffode.solve(
+                f,
+                y0,
+                ts,
+                p,
+                solver=diffode.Rodas5P(),
+                rtol=RTOL,
+                atol=ATOL,
+                max_steps=MAX_STEPS,
+                sensitivity=sensitivity,
+                **kw,
+            )
             return jnp.sum(sol.ys[-1][:n2])
 
         return loss
 
     def diffrax_loss(p):
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(f), diffrax.Kvaerno5(), T0, T1, None, y0, p,
-                                  stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
-                                  max_steps=MAX_STEPS, adjoint=diffrax.RecursiveCheckpointAdjoint())
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(f),
+            diffrax.Kvaerno5(),
+            T0,
+            T1,
+            None,
+            y0,
+            p,
+            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
+            max_steps=MAX_STEPS,
+            adjoint=diffrax.RecursiveCheckpointAdjoint(),
+        )
         return jnp.sum(sol.ys[-1][:n2])
 
     return {
         "diffode Rodas5P Auto": jax.grad(diffode_loss(diffode.Auto())),
         "diffode Rodas5P Direct": jax.grad(diffode_loss(diffode.Direct())),
-        "diffode Rodas5P Direct +sparsity": jax.grad(diffode_loss(diffode.Direct(), jac_sparsity=pb.sparsity())),
+        "diffode Rodas5P Direct +sparsity": jax.grad(
+            diffode_loss(diffode.Direct(), jac_sparsity=pb.sparsity())
+        ),
         "diffode Rodas5P InterpolatingAdjoint": jax.grad(diffode_loss(diffode.InterpolatingAdjoint())),
         "diffode Rodas5P ForwardSensitivity": jax.grad(diffode_loss(diffode.ForwardSensitivity())),
         "diffrax Kvaerno5 RecursiveCheckpointAdjoint": jax.grad(diffrax_loss),
@@ -723,10 +812,17 @@ def gradient_candidates(pb: Bruss) -> dict[str, Callable]:
 
 
 def run_gradients(sizes, cap: float, names: list[str] | None, log) -> dict[str, Any]:
-    out: dict[str, Any] = dict(loss="sum(u(11.5))", params=["alpha scale", "A", "B"], values=list(PARAMS),
-                               fd=("central differences of SciPy Radau (rtol 1e-10, atol 1e-12), steps 0.1% and 0.2% "
-                                   "of each parameter, Richardson-extrapolated; spread = difference to the same "
-                                   "with steps 0.2% and 0.4%"), sizes={})
+    out: dict[str, Any] = dict(
+        loss="sum(u(11.5))",
+        params=["alpha scale", "A", "B"],
+        values=list(PARAMS),
+        fd=(
+            "central differences of SciPy Radau (rtol 1e-10, atol 1e-12), steps 0.1% and 0.2% "
+            "of each parameter, Richardson-extrapolated; spread = difference to the same "
+            "with steps 0.2% and 0.4%"
+        ),
+        sizes={},
+    )
     history: dict[str, list[tuple[int, float]]] = {}
     for N in sizes:
         pb = Bruss(N)
@@ -754,10 +850,17 @@ def run_gradients(sizes, cap: float, names: list[str] | None, log) -> dict[str, 
             ts = [blocked(exe, p) for _ in range(n_rep)] or [t_first]
             gv = np.asarray(exe(p))
             rel = np.abs(gv - g_ref) / np.abs(g_ref)
-            res[name] = dict(compile_s=c, run_s=_timing.Timing(tuple(ts)).as_dict(), grad=gv.tolist(),
-                             rel_error=rel.tolist(), max_rel_error=float(np.max(rel)))
+            res[name] = dict(
+                compile_s=c,
+                run_s=_timing.Timing(tuple(ts)).as_dict(),
+                grad=gv.tolist(),
+                rel_error=rel.tolist(),
+                max_rel_error=float(np.max(rel)),
+            )
             history.setdefault(name, []).append((N, _timing.median(ts)))
-            log(f"grad N={N} {name}: run {_timing.median(ts):.3f} s, compile {c:.2f} s, max rel err {np.max(rel):.1e}")
+            log(
+                f"grad N={N} {name}: run {_timing.median(ts):.3f} s, compile {c:.2f} s, max rel err {np.max(rel):.1e}"
+            )
         out["sizes"][str(N)] = dict(fd_gradient=g_ref.tolist(), fd_spread=spread.tolist(), results=res)
     return out
 
@@ -773,8 +876,9 @@ def tight_gradient(N: int, log) -> tuple[np.ndarray, float]:
 
     def grad(solver, method, rtol):
         def loss(q):
-            sol = diffode.solve(f, y0, ts, q, solver=solver, rtol=rtol, atol=rtol / 100, max_steps=200_000,
-                                sensitivity=method)
+            sol = diffode.solve(
+                f, y0, ts, q, solver=solver, rtol=rtol, atol=rtol / 100, max_steps=200_000, sensitivity=method
+            )
             return jnp.sum(sol.ys[-1][:n2])
 
         return np.asarray(jax.jit(jax.grad(loss))(p))
@@ -783,9 +887,11 @@ def tight_gradient(N: int, log) -> tuple[np.ndarray, float]:
     a = grad(diffode.Radau5(), diffode.Direct(memory_budget=None), 1e-11)
     b = grad(diffode.Rodas5P(), diffode.InterpolatingAdjoint(memory_budget=None), 1e-10)
     spread = float(np.max(np.abs(a - b) / np.abs(a)))
-    log(f"grad accuracy N={N}: reference {a} (Radau5 Direct 1e-11 vs Rodas5P InterpolatingAdjoint 1e-10: "
+    log(
+        f"grad accuracy N={N}: reference {a} (Radau5 Direct 1e-11 vs Rodas5P InterpolatingAdjoint 1e-10: "
         f"{spread:.1e}) "
-        f"in {time.perf_counter() - t0:.1f} s")
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     return a, spread
 
 
@@ -802,23 +908,36 @@ def run_gradient_accuracy(N: int, rtols, log) -> dict[str, Any]:
 
     def diffode_grad(solver, rtol, **kw):
         def loss(q):
-            sol = diffode.solve(f, y0, ts, q, solver=solver, rtol=rtol, atol=rtol / 100, max_steps=MAX_STEPS, **kw)
+            sol = diffode.solve(
+                f, y0, ts, q, solver=solver, rtol=rtol, atol=rtol / 100, max_steps=MAX_STEPS, **kw
+            )
             return jnp.sum(sol.ys[-1][:n2])
 
         return jax.grad(loss)
 
     def diffrax_grad(rtol):
         def loss(q):
-            sol = diffrax.diffeqsolve(diffrax.ODETerm(f), diffrax.Kvaerno5(), T0, T1, None, y0, q,
-                                      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=rtol / 100),
-                                      max_steps=MAX_STEPS, adjoint=diffrax.RecursiveCheckpointAdjoint())
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(f),
+                diffrax.Kvaerno5(),
+                T0,
+                T1,
+                None,
+                y0,
+                q,
+                stepsize_controller=diffrax.PIDController(rtol=rtol, atol=rtol / 100),
+                max_steps=MAX_STEPS,
+                adjoint=diffrax.RecursiveCheckpointAdjoint(),
+            )
             return jnp.sum(sol.ys[-1][:n2])
 
         return jax.grad(loss)
 
     cands = {
         "diffode Rodas5P Auto": lambda r: diffode_grad(diffode.Rodas5P(), r),
-        "diffode Rodas5P Auto +sparsity": lambda r: diffode_grad(diffode.Rodas5P(), r, jac_sparsity=pb.sparsity()),
+        "diffode Rodas5P Auto +sparsity": lambda r: diffode_grad(
+            diffode.Rodas5P(), r, jac_sparsity=pb.sparsity()
+        ),
         "diffode Radau5 Auto": lambda r: diffode_grad(diffode.Radau5(), r),
         "diffrax Kvaerno5 RecursiveCheckpointAdjoint": diffrax_grad,
     }
@@ -834,10 +953,17 @@ def run_gradient_accuracy(N: int, rtols, log) -> dict[str, Any]:
             g = np.asarray(exe(p))
             err = float(np.max(np.abs(g - ref) / np.abs(ref)))
             rows.append(dict(rtol=rtol, run_s=_timing.median(times), compile_s=c, max_rel_error=err))
-            log(f"grad accuracy N={N} {name} rtol {rtol:g}: run {_timing.median(times):.3f} s, error {err:.1e}")
-    return dict(N=N, reference=ref.tolist(), reference_spread=spread,
-                reference_how="Radau5 + Direct at rtol 1e-11 (atol 1e-13); spread = max relative difference "
-                              "to Rodas5P + InterpolatingAdjoint at rtol 1e-10", results=res)
+            log(
+                f"grad accuracy N={N} {name} rtol {rtol:g}: run {_timing.median(times):.3f} s, error {err:.1e}"
+            )
+    return dict(
+        N=N,
+        reference=ref.tolist(),
+        reference_spread=spread,
+        reference_how="Radau5 + Direct at rtol 1e-11 (atol 1e-13); spread = max relative difference "
+        "to Rodas5P + InterpolatingAdjoint at rtol 1e-10",
+        results=res,
+    )
 
 
 def run_gradient_agreement(N: int, log, rtol: float = 1e-10) -> dict[str, Any]:
@@ -848,22 +974,42 @@ def run_gradient_agreement(N: int, log, rtol: float = 1e-10) -> dict[str, Any]:
     f, y0, ts, n2 = pb.rhs(), jnp.asarray(pb.y0()), jnp.asarray([T0, T1]), N * N
     p = jnp.asarray(PARAMS)
     fd, spread = fd_gradient(N)
-    methods = {"Auto": diffode.Auto(), "Direct": diffode.Direct(), "ForwardSensitivity": diffode.ForwardSensitivity(),
-               "InterpolatingAdjoint": diffode.InterpolatingAdjoint()}
+    methods = {
+        "Auto": diffode.Auto(),
+        "Direct": diffode.Direct(),
+        "ForwardSensitivity": diffode.ForwardSensitivity(),
+        "InterpolatingAdjoint": diffode.InterpolatingAdjoint(),
+    }
     grads, res = {}, {}
     for name, m in methods.items():
+
         def loss(q, m=m):
-            sol = diffode.solve(f, y0, ts, q, solver=diffode.Rodas5P(), rtol=rtol, atol=rtol / 100,
-                                max_steps=200_000, sensitivity=m, jac_sparsity=pb.sparsity())
+            sol = diffode.solve(
+                f,
+                y0,
+                ts,
+                q,
+                solver=diffode.Rodas5P(),
+                rtol=rtol,
+                atol=rtol / 100,
+                max_steps=200_000,
+                sensitivity=m,
+                jac_sparsity=pb.sparsity(),
+            )
             return jnp.sum(sol.ys[-1][:n2])
 
         t0 = time.perf_counter()
         g = np.asarray(jax.block_until_ready(jax.jit(jax.grad(loss))(p)))
         grads[name] = g
-        res[name] = dict(grad=g.tolist(), seconds=time.perf_counter() - t0,
-                         vs_fd=float(np.max(np.abs(g - fd) / np.abs(fd))))
-        log(f"grad agreement N={N} {name}: {g} in {res[name]['seconds']:.1f} s (compile included), "
-            f"vs FD {res[name]['vs_fd']:.1e}")
+        res[name] = dict(
+            grad=g.tolist(),
+            seconds=time.perf_counter() - t0,
+            vs_fd=float(np.max(np.abs(g - fd) / np.abs(fd))),
+        )
+        log(
+            f"grad agreement N={N} {name}: {g} in {res[name]['seconds']:.1f} s (compile included), "
+            f"vs FD {res[name]['vs_fd']:.1e}"
+        )
     pair = max(float(np.max(np.abs(a - b) / np.abs(b))) for a in grads.values() for b in grads.values())
     log(f"grad agreement N={N}: largest pairwise relative difference {pair:.1e}; FD spread {spread}")
     return dict(N=N, rtol=rtol, fd=fd.tolist(), fd_spread=spread.tolist(), pairwise=pair, results=res)
@@ -882,25 +1028,45 @@ def run_gradient_memory(N: int, max_steps_list, log) -> dict[str, Any]:
 
     def diffode_loss(method, max_steps):
         def loss(q):
-            sol = diffode.solve(f, y0, ts, q, solver=diffode.Rodas5P(), rtol=RTOL, atol=ATOL, max_steps=max_steps,
-                                sensitivity=method)
+            sol = diffode.solve(
+                f,
+                y0,
+                ts,
+                q,
+                solver=diffode.Rodas5P(),
+                rtol=RTOL,
+                atol=ATOL,
+                max_steps=max_steps,
+                sensitivity=method,
+            )
             return jnp.sum(sol.ys[-1][:n2])
 
         return loss
 
     def diffrax_loss(max_steps):
         def loss(q):
-            sol = diffrax.diffeqsolve(diffrax.ODETerm(f), diffrax.Kvaerno5(), T0, T1, None, y0, q,
-                                      stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
-                                      max_steps=max_steps, adjoint=diffrax.RecursiveCheckpointAdjoint())
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(f),
+                diffrax.Kvaerno5(),
+                T0,
+                T1,
+                None,
+                y0,
+                q,
+                stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
+                max_steps=max_steps,
+                adjoint=diffrax.RecursiveCheckpointAdjoint(),
+            )
             return jnp.sum(sol.ys[-1][:n2])
 
         return loss
 
-    cands = {"diffode Rodas5P Auto": lambda m: diffode_loss(diffode.Auto(), m),
-             "diffode Rodas5P Direct": lambda m: diffode_loss(diffode.Direct(), m),
-             "diffode Rodas5P InterpolatingAdjoint": lambda m: diffode_loss(diffode.InterpolatingAdjoint(), m),
-             "diffrax Kvaerno5 RecursiveCheckpointAdjoint": diffrax_loss}
+    cands = {
+        "diffode Rodas5P Auto": lambda m: diffode_loss(diffode.Auto(), m),
+        "diffode Rodas5P Direct": lambda m: diffode_loss(diffode.Direct(), m),
+        "diffode Rodas5P InterpolatingAdjoint": lambda m: diffode_loss(diffode.InterpolatingAdjoint(), m),
+        "diffrax Kvaerno5 RecursiveCheckpointAdjoint": diffrax_loss,
+    }
     res: dict[str, dict[str, float]] = {}
     for name, make in cands.items():
         for m in max_steps_list:
@@ -922,16 +1088,21 @@ def growth(sizes_out: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for name, r in so["results"].items():
             if "run_s" in r and so["N"] >= 8:
                 pts.setdefault(name, []).append((so["N"], r["run_s"]["median"]))
-    return {name: dict(sizes=[n for n, _ in p], exponent=slope(*zip(*p)) if len(p) >= 2 else None)
-            for name, p in pts.items()}
+    return {
+        name: dict(sizes=[n for n, _ in p], exponent=slope(*zip(*p)) if len(p) >= 2 else None)
+        for name, p in pts.items()
+    }
 
 
 def report(out: dict[str, Any]) -> str:
     lines = [f"# 2-D Brusselator, rtol {RTOL:g}, atol {ATOL:g}; threads: {THREAD_ENV}"]
     sizes = [so["N"] for so in out["sizes"]]
     names = list(dict.fromkeys(n for so in out["sizes"] for n in so["results"]))
-    lines.append("| candidate | " + " | ".join(f"N={N}: run s (compile s) steps/rej err" for N in sizes)
-                 + " | exponent |")
+    lines.append(
+        "| candidate | "
+        + " | ".join(f"N={N}: run s (compile s) steps/rej err" for N in sizes)
+        + " | exponent |"
+    )
     lines.append("|---" * (len(sizes) + 2) + "|")
     for name in names:
         cells = []
@@ -944,66 +1115,114 @@ def report(out: dict[str, Any]) -> str:
             else:
                 st = r["stats"]
                 bad = "" if st["status"] == 0 else f" FAILED({st['status']})"
-                cells.append(f"{r['run_s']['median']:.3g} ({r['compile_s']:.2f}) {st['steps']}/"
-                             f"{st.get('rejected', '-')} {r['max_abs_error']:.1e}{bad}")
+                cells.append(
+                    f"{r['run_s']['median']:.3g} ({r['compile_s']:.2f}) {st['steps']}/"
+                    f"{st.get('rejected', '-')} {r['max_abs_error']:.1e}{bad}"
+                )
         ex = out["growth"].get(name, {}).get("exponent")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if ex is None else f'{ex:.2f}'} |")
-    skipped = {(so["N"], n): r.get("skipped") or "failed: " + r["failed"]
-               for so in out["sizes"] for n, r in so["results"].items() if "skipped" in r or "failed" in r}
+    skipped = {
+        (so["N"], n): r.get("skipped") or "failed: " + r["failed"]
+        for so in out["sizes"]
+        for n, r in so["results"].items()
+        if "skipped" in r or "failed" in r
+    }
     for (N, n), why in skipped.items():
         lines.append(f"# skipped N={N} {n}: {why}")
     if "gradients" in out:
         for N, g in out["gradients"]["sizes"].items():
-            lines.append(f"# gradients N={N}: FD {np.array(g['fd_gradient'])} (spread {np.array(g['fd_spread'])})")
+            lines.append(
+                f"# gradients N={N}: FD {np.array(g['fd_gradient'])} (spread {np.array(g['fd_spread'])})"
+            )
             for name, r in g["results"].items():
                 if "run_s" in r:
-                    lines.append(f"  {name}: run {r['run_s']['median']:.3f} s, compile {r['compile_s']:.2f} s, "
-                                 f"max rel err {r['max_rel_error']:.1e}")
+                    lines.append(
+                        f"  {name}: run {r['run_s']['median']:.3f} s, compile {r['compile_s']:.2f} s, "
+                        f"max rel err {r['max_rel_error']:.1e}"
+                    )
                 else:
                     lines.append(f"  {name}: {r}")
     if "gradient_memory" in out:
         gm = out["gradient_memory"]
-        lines.append(f"# gradient memory N={gm['N']} ({gm['unit']}) at max_steps " + ", ".join(
-            next(iter(gm["results"].values())).keys()))
+        lines.append(
+            f"# gradient memory N={gm['N']} ({gm['unit']}) at max_steps "
+            + ", ".join(next(iter(gm["results"].values())).keys())
+        )
         for name, row in gm["results"].items():
             lines.append(f"  {name}: " + ", ".join(f"{v:.1f}" for v in row.values()))
     if "gradient_accuracy" in out:
         ga = out["gradient_accuracy"]
-        lines.append(f"# gradient accuracy N={ga['N']}: reference {np.array(ga['reference'])} "
-                     f"(two-method spread {ga['reference_spread']:.1e})")
+        lines.append(
+            f"# gradient accuracy N={ga['N']}: reference {np.array(ga['reference'])} "
+            f"(two-method spread {ga['reference_spread']:.1e})"
+        )
         for name, rows in ga["results"].items():
-            lines.append(f"  {name}: " + "; ".join(f"rtol {r['rtol']:g}: {r['run_s']:.3f} s, {r['max_rel_error']:.1e}"
-                                                   for r in rows))
+            lines.append(
+                f"  {name}: "
+                + "; ".join(f"rtol {r['rtol']:g}: {r['run_s']:.3f} s, {r['max_rel_error']:.1e}" for r in rows)
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.brusselator", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.brusselator", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--sizes", help="comma-separated N (default 4,8,16,32)")
-    ap.add_argument("--solvers", help="comma-separated candidate names (default: all): " + ", ".join(CANDIDATES))
-    ap.add_argument("--quick", action="store_true",
-                    help="N = 4, 8 only, the candidates in QUICK_CANDIDATES, no reference self-check "
-                         "(plot at N = 8, gradients at N = 4, 8)")
+    ap.add_argument(
+        "--solvers", help="comma-separated candidate names (default: all): " + ", ".join(CANDIDATES)
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="N = 4, 8 only, the candidates in QUICK_CANDIDATES, no reference self-check "
+        "(plot at N = 8, gradients at N = 4, 8)",
+    )
     ap.add_argument("--cap", type=float, default=120.0, help="skip a run extrapolated to take longer (s)")
     ap.add_argument("--out", metavar="PATH", help="write the results as JSON to PATH")
     ap.add_argument("--results", action="store_true", help="write the report into its section of RESULTS.md")
-    ap.add_argument("--plot", nargs="?", const="benchmarks/brusselator.png", metavar="PATH",
-                    help="work-precision plot at N = 16 (8 with --quick), saved to PATH")
-    ap.add_argument("--grad", action="store_true", help="gradient part at N = 4, 8 and 16 (4, 8 with --quick)")
+    ap.add_argument(
+        "--plot",
+        nargs="?",
+        const="benchmarks/brusselator.png",
+        metavar="PATH",
+        help="work-precision plot at N = 16 (8 with --quick), saved to PATH",
+    )
+    ap.add_argument(
+        "--grad", action="store_true", help="gradient part at N = 4, 8 and 16 (4, 8 with --quick)"
+    )
     ap.add_argument("--grad-only", action="store_true", help="only the gradient part")
-    ap.add_argument("--grad-accuracy", type=int, metavar="N",
-                    help="gradient error against a tight two-method reference at rtol 1e-6, 1e-7, 1e-8, on N x N")
-    ap.add_argument("--grad-tight", type=int, metavar="N",
-                    help="every diffode method's gradient at rtol 1e-10 on N x N: agreement with each other and FD")
-    ap.add_argument("--grad-memory", type=int, metavar="N",
-                    help="compiled memory of the gradients at max_steps 1e3, 1e4, 1e5, on N x N")
-    ap.add_argument("--grad-methods", help="comma-separated substrings of the gradient candidates' names "
-                    "(default: all); --sizes picks their N (those <= 16)")
+    ap.add_argument(
+        "--grad-accuracy",
+        type=int,
+        metavar="N",
+        help="gradient error against a tight two-method reference at rtol 1e-6, 1e-7, 1e-8, on N x N",
+    )
+    ap.add_argument(
+        "--grad-tight",
+        type=int,
+        metavar="N",
+        help="every diffode method's gradient at rtol 1e-10 on N x N: agreement with each other and FD",
+    )
+    ap.add_argument(
+        "--grad-memory",
+        type=int,
+        metavar="N",
+        help="compiled memory of the gradients at max_steps 1e3, 1e4, 1e5, on N x N",
+    )
+    ap.add_argument(
+        "--grad-methods",
+        help="comma-separated substrings of the gradient candidates' names "
+        "(default: all); --sizes picks their N (those <= 16)",
+    )
     a = ap.parse_args(argv)
 
     sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else list(SIZES_QUICK if a.quick else SIZES_FULL)
-    names = ([s.strip() for s in a.solvers.split(",")] if a.solvers
-             else list(QUICK_CANDIDATES if a.quick else CANDIDATES))
+    names = (
+        [s.strip() for s in a.solvers.split(",")]
+        if a.solvers
+        else list(QUICK_CANDIDATES if a.quick else CANDIDATES)
+    )
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         ap.error(f"unknown candidates {unknown}; choose from {list(CANDIDATES)}")
@@ -1021,22 +1240,37 @@ def main(argv=None) -> None:
     assert np.allclose(pb.sparse_jac(PARAMS)(2.0, yt).toarray(), J, rtol=1e-12, atol=1e-9)
     assert np.all((pb.sparsity().toarray() != 0) >= (J != 0))
 
-    out: dict[str, Any] = dict(environment=environment(), thread_env=THREAD_ENV, problem=dict(
-        form="SciML prob_ode_brusselator_2d (periodic, grid includes 0 and 1, dx = 1/(N-1), alpha = 10/dx^2)",
-        params=dict(alpha_scale=PARAMS[0], A=PARAMS[1], B=PARAMS[2]), t=[T0, T1], rtol=RTOL, atol=ATOL),
+    out: dict[str, Any] = dict(
+        environment=environment(),
+        thread_env=THREAD_ENV,
+        problem=dict(
+            form="SciML prob_ode_brusselator_2d (periodic, grid includes 0 and 1, dx = 1/(N-1), alpha = 10/dx^2)",
+            params=dict(alpha_scale=PARAMS[0], A=PARAMS[1], B=PARAMS[2]),
+            t=[T0, T1],
+            rtol=RTOL,
+            atol=ATOL,
+        ),
         reference=dict(solver="scipy Radau, analytic sparse Jacobian, restarted at t = 1.1", **REF_TOL),
-        cap_s=a.cap, max_steps=MAX_STEPS, sizes=[])
+        cap_s=a.cap,
+        max_steps=MAX_STEPS,
+        sizes=[],
+    )
     history: dict[str, list[tuple[int, float]]] = {}
     keep: dict[str, Runner] = {}
-    for N in [] if a.grad_only or ((a.grad_accuracy or a.grad_memory or a.grad_tight) and not a.sizes) else sizes:
+    for N in (
+        [] if a.grad_only or ((a.grad_accuracy or a.grad_memory or a.grad_tight) and not a.sizes) else sizes
+    ):
         so, runners = run_size(N, names, history, a.cap, log)
         # The reference against the same solver at 100x tighter tolerances (N <= 16; minutes at N = 32).
         so["reference_check"] = "not run at N > 16 (time)" if N > 16 else "not run (--quick)"
         if N <= 16 and not a.quick:
             t0 = time.perf_counter()
             other = reference(N, PARAMS, 1e-12, 1e-14)
-            so["reference_check"] = dict(against="scipy Radau, rtol 1e-12, atol 1e-14",
-                                         seconds=time.perf_counter() - t0, **errors(other, reference(N)))
+            so["reference_check"] = dict(
+                against="scipy Radau, rtol 1e-12, atol 1e-14",
+                seconds=time.perf_counter() - t0,
+                **errors(other, reference(N)),
+            )
         log(f"N={N} reference check: {so['reference_check']}")
         out["sizes"].append(so)
         if N == plot_N:

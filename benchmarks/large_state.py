@@ -82,7 +82,14 @@ def explicit_candidates(looped: bool):
 
     def diffrax_solve(y0, ts, a):
         return diffrax.diffeqsolve(
-            diffrax.ODETerm(f), diffrax.Tsit5(), ts[0], ts[-1], None, y0, a, saveat=diffrax.SaveAt(ts=ts),
+            diffrax.ODETerm(f),
+            diffrax.Tsit5(),
+            ts[0],
+            ts[-1],
+            None,
+            y0,
+            a,
+            saveat=diffrax.SaveAt(ts=ts),
             stepsize_controller=diffrax.PIDController(**EXPLICIT_TOL),
         )
 
@@ -107,8 +114,16 @@ def implicit_candidates(n: int, dense_ok: bool):
 
     def diffrax_solve(y0, ts, a):
         return diffrax.diffeqsolve(
-            diffrax.ODETerm(f), diffrax.Kvaerno5(), ts[0], ts[-1], None, y0, a, saveat=diffrax.SaveAt(ts=ts),
-            stepsize_controller=diffrax.PIDController(**IMPLICIT_TOL), max_steps=4096,
+            diffrax.ODETerm(f),
+            diffrax.Kvaerno5(),
+            ts[0],
+            ts[-1],
+            None,
+            y0,
+            a,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=diffrax.PIDController(**IMPLICIT_TOL),
+            max_steps=4096,
         )
 
     out = {"diffode Kvaerno5 GMRES": diffode_solver(diffode.GMRES())}
@@ -132,7 +147,14 @@ def gradient_candidates():
 
     def diffrax_loss(a, y0, ts):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(f), diffrax.Tsit5(), ts[0], ts[-1], None, y0, a, saveat=diffrax.SaveAt(ts=ts),
+            diffrax.ODETerm(f),
+            diffrax.Tsit5(),
+            ts[0],
+            ts[-1],
+            None,
+            y0,
+            a,
+            saveat=diffrax.SaveAt(ts=ts),
             stepsize_controller=diffrax.PIDController(**EXPLICIT_TOL),
             adjoint=diffrax.RecursiveCheckpointAdjoint(),
         )
@@ -172,8 +194,9 @@ def planned_memory(compiled) -> dict[str, int]:
     return dict(temp=temp, output=output, argument=int(m.argument_size_in_bytes), total=temp + output)
 
 
-def measure(fns: dict[str, Callable], args: tuple, compile_repeats: int, run_repeats: int,
-            min_time: float) -> dict[str, Any]:
+def measure(
+    fns: dict[str, Callable], args: tuple, compile_repeats: int, run_repeats: int, min_time: float
+) -> dict[str, Any]:
     """Compile and run times (interleaved) and planned memory of jitted ``fns`` on ``args``."""
     names = list(fns)
     compile_s: dict[str, list[float]] = {n: [] for n in names}
@@ -183,16 +206,20 @@ def measure(fns: dict[str, Callable], args: tuple, compile_repeats: int, run_rep
             dt, compiled = compile_sample(fns[n], args)
             compile_s[n].append(dt)
             memory[n] = planned_memory(compiled)
-    out = {n: dict(compile_s=_timing.Timing(tuple(c)).as_dict(), memory_bytes=memory[n])
-           for n, c in compile_s.items()}
+    out = {
+        n: dict(compile_s=_timing.Timing(tuple(c)).as_dict(), memory_bytes=memory[n])
+        for n, c in compile_s.items()
+    }
     feasible = {n: fns[n] for n in names if memory[n]["total"] <= MEMORY_LIMIT}
     for n in names:
         if n not in feasible:
-            out[n]["infeasible"] = (f"plans {memory[n]['total'] / 2**30:.1f} GiB > limit "
-                                    f"{MEMORY_LIMIT / 2**30:.0f} GiB; not run")
+            out[n]["infeasible"] = (
+                f"plans {memory[n]['total'] / 2**30:.1f} GiB > limit {MEMORY_LIMIT / 2**30:.0f} GiB; not run"
+            )
     if feasible:
-        rtimes = _timing.run_times({n: (fn, args) for n, fn in feasible.items()}, repeats=run_repeats,
-                                   min_time=min_time)
+        rtimes = _timing.run_times(
+            {n: (fn, args) for n, fn in feasible.items()}, repeats=run_repeats, min_time=min_time
+        )
         for n, t in rtimes.items():
             out[n]["run_s"] = t.as_dict()
     return out
@@ -218,8 +245,10 @@ def explicit_case(n: int, dtype, num_save: int, looped: bool, reps: tuple[int, i
     exact = np.exp(-np.asarray(ts, np.float64))[:, None]
     for name, s in cands.items():
         sol = jax.jit(s)(y0, ts, a)
-        results[name].update(num_steps=steps_of(sol),
-                             max_abs_error=float(np.max(np.abs(np.asarray(sol.ys, np.float64) - exact))))
+        results[name].update(
+            num_steps=steps_of(sol),
+            max_abs_error=float(np.max(np.abs(np.asarray(sol.ys, np.float64) - exact))),
+        )
     add_ratios(results)
     dtype = jnp.dtype(dtype).name
     return dict(group="explicit", n=n, dtype=dtype, num_save=num_save, reps=reps, results=results)
@@ -245,9 +274,11 @@ def implicit_case(n: int, dense_ok: bool, reps: tuple[int, int, float], quick: b
         skipped = (
             "diffode LU and diffrax Kvaerno5 skipped: a dense n x n Jacobian "
             f"({n * n * 8 / 2**30:.1f} GiB) and an O(n^3) LU per factorisation (seconds per solve at n = 1e3 "
-            "on this machine, so many minutes or more here)")
-    return dict(group="implicit", n=n, dtype="float64", num_save=2, reps=reps, results=results,
-                skipped=skipped)
+            "on this machine, so many minutes or more here)"
+        )
+    return dict(
+        group="implicit", n=n, dtype="float64", num_save=2, reps=reps, results=results, skipped=skipped
+    )
 
 
 def gradient_case(n: int, reps: tuple[int, int, float]) -> dict[str, Any]:
@@ -270,8 +301,11 @@ def plan(quick: bool) -> list[tuple[str, tuple]]:
     fast, slow = ((1, 3, 0.05), (1, 3, 0.05)) if quick else ((3, 7, 0.2), (2, 5, 0.1))
     dense = (1, 3, 0.1)  # the dense-LU implicit cases take seconds per call
     f64, f32 = jnp.float64, jnp.float32
-    explicit = [(1000, f64), (100_000, f64)] if quick else [
-        (1000, f64), (10_000, f64), (100_000, f64), (1_000_000, f64), (1_000_000, f32)]
+    explicit = (
+        [(1000, f64), (100_000, f64)]
+        if quick
+        else [(1000, f64), (10_000, f64), (100_000, f64), (1_000_000, f64), (1_000_000, f32)]
+    )
     cases = [("explicit", (n, dt, 2, not quick, fast)) for n, dt in explicit]
     if not quick:
         cases += [("explicit", (n, dt, 11, False, fast)) for n, dt in [(100_000, f64), (1_000_000, f32)]]
@@ -297,9 +331,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         cases.append(CASE_FUNCTIONS[group](*args))
     return dict(
         benchmark="large_state",
-        settings=dict(quick=quick, memory_limit_bytes=MEMORY_LIMIT, unroll_min_size=UNROLL_MIN_SIZE,
-                      explicit_tol=EXPLICIT_TOL, implicit_tol=IMPLICIT_TOL, ratios_relative_to=REFERENCE,
-                      reps="(compile repeats, run repeats, min seconds per run sample), per case"),
+        settings=dict(
+            quick=quick,
+            memory_limit_bytes=MEMORY_LIMIT,
+            unroll_min_size=UNROLL_MIN_SIZE,
+            explicit_tol=EXPLICIT_TOL,
+            implicit_tol=IMPLICIT_TOL,
+            ratios_relative_to=REFERENCE,
+            reps="(compile repeats, run repeats, min seconds per run sample), per case",
+        ),
         environment=env,
         cases=cases,
         total_s=time.perf_counter() - t0,
@@ -320,8 +360,10 @@ def _fmt_ratio(r, key):
 
 
 def markdown_table(out: dict[str, Any]) -> str:
-    head = ("| group | n | dtype | saves | candidate | compile (s) | run (ms) | compile / diffrax "
-            "| run / diffrax | memory (MiB) | steps | error |")
+    head = (
+        "| group | n | dtype | saves | candidate | compile (s) | run (ms) | compile / diffrax "
+        "| run / diffrax | memory (MiB) | steps | error |"
+    )
     lines = [head, "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in out["cases"]:
         for name, r in c["results"].items():
@@ -356,16 +398,25 @@ def report(out: dict[str, Any]) -> str:
         for name, r in c["results"].items():
             if "run_s" in r:
                 s = r["run_s"]
-                spread.append(f"{c['group']} {c['n']:.0e} {c['dtype']} {name}: "
-                              f"{s['min'] * 1e3:.3g}-{s['max'] * 1e3:.3g}")
+                spread.append(
+                    f"{c['group']} {c['n']:.0e} {c['dtype']} {name}: "
+                    f"{s['min'] * 1e3:.3g}-{s['max'] * 1e3:.3g}"
+                )
     lines.append("Run time spread (min-max ms): " + "; ".join(spread) + ".")
-    targets = [c for c in out["cases"] if c["group"] == "explicit" and c["num_save"] == 2
-               and (c["n"], c["dtype"]) in ((100_000, "float64"), (1_000_000, "float32"))]
+    targets = [
+        c
+        for c in out["cases"]
+        if c["group"] == "explicit"
+        and c["num_save"] == 2
+        and (c["n"], c["dtype"]) in ((100_000, "float64"), (1_000_000, "float32"))
+    ]
     for c in targets:
         r = c["results"]["diffode Tsit5"]
         ok = r.get("run_ratio", np.inf) <= 1
-        lines.append(f"{'PASS' if ok else 'FAIL'} issue 13: explicit n={c['n']:.0e} {c['dtype']} run time "
-                     f"<= 1x diffrax (ratio {r.get('run_ratio', float('nan')):.2f})")
+        lines.append(
+            f"{'PASS' if ok else 'FAIL'} issue 13: explicit n={c['n']:.0e} {c['dtype']} run time "
+            f"<= 1x diffrax (ratio {r.get('run_ratio', float('nan')):.2f})"
+        )
     return "\n".join(lines)
 
 

@@ -170,8 +170,16 @@ def _expm(m: np.ndarray) -> np.ndarray:
 
 def diffode_solver(sensitivity) -> Callable:
     def solve(model, y0, ts):
-        sol = diffode.solve(model, y0, ts, solver=diffode.Tsit5(), rtol=RTOL, atol=ATOL, max_steps=MAX_STEPS,
-                            sensitivity=sensitivity)
+        sol = diffode.solve(
+            model,
+            y0,
+            ts,
+            solver=diffode.Tsit5(),
+            rtol=RTOL,
+            atol=ATOL,
+            max_steps=MAX_STEPS,
+            sensitivity=sensitivity,
+        )
         return sol.ys, dict(num_steps=sol.stats["num_steps"], num_fevals=sol.stats["num_fevals"])
 
     return solve
@@ -182,8 +190,16 @@ def diffrax_solver(adjoint_name: str) -> Callable:
 
     def solve(model, y0, ts):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(model), diffrax.Tsit5(), ts[0], ts[-1], None, y0, None, saveat=diffrax.SaveAt(ts=ts),
-            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL), max_steps=MAX_STEPS,
+            diffrax.ODETerm(model),
+            diffrax.Tsit5(),
+            ts[0],
+            ts[-1],
+            None,
+            y0,
+            None,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
+            max_steps=MAX_STEPS,
             adjoint=getattr(diffrax, adjoint_name)(),
         )
         # diffrax's Tsit5 evaluates f 6 times per attempted step plus once at the start
@@ -296,8 +312,13 @@ def probe_forward_sensitivity(model, opt, dtype, batch: int) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         return dict(error=_error(e))
     est = call * batch / PROBE_BATCH
-    return dict(probe_batch=PROBE_BATCH, probe_first_call_s=first, probe_call_s=call, estimated_call_s=est,
-                run=est <= FORWARD_SENSITIVITY_LIMIT_S)
+    return dict(
+        probe_batch=PROBE_BATCH,
+        probe_first_call_s=first,
+        probe_call_s=call,
+        estimated_call_s=est,
+        run=est <= FORWARD_SENSITIVITY_LIMIT_S,
+    )
 
 
 #: Substrings of candidate names to keep (``--methods``); empty: all.
@@ -327,9 +348,13 @@ def measure_case(size: str, dtype, quick: bool) -> dict[str, Any]:
         if "error" in probe:
             results[FORWARD_SENSITIVITY] = dict(error=probe["error"], probe=probe)
         else:
-            results[FORWARD_SENSITIVITY] = dict(probe=probe, skipped=(
-                f"one call at batch {PROBE_BATCH} took {probe['probe_call_s']:.2f} s, so about "
-                f"{probe['estimated_call_s']:.0f} s at batch {batch} (> {FORWARD_SENSITIVITY_LIMIT_S:.0f} s)"))
+            results[FORWARD_SENSITIVITY] = dict(
+                probe=probe,
+                skipped=(
+                    f"one call at batch {PROBE_BATCH} took {probe['probe_call_s']:.2f} s, so about "
+                    f"{probe['estimated_call_s']:.0f} s at batch {batch} (> {FORWARD_SENSITIVITY_LIMIT_S:.0f} s)"
+                ),
+            )
     elif probe is not None:
         results[FORWARD_SENSITIVITY]["probe"] = probe
     compile_repeats, run_repeats = (1, 1) if quick else (3, 5)
@@ -347,8 +372,11 @@ def measure_case(size: str, dtype, quick: bool) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001 - a failing candidate is a result
                 res["error"] = _error(e)
                 traceback.print_exc()
-            print(f"#   compile {n}: {compile_s[n][-1] if compile_s[n] else res.get('error')}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"#   compile {n}: {compile_s[n][-1] if compile_s[n] else res.get('error')}",
+                file=sys.stderr,
+                flush=True,
+            )
     for n, c in compile_s.items():
         if c:
             results[n]["compile_s"] = _timing.Timing(tuple(c)).as_dict()
@@ -377,8 +405,9 @@ def measure_case(size: str, dtype, quick: bool) -> dict[str, Any]:
             res["error"] = _error(e)
             continue
         if n == FORWARD_SENSITIVITY and call > FORWARD_SENSITIVITY_LIMIT_S:
-            res["skipped"] = (f"one call took {call:.1f} s > {FORWARD_SENSITIVITY_LIMIT_S:.0f} s; "
-                              "not timed further")
+            res["skipped"] = (
+                f"one call took {call:.1f} s > {FORWARD_SENSITIVITY_LIMIT_S:.0f} s; not timed further"
+            )
             continue
         if call > VERY_SLOW_CALL_S:
             number[n], repeats[n] = 1, min(run_repeats, 2)
@@ -389,8 +418,9 @@ def measure_case(size: str, dtype, quick: bool) -> dict[str, Any]:
         else:
             number[n], repeats[n] = _timing.calibrate_number(fn, *args, min_time=0.2), run_repeats
     # A slow candidate's warm call (already compiled) is its first run sample.
-    run_s: dict[str, list[float]] = {n: ([warm[n]] if number[n] == 1 and warm[n] > SLOW_CALL_S else [])
-                                     for n in number}
+    run_s: dict[str, list[float]] = {
+        n: ([warm[n]] if number[n] == 1 and warm[n] > SLOW_CALL_S else []) for n in number
+    }
     for r in range(max(repeats.values(), default=0)):
         names = list(number) if r % 2 == 0 else list(reversed(number))
         for n in names:
@@ -439,8 +469,16 @@ def measure_case(size: str, dtype, quick: bool) -> dict[str, Any]:
         if "compile_minus_run_s" in res and "compile_minus_run_s" in base:
             res["compile_minus_run_ratio"] = res["compile_minus_run_s"] / base["compile_minus_run_s"]
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))))
-    return dict(size=size, width=width, batch=batch, num_params=n_params, dtype=dtype_name,
-                compile_repeats=compile_repeats, run_repeats=run_repeats, results=results)
+    return dict(
+        size=size,
+        width=width,
+        batch=batch,
+        num_params=n_params,
+        dtype=dtype_name,
+        compile_repeats=compile_repeats,
+        run_repeats=run_repeats,
+        results=results,
+    )
 
 
 #: The sizes to run (``--sizes``).
@@ -464,14 +502,31 @@ def run(quick: bool = False, partial_out: str | None = None) -> dict[str, Any]:
         print(f"#   ({time.perf_counter() - t0:.0f} s so far)", file=sys.stderr, flush=True)
         if partial_out:  # the cases so far, in case the run is cut short
             with open(partial_out, "w") as fh:
-                json.dump(dict(benchmark="neural_ode", partial=True, environment=env, cases=cases), fh, indent=1)
+                json.dump(
+                    dict(benchmark="neural_ode", partial=True, environment=env, cases=cases), fh, indent=1
+                )
     return dict(
         benchmark="neural_ode",
         settings=dict(
-            quick=quick, num_save=NUM_SAVE, t_span=[0.0, T_END], rtol=RTOL, atol=ATOL, max_steps=MAX_STEPS,
-            solver="Tsit5", depth=DEPTH, activation="tanh", learning_rate=LEARNING_RATE, optimizer="optax.adam",
-            sizes=SIZES, quick_batch=QUICK_BATCH, forward_sensitivity_probe_batch=PROBE_BATCH, targets=f"exact solution of y' = A y, A = {SPIRAL}", ratios_relative_to=REFERENCE,
-            slow_first_call_s=SLOW_FIRST_CALL_S, slow_call_s=SLOW_CALL_S, very_slow_call_s=VERY_SLOW_CALL_S,
+            quick=quick,
+            num_save=NUM_SAVE,
+            t_span=[0.0, T_END],
+            rtol=RTOL,
+            atol=ATOL,
+            max_steps=MAX_STEPS,
+            solver="Tsit5",
+            depth=DEPTH,
+            activation="tanh",
+            learning_rate=LEARNING_RATE,
+            optimizer="optax.adam",
+            sizes=SIZES,
+            quick_batch=QUICK_BATCH,
+            forward_sensitivity_probe_batch=PROBE_BATCH,
+            targets=f"exact solution of y' = A y, A = {SPIRAL}",
+            ratios_relative_to=REFERENCE,
+            slow_first_call_s=SLOW_FIRST_CALL_S,
+            slow_call_s=SLOW_CALL_S,
+            very_slow_call_s=VERY_SLOW_CALL_S,
             forward_sensitivity_limit_s=FORWARD_SENSITIVITY_LIMIT_S,
         ),
         environment=env,
@@ -490,8 +545,10 @@ def _f(x, fmt: str, missing: str = "-") -> str:
 
 
 def markdown_table(out: dict[str, Any]) -> str:
-    head = ("| size | dtype | candidate | compile (s) | compile - run (s) | run (ms) | compile / ref "
-            "| run / ref | grad rel. diff | fwd fevals / traj (mean, max) | counted fwd / bwd fevals |")
+    head = (
+        "| size | dtype | candidate | compile (s) | compile - run (s) | run (ms) | compile / ref "
+        "| run / ref | grad rel. diff | fwd fevals / traj (mean, max) | counted fwd / bwd fevals |"
+    )
     lines = [head, "|---|---|---|" + "---:|" * 8]
     for c in out["cases"]:
         for name, r in c["results"].items():
@@ -535,9 +592,11 @@ def report(out: dict[str, Any]) -> str:
         for name, r in c["results"].items():
             if "run_s" in r:
                 rs, cs = r["run_s"], r["compile_s"]
-                spread.append(f"{c['size']} {c['dtype']} {name}: run {rs['min'] * 1e3:.4g}-{rs['max'] * 1e3:.4g} ms "
-                              f"({len(rs['samples'])} x {rs['number']}), compile {cs['min']:.2f}-{cs['max']:.2f} s "
-                              f"({len(cs['samples'])})")
+                spread.append(
+                    f"{c['size']} {c['dtype']} {name}: run {rs['min'] * 1e3:.4g}-{rs['max'] * 1e3:.4g} ms "
+                    f"({len(rs['samples'])} x {rs['number']}), compile {cs['min']:.2f}-{cs['max']:.2f} s "
+                    f"({len(cs['samples'])})"
+                )
     lines.append("Spread (min-max, samples): " + "; ".join(spread) + ".")
     return "\n".join(lines)
 
@@ -545,10 +604,19 @@ def report(out: dict[str, Any]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.neural_ode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small size, float64, one sample each (a smoke run)")
-    ap.add_argument("--out", "--json", dest="out", metavar="PATH",
-                    help="write the results as JSON here (default for a full run: benchmarks/neural_ode.json)")
-    ap.add_argument("--methods", nargs="*", default=[],
-                    help="keep only candidates whose name contains one of these (the reference is always kept)")
+    ap.add_argument(
+        "--out",
+        "--json",
+        dest="out",
+        metavar="PATH",
+        help="write the results as JSON here (default for a full run: benchmarks/neural_ode.json)",
+    )
+    ap.add_argument(
+        "--methods",
+        nargs="*",
+        default=[],
+        help="keep only candidates whose name contains one of these (the reference is always kept)",
+    )
     ap.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--results", action="store_true", help="write the report into its section of RESULTS.md")
     a = ap.parse_args(argv)

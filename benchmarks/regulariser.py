@@ -103,10 +103,21 @@ def rings(steps, quick):
     test_x, test_y = ring_points(jax.random.PRNGKey(101), 512)
     sweep = ((0.0, 0.0), (0.01, 0.0), (0.03, 0.0), (0.1, 0.0), (0.0, 0.01), (0.01, 0.003))
     return Problem(
-        "rings", 3, 32, jnp.array([0.0, 1.0], jnp.float32), train_x, train_y, test_x, test_y, batch=128,
-        steps=steps or (40 if quick else 600), lr=1e-2, loss=lambda ys, y: jnp.mean((ys[:, -1, -1] - y) ** 2),
+        "rings",
+        3,
+        32,
+        jnp.array([0.0, 1.0], jnp.float32),
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        batch=128,
+        steps=steps or (40 if quick else 600),
+        lr=1e-2,
+        loss=lambda ys, y: jnp.mean((ys[:, -1, -1] - y) ** 2),
         sweep=sweep[:2] if quick else sweep,
-        notes=dict(bands=RING_BANDS, T=1.0, train_points=1024, test_points=512, batch=128, mlp="3-32-32-3"))
+        notes=dict(bands=RING_BANDS, T=1.0, train_points=1024, test_points=512, batch=128, mlp="3-32-32-3"),
+    )
 
 
 # --- spiral: a trajectory fit ----------------------------------------------------------
@@ -124,23 +135,39 @@ def spiral(steps, quick):
     ts = jnp.linspace(0.0, 6.0, 40, dtype=jnp.float32)
 
     def data(y0s):
-        return jax.vmap(lambda y: diffode.solve(lambda t, y, a: SPIRAL_A @ y, y, ts, rtol=1e-7, atol=1e-8).ys)(y0s)
+        return jax.vmap(
+            lambda y: diffode.solve(lambda t, y, a: SPIRAL_A @ y, y, ts, rtol=1e-7, atol=1e-8).ys
+        )(y0s)
 
     train_x, test_x = spiral_states(jax.random.PRNGKey(0), 16), spiral_states(jax.random.PRNGKey(1), 64)
     sweep = ((0.0, 0.0), (0.003, 0.0), (0.0, 0.001))
     return Problem(
-        "spiral", 2, 64, ts, train_x, data(train_x), test_x, data(test_x), batch=None,
-        steps=steps or (30 if quick else 400), lr=3e-3, loss=lambda ys, y: jnp.mean((ys - y) ** 2),
+        "spiral",
+        2,
+        64,
+        ts,
+        train_x,
+        data(train_x),
+        test_x,
+        data(test_x),
+        batch=None,
+        steps=steps or (30 if quick else 400),
+        lr=3e-3,
+        loss=lambda ys, y: jnp.mean((ys - y) ** 2),
         sweep=sweep[:2] if quick else sweep,
-        notes=dict(A=SPIRAL_A.tolist(), saves=40, T=6.0, train_states=16, test_states=64, mlp="2-64-64-2"))
+        notes=dict(A=SPIRAL_A.tolist(), saves=40, T=6.0, train_states=16, test_states=64, mlp="2-64-64-2"),
+    )
 
 
 # --- training and evaluation -------------------------------------------------------------
 
 
 def solve_batch(problem, model, x):
-    return jax.vmap(lambda y: diffode.solve(model, y, problem.ts, rtol=RTOL, atol=ATOL, regularise=True,
-                                            sensitivity=diffode.Direct()))(x)
+    return jax.vmap(
+        lambda y: diffode.solve(
+            model, y, problem.ts, rtol=RTOL, atol=ATOL, regularise=True, sensitivity=diffode.Direct()
+        )
+    )(x)
 
 
 def make_runner(problem):
@@ -167,12 +194,19 @@ def make_runner(problem):
     @eqx.filter_jit
     def evaluate(model, x, y):
         sols = solve_batch(problem, model, x)
-        return dict(loss=problem.loss(sols.ys, y), nfe=jnp.mean(sols.stats["num_fevals"].astype(jnp.float32)),
-                    error=jnp.mean(sols.regularisers.error), stiffness=jnp.mean(sols.regularisers.stiffness))
+        return dict(
+            loss=problem.loss(sols.ys, y),
+            nfe=jnp.mean(sols.stats["num_fevals"].astype(jnp.float32)),
+            error=jnp.mean(sols.regularisers.error),
+            stiffness=jnp.mean(sols.regularisers.stiffness),
+        )
 
     def init(seed):
-        model = Field(eqx.nn.MLP(problem.dim, problem.dim, problem.width, 2, activation=jnp.tanh,
-                                 key=jax.random.PRNGKey(seed)))
+        model = Field(
+            eqx.nn.MLP(
+                problem.dim, problem.dim, problem.width, 2, activation=jnp.tanh, key=jax.random.PRNGKey(seed)
+            )
+        )
         return model, opt.init(eqx.filter(model, eqx.is_array))
 
     # Compile before timing (the result is discarded).
@@ -191,16 +225,30 @@ def make_runner(problem):
         seconds = time.perf_counter() - start
         tr = {k: float(v) for k, v in evaluate(model, problem.train_x, problem.train_y).items()}
         te = {k: float(v) for k, v in evaluate(model, problem.test_x, problem.test_y).items()}
-        return dict(problem=problem.name, lam_error=weights[0], lam_stiffness=weights[1], seed=seed,
-                    train_loss=tr["loss"], test_loss=te["loss"], nfe=te["nfe"], train_nfe=tr["nfe"],
-                    error=te["error"], stiffness=te["stiffness"], train_seconds=seconds)
+        return dict(
+            problem=problem.name,
+            lam_error=weights[0],
+            lam_stiffness=weights[1],
+            seed=seed,
+            train_loss=tr["loss"],
+            test_loss=te["loss"],
+            nfe=te["nfe"],
+            train_nfe=tr["nfe"],
+            error=te["error"],
+            stiffness=te["stiffness"],
+            train_seconds=seconds,
+        )
 
     return train
 
 
 def label(weights):
     e, s = weights
-    return "none" if e == s == 0 else " + ".join(p for p in (e and f"{e:g} error", s and f"{s:g} stiffness") if p)
+    return (
+        "none"
+        if e == s == 0
+        else " + ".join(p for p in (e and f"{e:g} error", s and f"{s:g} stiffness") if p)
+    )
 
 
 def summarise(rows, problem):
@@ -213,14 +261,19 @@ def summarise(rows, problem):
             vals = np.array([r[key] for r in mine])
             ratios = np.array([r[key] / base[r["seed"]][key] for r in mine])
             entry[key] = float(np.median(vals))
-            entry[key + "_ratio"] = dict(median=float(np.median(ratios)), min=float(ratios.min()),
-                                         max=float(ratios.max()))
+            entry[key + "_ratio"] = dict(
+                median=float(np.median(ratios)), min=float(ratios.min()), max=float(ratios.max())
+            )
         med = lambda k: entry[k + "_ratio"]["median"]  # noqa: E731
         worst = lambda k: entry[k + "_ratio"]["max"]  # noqa: E731
-        entry["target_met_median"] = bool(med("nfe") <= TARGET_NFE and med("train_loss") <= TARGET_LOSS
-                                          and med("test_loss") <= TARGET_LOSS)
-        entry["target_met_every_seed"] = bool(worst("nfe") <= TARGET_NFE and worst("train_loss") <= TARGET_LOSS
-                                              and worst("test_loss") <= TARGET_LOSS)
+        entry["target_met_median"] = bool(
+            med("nfe") <= TARGET_NFE and med("train_loss") <= TARGET_LOSS and med("test_loss") <= TARGET_LOSS
+        )
+        entry["target_met_every_seed"] = bool(
+            worst("nfe") <= TARGET_NFE
+            and worst("train_loss") <= TARGET_LOSS
+            and worst("test_loss") <= TARGET_LOSS
+        )
         out.append(entry)
     return out
 
@@ -229,24 +282,34 @@ def table(summary):
     def rng(r):
         return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
 
-    lines = ["| problem | regulariser (lambda) | train loss | test loss | NFE/trajectory | train loss / none "
-             "| test loss / none | NFE / none |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| problem | regulariser (lambda) | train loss | test loss | NFE/trajectory | train loss / none "
+        "| test loss / none | NFE / none |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for s in summary:
-        lines.append(f"| {s['problem']} | {label((s['lam_error'], s['lam_stiffness']))} | {s['train_loss']:.3g} "
-                     f"| {s['test_loss']:.3g} | {s['nfe']:.1f} | {rng(s['train_loss_ratio'])} "
-                     f"| {rng(s['test_loss_ratio'])} | {rng(s['nfe_ratio'])} |")
+        lines.append(
+            f"| {s['problem']} | {label((s['lam_error'], s['lam_stiffness']))} | {s['train_loss']:.3g} "
+            f"| {s['test_loss']:.3g} | {s['nfe']:.1f} | {rng(s['train_loss_ratio'])} "
+            f"| {rng(s['test_loss_ratio'])} | {rng(s['nfe_ratio'])} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: rings only (unless --problems), few steps, one seed, two sweep points")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: rings only (unless --problems), few steps, one seed, two sweep points",
+    )
     parser.add_argument("--problems", default=None, help="comma-separated, from rings,spiral (default both)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="Adam steps (default per problem)")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--results", action="store_true", help="write the summary into its section of RESULTS.md")
+    parser.add_argument(
+        "--results", action="store_true", help="write the summary into its section of RESULTS.md"
+    )
     args = parser.parse_args()
     seeds = range(args.seeds or (1 if args.quick else 3))
     builders = dict(rings=rings, spiral=spiral)
@@ -261,24 +324,42 @@ def main() -> None:
         for weights in problem.sweep:
             for seed in seeds:
                 mine.append(train(weights, seed))
-                print({k: (round(v, 6) if isinstance(v, float) else v) for k, v in mine[-1].items()}, flush=True)
+                print(
+                    {k: (round(v, 6) if isinstance(v, float) else v) for k, v in mine[-1].items()}, flush=True
+                )
         rows += mine
         summary += summarise(mine, problem)
-    print(f"\nmedian (range) over {len(seeds)} seed(s); ratios against the unregularised run of the same seed\n")
+    print(
+        f"\nmedian (range) over {len(seeds)} seed(s); ratios against the unregularised run of the same seed\n"
+    )
     print(table(summary))
     if args.results:
         _timing.write_section("regulariser", table(summary))
     for s in summary:
         if s["lam_error"] or s["lam_stiffness"]:
-            print(f"{s['problem']}, {label((s['lam_error'], s['lam_stiffness']))}: target (NFE <= {TARGET_NFE} x, "
-                  f"losses <= {TARGET_LOSS} x) met by the median: {s['target_met_median']}, "
-                  f"by every seed: {s['target_met_every_seed']}")
+            print(
+                f"{s['problem']}, {label((s['lam_error'], s['lam_stiffness']))}: target (NFE <= {TARGET_NFE} x, "
+                f"losses <= {TARGET_LOSS} x) met by the median: {s['target_met_median']}, "
+                f"by every seed: {s['target_met_every_seed']}"
+            )
     total = time.perf_counter() - start
     print(f"\ntotal {total:.0f} s")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(rtol=RTOL, atol=ATOL, seeds=list(seeds), quick=args.quick,
-                           settings=settings, total_seconds=total, summary=summary, rows=rows), fh, indent=1)
+            json.dump(
+                dict(
+                    rtol=RTOL,
+                    atol=ATOL,
+                    seeds=list(seeds),
+                    quick=args.quick,
+                    settings=settings,
+                    total_seconds=total,
+                    summary=summary,
+                    rows=rows,
+                ),
+                fh,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ import numpy as np  # noqa: E402
 from jax.experimental import io_callback  # noqa: E402
 
 import diffode  # noqa: E402
+from diffode.problems import lotka_volterra, lotka_volterra_reference  # noqa: E402
 
 from . import _timing  # noqa: E402
-from diffode.problems import lotka_volterra, lotka_volterra_reference  # noqa: E402
 
 NUM_SAVE = 100
 
@@ -107,7 +107,9 @@ def candidates() -> dict[str, Callable]:
             warnings.simplefilter("ignore")
             from jax.experimental.ode import odeint  # noqa: F401
     except Exception as e:  # removed from newer JAX: skip the third reference
-        print(f"# jax.experimental.ode.odeint unavailable ({type(e).__name__}: {e}); skipped", file=sys.stderr)
+        print(
+            f"# jax.experimental.ode.odeint unavailable ({type(e).__name__}: {e}); skipped", file=sys.stderr
+        )
     else:
         out["odeint"] = make_odeint
     return out
@@ -153,9 +155,14 @@ def environment() -> dict[str, Any]:
 
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "diffode"], cwd=root,
-                                    capture_output=True, text=True).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--", "diffode"], cwd=root, capture_output=True, text=True
+            ).stdout.strip()
+        )
     except Exception:
         commit, dirty = None, None
     return dict(
@@ -177,7 +184,9 @@ def environment() -> dict[str, Any]:
     )
 
 
-def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: int | None = None) -> dict[str, Any]:
+def run(
+    quick: bool = False, compile_repeats: int | None = None, run_repeats: int | None = None
+) -> dict[str, Any]:
     compile_repeats = compile_repeats or (3 if quick else 5)
     run_repeats = run_repeats or (5 if quick else 7)
     min_time = 0.05 if quick else 0.2
@@ -203,8 +212,10 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
         stats = {k: int(v) for k, v in stats.items()}
         fevals = count_fevals(fac, p.f, ts, y0, args)
         if "num_fevals" in stats and stats["num_fevals"] != fevals:
-            print(f"# WARNING: {n} reports num_fevals={stats['num_fevals']} but {fevals} were counted",
-                  file=sys.stderr)
+            print(
+                f"# WARNING: {n} reports num_fevals={stats['num_fevals']} but {fevals} were counted",
+                file=sys.stderr,
+            )
         results[n] = dict(
             compile_s=ctimes[n].as_dict(),
             run_s=rtimes[n].as_dict(),
@@ -221,22 +232,45 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
     d, x = results["diffode"], results["diffrax"]
     fe_dev = d["fevals"] / x["fevals"] - 1
     targets = [
-        dict(name="run time", passed=d["run_s"]["median"] <= x["run_s"]["median"],
-             text=f"diffode {d['run_s']['median'] * 1e3:.3f} ms <= diffrax {x['run_s']['median'] * 1e3:.3f} ms "
-                  f"(ratio {d['run_ratio']:.2f})"),
-        dict(name="compile time", passed=d["compile_s"]["median"] <= 0.5 * x["compile_s"]["median"],
-             text=f"diffode {d['compile_s']['median']:.3f} s <= 0.5 x diffrax {x['compile_s']['median']:.3f} s "
-                  f"= {0.5 * x['compile_s']['median']:.3f} s (ratio {d['compile_ratio']:.2f})"),
-        dict(name="fevals", passed=abs(fe_dev) <= 0.10,
-             text=f"|{d['fevals']} / {x['fevals']} - 1| = {abs(fe_dev):.3f} <= 0.10"),
+        dict(
+            name="run time",
+            passed=d["run_s"]["median"] <= x["run_s"]["median"],
+            text=f"diffode {d['run_s']['median'] * 1e3:.3f} ms <= diffrax {x['run_s']['median'] * 1e3:.3f} ms "
+            f"(ratio {d['run_ratio']:.2f})",
+        ),
+        dict(
+            name="compile time",
+            passed=d["compile_s"]["median"] <= 0.5 * x["compile_s"]["median"],
+            text=f"diffode {d['compile_s']['median']:.3f} s <= 0.5 x diffrax {x['compile_s']['median']:.3f} s "
+            f"= {0.5 * x['compile_s']['median']:.3f} s (ratio {d['compile_ratio']:.2f})",
+        ),
+        dict(
+            name="fevals",
+            passed=abs(fe_dev) <= 0.10,
+            text=f"|{d['fevals']} / {x['fevals']} - 1| = {abs(fe_dev):.3f} <= 0.10",
+        ),
     ]
     return dict(
         benchmark="solve_lv",
-        problem=dict(name=p.name, y0=np.asarray(y0).tolist(), args=np.asarray(args).tolist(),
-                     t_span=[float(ts[0]), float(ts[-1])], num_save=int(ts.shape[0]), dtype="float64",
-                     rtol=RTOL, atol=ATOL, reference=f"scipy DOP853 rtol=atol={REF_TOL:g}"),
-        settings=dict(quick=quick, compile_repeats=compile_repeats, compile_warmup=1, run_repeats=run_repeats,
-                      run_min_time_s=min_time, ratios_relative_to=REFERENCE),
+        problem=dict(
+            name=p.name,
+            y0=np.asarray(y0).tolist(),
+            args=np.asarray(args).tolist(),
+            t_span=[float(ts[0]), float(ts[-1])],
+            num_save=int(ts.shape[0]),
+            dtype="float64",
+            rtol=RTOL,
+            atol=ATOL,
+            reference=f"scipy DOP853 rtol=atol={REF_TOL:g}",
+        ),
+        settings=dict(
+            quick=quick,
+            compile_repeats=compile_repeats,
+            compile_warmup=1,
+            run_repeats=run_repeats,
+            run_min_time_s=min_time,
+            ratios_relative_to=REFERENCE,
+        ),
         environment=env,
         results=results,
         targets=targets,
@@ -244,8 +278,10 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
 
 
 def markdown_table(out: dict[str, Any]) -> str:
-    head = ("| candidate | compile (s, median) | run (ms, median) | compile / diffrax | run / diffrax "
-            "| num_steps | fevals | max error |")
+    head = (
+        "| candidate | compile (s, median) | run (ms, median) | compile / diffrax | run / diffrax "
+        "| num_steps | fevals | max error |"
+    )
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     for n, r in out["results"].items():
         steps = "n/a" if r["num_steps"] is None else str(r["num_steps"])
@@ -267,20 +303,25 @@ def report(out: dict[str, Any]) -> str:
         f"{e['cpu_count']} CPUs, {e['platform']}.",
         f"Compile: median of {s['compile_repeats']} cold first calls (after {s['compile_warmup']} discarded); run: median of {s['run_repeats']} "
         f"repeats (calls per repeat: "
-        + ", ".join(f"{n} {r['run_s']['number']}" for n, r in out["results"].items()) + ").",
+        + ", ".join(f"{n} {r['run_s']['number']}" for n, r in out["results"].items())
+        + ").",
         "",
         markdown_table(out),
         "",
-        "Spread (min-max): " + "; ".join(
+        "Spread (min-max): "
+        + "; ".join(
             f"{n} compile {r['compile_s']['min']:.3f}-{r['compile_s']['max']:.3f} s, "
             f"run {r['run_s']['min'] * 1e3:.3f}-{r['run_s']['max'] * 1e3:.3f} ms"
             for n, r in out["results"].items()
-        ) + ".",
+        )
+        + ".",
     ]
     load, ncpu = e.get("load_avg_1min"), e.get("cpu_count") or 1
     if load is not None and load > 0.5 * ncpu:
-        lines.append(f"Note: 1-min load average was {load:.2f} on {ncpu} CPUs at the start; "
-                     "other processes may have inflated the timings.")
+        lines.append(
+            f"Note: 1-min load average was {load:.2f} on {ncpu} CPUs at the start; "
+            "other processes may have inflated the timings."
+        )
     lines.append("")
     lines += [f"{'PASS' if t['passed'] else 'FAIL'} {t['name']}: {t['text']}" for t in out["targets"]]
     return "\n".join(lines)

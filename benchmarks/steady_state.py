@@ -67,10 +67,10 @@ import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import diffode  # noqa: E402
+from diffode.problems import enzyme_chain  # noqa: E402
 
 from . import _timing  # noqa: E402
 from .solve_lv import environment  # noqa: E402
-from diffode.problems import enzyme_chain  # noqa: E402
 
 N_STATES = 64
 T_LONG = 1000.0  # max|f(y(T_LONG))| is checked and reported (must be <= 1e-10)
@@ -98,8 +98,17 @@ def steady_grad(f, y0, method) -> Callable:
 
 
 def long_solve(f, y0, args, sensitivity=None):
-    return diffode.solve(f, y0, jnp.array([0.0, T_LONG]), args, solver=diffode.Rodas5P(), rtol=LONG_RTOL,
-                         atol=LONG_ATOL, sensitivity=sensitivity, max_steps=LONG_MAX_STEPS)
+    return diffode.solve(
+        f,
+        y0,
+        jnp.array([0.0, T_LONG]),
+        args,
+        solver=diffode.Rodas5P(),
+        rtol=LONG_RTOL,
+        atol=LONG_ATOL,
+        sensitivity=sensitivity,
+        max_steps=LONG_MAX_STEPS,
+    )
 
 
 def long_solve_grad(f, y0) -> Callable:
@@ -113,9 +122,16 @@ def diffrax_solve(f, y0, args):
     import diffrax
 
     return diffrax.diffeqsolve(
-        diffrax.ODETerm(f), diffrax.Tsit5(), 0.0, jnp.inf, 0.01, y0, args,
+        diffrax.ODETerm(f),
+        diffrax.Tsit5(),
+        0.0,
+        jnp.inf,
+        0.01,
+        y0,
+        args,
         stepsize_controller=diffrax.PIDController(rtol=LONG_RTOL, atol=LONG_ATOL),
-        event=diffrax.Event(diffrax.steady_state_event()), adjoint=diffrax.ImplicitAdjoint(),
+        event=diffrax.Event(diffrax.steady_state_event()),
+        adjoint=diffrax.ImplicitAdjoint(),
         max_steps=16384,
     )
 
@@ -131,7 +147,8 @@ def gradient_candidates(f, y0) -> dict[str, Callable]:
     return {
         "diffode steady_state Newton (LU)": steady_grad(f, y0, diffode.Newton()),
         "diffode steady_state Newton (GMRES)": steady_grad(
-            f, y0, diffode.Newton(linear_solver=diffode.GMRES(rtol=1e-10))),
+            f, y0, diffode.Newton(linear_solver=diffode.GMRES(rtol=1e-10))
+        ),
         "diffode steady_state PseudoTransient": steady_grad(f, y0, diffode.PseudoTransient()),
         "diffode steady_state IntegrateToSteady": steady_grad(f, y0, diffode.IntegrateToSteady()),
         BASELINE: long_solve_grad(f, y0),
@@ -160,8 +177,8 @@ def gradient_diagnostics(f, y0, args) -> dict[str, dict[str, Any]]:
     try:
         dsol = jax.jit(lambda a: diffrax_solve(f, y0, a))(args)
         out[DIFFRAX] = dict(
-            max_abs_f=resid(dsol.ys[-1]), t_event=float(dsol.ts[-1]),
-            stats=_stats_dict(dsol.stats))
+            max_abs_f=resid(dsol.ys[-1]), t_event=float(dsol.ts[-1]), stats=_stats_dict(dsol.stats)
+        )
     except Exception as e:  # reported, not hidden
         out[DIFFRAX] = dict(error=f"{type(e).__name__}: {e}")
     return out
@@ -305,8 +322,10 @@ def count_hlo_getrf(hlo: str) -> dict[str, int]:
         if c not in in_loop:
             in_loop.add(c)
             todo.extend(calls.get(c, ()))
-    return dict(hlo_getrf_top_level=sum(n for c, n in getrf.items() if c not in in_loop),
-                hlo_getrf_in_loop_bodies=sum(n for c, n in getrf.items() if c in in_loop))
+    return dict(
+        hlo_getrf_top_level=sum(n for c, n in getrf.items() if c not in in_loop),
+        hlo_getrf_in_loop_bodies=sum(n for c, n in getrf.items() if c in in_loop),
+    )
 
 
 def lu_counts(fn: Callable, *args) -> dict[str, int]:
@@ -328,7 +347,8 @@ def timing_entry(ctimes, rtimes, name: str, base: str, tag: str) -> dict[str, An
     """A candidate's compile and run times and their ratios to candidate ``base``
     (keys ``compile_ratio_vs_<tag>`` and ``run_ratio_vs_<tag>``)."""
     return {
-        "compile_s": ctimes[name].as_dict(), "run_s": rtimes[name].as_dict(),
+        "compile_s": ctimes[name].as_dict(),
+        "run_s": rtimes[name].as_dict(),
         f"compile_ratio_vs_{tag}": ctimes[name].median / ctimes[base].median,
         f"run_ratio_vs_{tag}": rtimes[name].median / rtimes[base].median,
     }
@@ -389,7 +409,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     for n in fns:
         gres[n] = dict(
             timing_entry(ctimes, rtimes, n, BASELINE, "baseline"),
-            rel_diff_vs_newton_lu=rel_diff(grads[n], ref1), rel_diff_vs_baseline=rel_diff(grads[n], ref5),
+            rel_diff_vs_newton_lu=rel_diff(grads[n], ref1),
+            rel_diff_vs_baseline=rel_diff(grads[n], ref5),
         )
     for n, msg in failed.items():
         gres[n] = dict(error=msg)
@@ -408,16 +429,33 @@ def run(quick: bool = False) -> dict[str, Any]:
     hres = {}
     for n in hfns:
         hres[n] = dict(
-            timing_entry(hctimes, hrtimes, n, F1, "f1"), rel_diff_vs_f1=rel_diff(hess[n], hess[F1]), lu=counts[n],
+            timing_entry(hctimes, hrtimes, n, F1, "f1"),
+            rel_diff_vs_f1=rel_diff(hess[n], hess[F1]),
+            lu=counts[n],
         )
     h1 = hess[F1]
     return dict(
-        benchmark="steady_state", environment=env,
-        problem=dict(name=p.name, n_states=N_STATES, n_params=n_params, loss="sum(y*(args)**2)",
-                     hessian_wrt=HESS_PARAM, hessian_shape=list(h1.shape)),
-        settings=dict(quick=quick, T_long=T_LONG, long_rtol=LONG_RTOL, long_atol=LONG_ATOL,
-                      newton_unroll=NEWTON_UNROLL, unrolled_newton_max_abs_f=unrolled_residual),
-        gradients=gres, gradient_diagnostics=diag, hessians=hres,
+        benchmark="steady_state",
+        environment=env,
+        problem=dict(
+            name=p.name,
+            n_states=N_STATES,
+            n_params=n_params,
+            loss="sum(y*(args)**2)",
+            hessian_wrt=HESS_PARAM,
+            hessian_shape=list(h1.shape),
+        ),
+        settings=dict(
+            quick=quick,
+            T_long=T_LONG,
+            long_rtol=LONG_RTOL,
+            long_atol=LONG_ATOL,
+            newton_unroll=NEWTON_UNROLL,
+            unrolled_newton_max_abs_f=unrolled_residual,
+        ),
+        gradients=gres,
+        gradient_diagnostics=diag,
+        hessians=hres,
         hessian_f1_symmetry=float(np.abs(h1 - h1.T).max() / np.abs(h1).max()),
     )
 

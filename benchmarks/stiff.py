@@ -79,10 +79,11 @@ import numpy as np  # noqa: E402
 from jax.experimental import io_callback  # noqa: E402
 
 import diffode  # noqa: E402
+from diffode.problems import TESTSET, Problem  # noqa: E402
+from diffode.problems import TESTSET_ATOL_OVER_RTOL as ATOL_OVER_RTOL  # noqa: E402
 
 from . import _timing  # noqa: E402
 from .solve_lv import environment  # noqa: E402
-from diffode.problems import TESTSET, TESTSET_ATOL_OVER_RTOL as ATOL_OVER_RTOL, Problem  # noqa: E402
 
 RTOLS_FULL = (1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
 RTOLS_QUICK = (1e-4, 1e-7, 1e-10)
@@ -114,11 +115,16 @@ def make_diffode(solver_cls) -> Callable:
         solver = solver_cls()
 
         def solve(y0, args, rtol, atol):
-            sol = diffode.solve(f, y0, ts, args, solver=solver, rtol=rtol, atol=atol, max_steps=MAX_STEPS,
-                                throw=False)
+            sol = diffode.solve(
+                f, y0, ts, args, solver=solver, rtol=rtol, atol=atol, max_steps=MAX_STEPS, throw=False
+            )
             st = sol.stats
-            stats = dict(status=sol.status, steps=st["num_accepted"], attempted=st["num_steps"],
-                         fevals_reported=st["num_fevals"])
+            stats = dict(
+                status=sol.status,
+                steps=st["num_accepted"],
+                attempted=st["num_steps"],
+                fevals_reported=st["num_fevals"],
+            )
             if "num_jac_evals" in st:
                 stats["jac"] = st["num_jac_evals"]
             if "num_lu_decomps" in st:
@@ -138,13 +144,21 @@ def make_diffrax_kvaerno5(p: Problem, f: Callable) -> Callable:
 
     def solve(y0, args, rtol, atol):
         sol = diffrax.diffeqsolve(
-            term, solver, p.t0, p.t1, None, y0, args,
+            term,
+            solver,
+            p.t0,
+            p.t1,
+            None,
+            y0,
+            args,
             stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-            max_steps=MAX_STEPS, throw=False,
+            max_steps=MAX_STEPS,
+            throw=False,
         )
         status = jnp.where(sol.result == diffrax.RESULTS.successful, 0, 1)
-        return sol.ys[-1], dict(status=status, steps=sol.stats["num_accepted_steps"],
-                                attempted=sol.stats["num_steps"])
+        return sol.ys[-1], dict(
+            status=status, steps=sol.stats["num_accepted_steps"], attempted=sol.stats["num_steps"]
+        )
 
     return solve
 
@@ -176,8 +190,14 @@ def scipy_candidate(method: str, p: Problem) -> tuple[Callable, Callable]:
 
     def stats(rtol, atol):
         sol = solve(rtol, atol)
-        return sol.y[:, -1], dict(status=0 if sol.success else 1, steps=len(sol.t) - 1, attempted=None,
-                                  fevals=int(sol.nfev), jac=int(sol.njev), lu=int(sol.nlu))
+        return sol.y[:, -1], dict(
+            status=0 if sol.success else 1,
+            steps=len(sol.t) - 1,
+            attempted=None,
+            fevals=int(sol.nfev),
+            jac=int(sol.njev),
+            lu=int(sol.nlu),
+        )
 
     return run, stats
 
@@ -252,8 +272,13 @@ def mescd(y, ref, atol_over_rtol: float) -> float:
 # ---------------------------------------------------------------------------
 
 
-def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: int | None = None,
-        problems: tuple[str, ...] | None = None, rtols: tuple[float, ...] | None = None) -> dict[str, Any]:
+def run(
+    quick: bool = False,
+    compile_repeats: int | None = None,
+    run_repeats: int | None = None,
+    problems: tuple[str, ...] | None = None,
+    rtols: tuple[float, ...] | None = None,
+) -> dict[str, Any]:
     compile_repeats = compile_repeats or (2 if quick else 5)
     run_repeats = run_repeats or (3 if quick else 5)
     min_time = 0.02 if quick else 0.2
@@ -267,24 +292,33 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
         p = make()
         ratio = ATOL_OVER_RTOL[p.name]
         tol = lambda r: (jnp.asarray(r, jnp.float64), jnp.asarray(r * ratio, jnp.float64))  # noqa: E731
-        timed = {n: jax.jit(lambda y0, a, r, at, s=fac(p, p.f): s(y0, a, r, at)[0])
-                 for n, fac in factories.items()}
+        timed = {
+            n: jax.jit(lambda y0, a, r, at, s=fac(p, p.f): s(y0, a, r, at)[0]) for n, fac in factories.items()
+        }
         loose = (p.y0, p.args) + tol(rtols[0])
 
         # One discarded warm-up round on the first problem only: it absorbs the
         # process's one-time costs; every sample is cold (caches cleared) anyway.
         warmup = 1 if not results else 0
-        print(f"# {p.name}: compile time, {warmup} + {compile_repeats} interleaved cold first calls each ...",
-              file=sys.stderr, flush=True)
-        ctimes = _timing.compile_times({n: (fn, loose) for n, fn in timed.items()},
-                                       repeats=compile_repeats, warmup=warmup)
+        print(
+            f"# {p.name}: compile time, {warmup} + {compile_repeats} interleaved cold first calls each ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        ctimes = _timing.compile_times(
+            {n: (fn, loose) for n, fn in timed.items()}, repeats=compile_repeats, warmup=warmup
+        )
         with_stats = {n: counted_solver(fac, p) for n, fac in factories.items()}
         scipy_fns = {f"scipy {m}": scipy_candidate(m, p) for m in ("Radau", "BDF")}
 
         per_tol = []
         for rtol in rtols:
-            print(f"# {p.name}: rtol = {rtol:g}: statistics, then run time, {run_repeats} interleaved "
-                  "repeats ...", file=sys.stderr, flush=True)
+            print(
+                f"# {p.name}: rtol = {rtol:g}: statistics, then run time, {run_repeats} interleaved "
+                "repeats ...",
+                file=sys.stderr,
+                flush=True,
+            )
             targs = (p.y0, p.args) + tol(rtol)
             # Statistics first (untimed runs). A SciPy statistics run is a full
             # solve, so its wall time tells whether calibration can be skipped
@@ -294,8 +328,11 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
             for n in factories:
                 y1, st, fev = with_stats[n](*targs)
                 if "fevals_reported" in st and st["fevals_reported"] != fev:
-                    print(f"# WARNING: {n} reports num_fevals={st['fevals_reported']} on {p.name} but {fev} "
-                          "were counted", file=sys.stderr)
+                    print(
+                        f"# WARNING: {n} reports num_fevals={st['fevals_reported']} on {p.name} but {fev} "
+                        "were counted",
+                        file=sys.stderr,
+                    )
                 row[n] = dict(st, fevals=fev, y1=np.asarray(y1).tolist())
             for n, (_, stats_fn) in scipy_fns.items():
                 t_start = time.perf_counter()
@@ -316,17 +353,25 @@ def run(quick: bool = False, compile_repeats: int | None = None, run_repeats: in
             per_tol.append(dict(rtol=rtol, atol=rtol * ratio, results=row))
 
         results[p.name] = dict(
-            t1=p.t1, n=int(p.y0.shape[0]), atol_over_rtol=ratio,
+            t1=p.t1,
+            n=int(p.y0.shape[0]),
+            atol_over_rtol=ratio,
             compile_s={n: t.as_dict() for n, t in ctimes.items()},
             tolerances=per_tol,
         )
 
     return dict(
         benchmark="stiff",
-        settings=dict(quick=quick, rtols=list(rtols), atol_over_rtol=ATOL_OVER_RTOL, max_steps=MAX_STEPS,
-                      compile_repeats=compile_repeats, compile_warmup="1 (first problem only)",
-                      run_repeats=run_repeats,
-                      run_min_time_s=min_time),
+        settings=dict(
+            quick=quick,
+            rtols=list(rtols),
+            atol_over_rtol=ATOL_OVER_RTOL,
+            max_steps=MAX_STEPS,
+            compile_repeats=compile_repeats,
+            compile_warmup="1 (first problem only)",
+            run_repeats=run_repeats,
+            run_min_time_s=min_time,
+        ),
         environment=env,
         results=results,
         targets=targets(results),
@@ -364,8 +409,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             notes.append(f"{pname}: no tolerance where diffrax and one of {'/'.join(have)} both succeeded")
             continue
         run_ratios[pname] = float(np.median(per_tol))
-        faster = min((n for n in have if by_solver[n]),
-                     key=lambda n: float(np.median(list(by_solver[n].values()))))
+        faster = min(
+            (n for n in have if by_solver[n]), key=lambda n: float(np.median(list(by_solver[n].values())))
+        )
         compile_ratios[pname] = r["compile_s"][faster]["median"] / r["compile_s"][REFERENCE]["median"]
     if not run_ratios:
         return [dict(name="run time", passed=None, text="; ".join(notes))]
@@ -373,12 +419,22 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     fmt = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in d.items())  # noqa: E731
     excluded = f"; excluded: {'; '.join(notes)}" if notes else ""
     return [
-        dict(name="run time", passed=mr <= 0.5, median=mr, per_problem=run_ratios,
-             text=f"median over problems of min({'/'.join(have)}) / {REFERENCE} = {mr:.3f} <= 0.5 "
-                  f"({fmt(run_ratios)}){excluded}"),
-        dict(name="compile time", passed=mc <= 1.0, median=mc, per_problem=compile_ratios,
-             text=f"median over problems of compile(faster) / compile({REFERENCE}) = {mc:.2f} <= 1 "
-                  f"({fmt(compile_ratios)})"),
+        dict(
+            name="run time",
+            passed=mr <= 0.5,
+            median=mr,
+            per_problem=run_ratios,
+            text=f"median over problems of min({'/'.join(have)}) / {REFERENCE} = {mr:.3f} <= 0.5 "
+            f"({fmt(run_ratios)}){excluded}",
+        ),
+        dict(
+            name="compile time",
+            passed=mc <= 1.0,
+            median=mc,
+            per_problem=compile_ratios,
+            text=f"median over problems of compile(faster) / compile({REFERENCE}) = {mc:.2f} <= 1 "
+            f"({fmt(compile_ratios)})",
+        ),
     ]
 
 
@@ -396,12 +452,15 @@ def tables(out: dict[str, Any]) -> str:
     for pname, r in out["results"].items():
         lines.append(f"### {pname} (n = {r['n']}, t1 = {r['t1']:g}, atol = {r['atol_over_rtol']:g} * rtol)")
         lines.append("")
-        lines.append("Compile (s, median of cold first calls at rtol = "
-                     f"{r['tolerances'][0]['rtol']:g}): " + ", ".join(
-                         f"{n} {c['median']:.2f}" for n, c in r["compile_s"].items()))
+        lines.append(
+            "Compile (s, median of cold first calls at rtol = "
+            f"{r['tolerances'][0]['rtol']:g}): "
+            + ", ".join(f"{n} {c['median']:.2f}" for n, c in r["compile_s"].items())
+        )
         lines.append("")
-        head = ("| rtol | candidate | run (ms) | run / diffrax | steps | attempted | fevals | jac "
-                "| scd | mescd |")
+        head = (
+            "| rtol | candidate | run (ms) | run / diffrax | steps | attempted | fevals | jac | scd | mescd |"
+        )
         lines += [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in r["tolerances"]:
             res = row["results"]
@@ -409,8 +468,9 @@ def tables(out: dict[str, Any]) -> str:
             for n, x in res.items():
                 t = x["run_s"]["median"]
                 rel = "n/a" if base is None or not x["ok"] else f"{t / base:.3f}"
-                acc = (f"{x['scd']:.2f} | {x['mescd']:.2f}" if x["ok"]
-                       else f"FAILED (status {x['status']}) | -")
+                acc = (
+                    f"{x['scd']:.2f} | {x['mescd']:.2f}" if x["ok"] else f"FAILED (status {x['status']}) | -"
+                )
                 lines.append(
                     f"| {row['rtol']:.0e} | {n} | {t * 1e3:.2f} | {rel} | {x['steps']} "
                     f"| {_fmt_int(x['attempted'])} | {x['fevals']} | {_fmt_int(x.get('jac'))} | {acc} |"
@@ -434,8 +494,10 @@ def report(out: dict[str, Any]) -> str:
     ]
     load, ncpu = e.get("load_avg_1min"), e.get("cpu_count") or 1
     if load is not None and load > 0.5 * ncpu:
-        lines.append(f"Note: 1-min load average was {load:.2f} on {ncpu} CPUs at the start; "
-                     "other processes may have inflated the timings.")
+        lines.append(
+            f"Note: 1-min load average was {load:.2f} on {ncpu} CPUs at the start; "
+            "other processes may have inflated the timings."
+        )
     for t in out["targets"]:
         verdict = "n/a " if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
         lines.append(f"{verdict} {t['name']}: {t['text']}")
@@ -458,8 +520,11 @@ def plot(out: dict[str, Any], path: str) -> None:
     for ax, pname in zip(axes, names):
         r = out["results"][pname]
         for n in r["tolerances"][0]["results"]:
-            pts = [(row["results"][n]["mescd"], row["results"][n]["run_s"]["median"])
-                   for row in r["tolerances"] if row["results"][n]["ok"]]
+            pts = [
+                (row["results"][n]["mescd"], row["results"][n]["run_s"]["median"])
+                for row in r["tolerances"]
+                if row["results"][n]["ok"]
+            ]
             if pts:
                 x, y = zip(*pts)
                 style = "--s" if n.startswith("scipy") else "-o"
@@ -469,10 +534,15 @@ def plot(out: dict[str, Any], path: str) -> None:
         ax.set_xlabel("mescd (correct digits)")
         ax.set_ylabel("run time (ms)")
         ax.grid(True, which="both", alpha=0.3)
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.axis("off")
-    axes[len(names)].legend(list(handles.values()), list(handles), loc="center", fontsize=10,
-                            title="rtol = " + ", ".join(f"{t:g}" for t in out["settings"]["rtols"]))
+    axes[len(names)].legend(
+        list(handles.values()),
+        list(handles),
+        loc="center",
+        fontsize=10,
+        title="rtol = " + ", ".join(f"{t:g}" for t in out["settings"]["rtols"]),
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -501,8 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffrax/equinox deprecation chatter
-        out = run(quick=a.quick, compile_repeats=a.compile_repeats, run_repeats=a.run_repeats,
-                  problems=tuple(a.problems.split(",")) if a.problems else None)
+        out = run(
+            quick=a.quick,
+            compile_repeats=a.compile_repeats,
+            run_repeats=a.run_repeats,
+            problems=tuple(a.problems.split(",")) if a.problems else None,
+        )
     out["settings"]["wall_s"] = time.perf_counter() - start
     sys.stderr.flush()
     text = report(out)

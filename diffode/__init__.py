@@ -1,6 +1,21 @@
 """diffode: differentiable ODE solvers and sensitivities in JAX."""
 
 from ._controller import PIDController, max_norm, rms_norm
+from ._events import Event
+from ._regularisers import Regularisers
+from ._solution import MESSAGES, Solution, Stats, Status
+from ._solve import solve
+from .sensitivity import (
+    AbstractSensitivity,
+    Auto,
+    BacksolveAdjoint,
+    Direct,
+    ForwardSensitivity,
+    InterpolatingAdjoint,
+)
+from .solvers.base import AbstractSolver, FlatRHS, StepResult, Tolerances
+from .solvers.butcher import ButcherTableau
+from .solvers.colouring import Sparsity
 from .solvers.explicit_rk import (
     RK4,
     Bosh3,
@@ -13,26 +28,11 @@ from .solvers.explicit_rk import (
     Ralston,
     Tsit5,
 )
-from .solvers.sdirk import SDIRK, ImplicitEuler, Kvaerno3, Kvaerno5
 from .solvers.linear import GMRES, LU, AbstractLinearSolver
-from .solvers.structured import BandedLU, SparseLU
-from .solvers.colouring import Sparsity
 from .solvers.radau import Radau5
 from .solvers.rosenbrock import Rodas5, Rodas5P, Rosenbrock, RosenbrockTableau
-from .sensitivity import (
-    AbstractSensitivity,
-    Auto,
-    BacksolveAdjoint,
-    Direct,
-    ForwardSensitivity,
-    InterpolatingAdjoint,
-)
-from ._regularisers import Regularisers
-from ._solution import MESSAGES, Solution, Stats, Status
-from ._solve import solve
-from ._events import Event
-from .solvers.base import AbstractSolver, FlatRHS, StepResult, Tolerances
-from .solvers.butcher import ButcherTableau
+from .solvers.sdirk import SDIRK, ImplicitEuler, Kvaerno3, Kvaerno5
+from .solvers.structured import BandedLU, SparseLU
 from .steady import (
     STEADY_STATE_MESSAGES,
     AbstractSteadyStateMethod,

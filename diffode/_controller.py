@@ -140,7 +140,9 @@ def initial_step(f, t0, y0, f0, order: int, rtol, atol, norm) -> tuple[Array, in
     f1 = f(t0 + h0, y0 + h0 * f0)
     d2 = norm((f1 - f0) / scale) / h0
     dmax = jnp.maximum(d1, d2)
-    h1 = select(dmax <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3), (0.01 / jnp.maximum(dmax, 1e-15)) ** (1.0 / (order + 1)))
+    h1 = select(
+        dmax <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3), (0.01 / jnp.maximum(dmax, 1e-15)) ** (1.0 / (order + 1))
+    )
     h = jnp.minimum(100 * h0, h1)
     h = select(jnp.isfinite(h) & (h > 0), h, 1e-6)
     return lax.stop_gradient(h), 1

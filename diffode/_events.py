@@ -84,7 +84,9 @@ class Event(eqx.Module):
         if self.direction not in (-1, 0, 1):
             raise ValueError(f"Event: direction must be -1, 0 or +1, got {self.direction!r}")
         if (self.cond_fn is None) == (self.times is None):
-            raise ValueError("Event: give either cond_fn (an event where it crosses zero) or times (given times)")
+            raise ValueError(
+                "Event: give either cond_fn (an event where it crosses zero) or times (given times)"
+            )
         if self.terminal and self.apply is not None:
             raise ValueError("Event: a terminal event stops the solve; apply= is for terminal=False")
         if not self.terminal and self.apply is None:
@@ -105,8 +107,11 @@ def flat_conditions(events: tuple[Event, ...], unravel: Callable, cond_of: Calla
     """The events with a condition as the loop takes them: ``((cond(t, y_flat, a), direction),
     ...)``, in order; ``cond_of(a, e)(t, y, args)`` is event ``e``'s condition, with its
     closed-over arrays and the user's ``args``, from the problem's arguments ``a``."""
-    return tuple(((lambda t, y, a, e=e: cond_of(a, e)(t, unravel(y))), ev.direction)
-                 for e, ev in enumerate(events) if ev.cond_fn is not None)
+    return tuple(
+        ((lambda t, y, a, e=e: cond_of(a, e)(t, unravel(y))), ev.direction)
+        for e, ev in enumerate(events)
+        if ev.cond_fn is not None
+    )
 
 
 def _insert(ts: jax.Array, t_star: jax.Array) -> tuple[Callable, jax.Array, jax.Array]:
@@ -139,9 +144,13 @@ def evented_solve(prob: Problem, y0, ts, params, conds: tuple, solve_to: Callabl
     def locate(prob, y0, ts, params):
         """The first event's time (``ts[-1]`` if none), its index (-1) and the pass's status."""
         frozen = jax.lax.stop_gradient((y0, ts, params))
-        opts = prob.opts._replace(events=conds, dense=False, regularise=False, return_state=False, progress=False)
+        opts = prob.opts._replace(
+            events=conds, dense=False, regularise=False, return_state=False, progress=False
+        )
         y0_, ts_, params_ = frozen
-        _, counters, _, t_event, index = integrate(prob.f, y0_, ts_[jnp.array([0, -1])], prob.args(params_), opts)
+        _, counters, _, t_event, index = integrate(
+            prob.f, y0_, ts_[jnp.array([0, -1])], prob.args(params_), opts
+        )
         t_star = jnp.where(index >= 0, t_event, ts_[-1]).astype(ts.dtype)
         return t_star, index, counters[0]
 
@@ -159,8 +168,9 @@ def evented_solve(prob: Problem, y0, ts, params, conds: tuple, solve_to: Callabl
             dys2 = None
         else:
             dts2 = insert(dts, 0)  # the event time is not differentiated in this pass
-            (ys2, counters), (dys2, _) = jax.jvp(lambda y0_, ts2_, p_: solve_to(prob2, y0_, ts2_, p_),
-                                                 (y0, ts2, params), (dy0, dts2, dparams))
+            (ys2, counters), (dys2, _) = jax.jvp(
+                lambda y0_, ts2_, p_: solve_to(prob2, y0_, ts2_, p_), (y0, ts2, params), (dy0, dts2, dparams)
+            )
         status = jnp.where(status1 != Status.SUCCESS, status1, counters[0])
         counters = counters.at[0].set(status)
         fired = index >= 0
@@ -177,7 +187,9 @@ def evented_solve(prob: Problem, y0, ts, params, conds: tuple, solve_to: Callabl
         dy0 = jnp.zeros_like(y0) if dy0 is None else dy0
         dts = jnp.zeros_like(ts) if dts is None else dts
         dparams = fill_zeros(dparams, params)
-        t_star, index, fired, ys2, dys2, keep, before, k, counters = outputs(prob, y0, ts, params, dy0, dts, dparams)
+        t_star, index, fired, ys2, dys2, keep, before, k, counters = outputs(
+            prob, y0, ts, params, dy0, dts, dparams
+        )
         valid = before[:, None] | ~fired
         ys = jnp.where(valid, ys2[keep], jnp.nan)
         dys = jnp.where(valid, dys2[keep], 0)
@@ -188,8 +200,12 @@ def evented_solve(prob: Problem, y0, ts, params, conds: tuple, solve_to: Callabl
         dt_star = jnp.zeros((), f_star.dtype)
         for e, (cond, _) in enumerate(conds):
             this = fired & (index == e)
-            rate = jax.jvp(lambda t, y: cond(t, y, args), (t_star, y_star), (jnp.ones_like(t_star), f_star))[1]
-            moved = jax.jvp(lambda y, p: cond(t_star, y, prob.args(p)), (y_star, params), (dy_fixed, dparams))[1]
+            rate = jax.jvp(lambda t, y: cond(t, y, args), (t_star, y_star), (jnp.ones_like(t_star), f_star))[
+                1
+            ]
+            moved = jax.jvp(
+                lambda y, p: cond(t_star, y, prob.args(p)), (y_star, params), (dy_fixed, dparams)
+            )[1]
             # Only the event that fired divides by its rate (another's may be 0).
             dt_star = dt_star + jnp.where(this, -moved / jnp.where(this, rate, 1), 0).astype(f_star.dtype)
         dt_star = dt_star.astype(ts.dtype)
@@ -205,7 +221,9 @@ def _schedule(events: tuple[Event, ...], direction, s_first, s_last, tdtype) -> 
     """``(s, ids, finite)``: the given event times in internal time (increasing), those
     outside ``[s_first, s_last]`` moved to ``+inf``, the index of the event of each (ties
     keep the order of ``events``), and whether all of them are finite."""
-    parts = [(jnp.asarray(ev.times, tdtype).reshape(-1), e) for e, ev in enumerate(events) if ev.times is not None]
+    parts = [
+        (jnp.asarray(ev.times, tdtype).reshape(-1), e) for e, ev in enumerate(events) if ev.times is not None
+    ]
     if not parts:
         return jnp.zeros((0,), tdtype), jnp.zeros((0,), jnp.int32), jnp.ones((), bool)
     s = direction * jnp.concatenate([t for t, _ in parts])
@@ -216,8 +234,9 @@ def _schedule(events: tuple[Event, ...], direction, s_first, s_last, tdtype) -> 
     return s[order], ids[order], finite
 
 
-def jump_solve(prob: Problem, y0, ts, params, events: tuple[Event, ...], conds: tuple, applies: tuple,
-               solve_to: Callable):
+def jump_solve(
+    prob: Problem, y0, ts, params, events: tuple[Event, ...], conds: tuple, applies: tuple, solve_to: Callable
+):
     """``(ys, counters, t_event, y_event, index)`` of a solve whose state jumps at events.
 
     The span is cut at every event into segments, each an ordinary solve (with the
@@ -250,7 +269,9 @@ def jump_solve(prob: Problem, y0, ts, params, events: tuple[Event, ...], conds: 
     progress = (s_first, s_last) if prob.opts.progress else False  # one meter for the whole span
     seg = prob._replace(known_ts=None, opts=prob.opts._replace(repeated_ts=True, progress=progress))
     a = prob.args(params)
-    branches = [(lambda t, y, e=e: y if applies[e] is None else applies[e](t, y, a)) for e in range(len(events))]
+    branches = [
+        (lambda t, y, e=e: y if applies[e] is None else applies[e](t, y, a)) for e in range(len(events))
+    ]
 
     def at_start(s0, y):
         """The saves at a segment's start ``s0``: ``y`` there, and, when the save times are
@@ -291,22 +312,40 @@ def jump_solve(prob: Problem, y0, ts, params, events: tuple[Event, ...], conds: 
         status = jnp.where(counters[0] != Status.SUCCESS, counters[0], jnp.where(active, cnt[0], 0))
         counters = jnp.concatenate([status[None], counters[1:] + jnp.where(active, cnt[1:], 0)])
         ev = jtu.tree_map(lambda new, old: jnp.where(stop, new, old), (direction * s_end, y_end, which), ev)
-        carry = (s_end, jnp.where(jumped, y_next, y_end), ys, counters, j + dosed.astype(jnp.int32),
-                 jnp.where(fired & jumped, idx, -1), jumped & ok, ev)
+        carry = (
+            s_end,
+            jnp.where(jumped, y_next, y_end),
+            ys,
+            counters,
+            j + dosed.astype(jnp.int32),
+            jnp.where(fired & jumped, idx, -1),
+            jumped & ok,
+            ev,
+        )
         return carry, None
 
     n = y0.shape[0]
     counters0 = jnp.zeros((5 + len(prob.opts.solver.stat_names),), jnp.int32)
     counters0 = counters0.at[0].set(jnp.where(finite, Status.SUCCESS, Status.NONFINITE_INPUT))
     ev0 = (jnp.asarray(jnp.nan, ts.dtype), jnp.full((n,), jnp.nan, y0.dtype), jnp.int32(-1))
-    carry0 = (s_first, y0, jnp.full((ts.shape[0], n), jnp.nan, y0.dtype), counters0, jnp.int32(0), jnp.int32(-1),
-              finite, ev0)
+    carry0 = (
+        s_first,
+        y0,
+        jnp.full((ts.shape[0], n), jnp.nan, y0.dtype),
+        counters0,
+        jnp.int32(0),
+        jnp.int32(-1),
+        finite,
+        ev0,
+    )
     (_, _, ys, counters, _, _, active, ev), _ = lax.scan(segment, carry0, None, length=n_seg)
     # Still going after the last segment: a condition event fired more than max_fires times.
     # Like any failed solve, it has no derivative: NaN tangents (the segments succeeded).
     limit = active & (counters[0] == Status.SUCCESS)
     counters = counters.at[0].set(jnp.where(limit, Status.EVENT_LIMIT, counters[0]))
-    ys, t_ev, y_ev = (_tangent_times(v, jnp.where(limit, jnp.nan, 1).astype(v.dtype)) for v in (ys, ev[0], ev[1]))
+    ys, t_ev, y_ev = (
+        _tangent_times(v, jnp.where(limit, jnp.nan, 1).astype(v.dtype)) for v in (ys, ev[0], ev[1])
+    )
     return ys, counters, t_ev, y_ev, ev[2]
 
 

@@ -18,9 +18,9 @@ from jaxtyping import Array, PyTree
 from ._controller import PIDController, initial_step
 from ._regularisers import step_regularisers
 from ._solution import DenseOutput, Status
-from .solvers.base import AbstractSolver, FlatRHS, Tolerances
 from ._util import any_member, finite_filler, select, show_progress, slowest, tree_select, vmap_size
 from ._validate import all_finite
+from .solvers.base import AbstractSolver, FlatRHS, Tolerances
 
 
 def _stack(xs, dtype) -> Array:
@@ -77,7 +77,9 @@ def time_direction(ts: Array) -> Array | float:
     return jnp.where(ts[-1] < ts[0], -1, 1).astype(ts.dtype)
 
 
-def internal_rhs(f: Callable, args: PyTree, direction: Array | float, dtype, jac: Callable | None = None) -> FlatRHS:
+def internal_rhs(
+    f: Callable, args: PyTree, direction: Array | float, dtype, jac: Callable | None = None
+) -> FlatRHS:
     """``f(t, y, args)`` as the steppers see it: a :class:`FlatRHS` in internal time.
 
     The right-hand side is one jitted closure, so ``f`` is traced and lowered once
@@ -205,7 +207,13 @@ def integrate(
     ``f0 = f(ts[0], y0, args)`` may be passed when already known.
     The sensitivity methods call this for their forward and backward solves.
     """
-    solver, controller, max_steps, dense, fixed = opts.solver, opts.controller, opts.max_steps, opts.dense, opts.fixed
+    solver, controller, max_steps, dense, fixed = (
+        opts.solver,
+        opts.controller,
+        opts.max_steps,
+        opts.dense,
+        opts.fixed,
+    )
     dt0 = opts.dt0
     dtype, tdtype = y_flat.dtype, ts_t.dtype
     n_ts = ts_t.shape[0]
@@ -218,13 +226,16 @@ def integrate(
         # Save times known at trace time are checked and converted here, in
         # NumPy, rather than by the compiled program.
         s_ts = direction * known_ts
-        ts_ok = bool(np.all(np.isfinite(known_ts)) and np.all(s_ts[1:] >= s_ts[:-1] if opts.repeated_ts
-                                                                else s_ts[1:] > s_ts[:-1]))
+        ts_ok = bool(
+            np.all(np.isfinite(known_ts))
+            and np.all(s_ts[1:] >= s_ts[:-1] if opts.repeated_ts else s_ts[1:] > s_ts[:-1])
+        )
         s_ts = jnp.asarray(s_ts, tdtype)
     else:
         s_ts = direction * ts_t  # internal time always increases
-        ts_ok = jnp.all(jnp.isfinite(ts_t)) & jnp.all(s_ts[1:] >= s_ts[:-1] if opts.repeated_ts
-                                                      else s_ts[1:] > s_ts[:-1])
+        ts_ok = jnp.all(jnp.isfinite(ts_t)) & jnp.all(
+            s_ts[1:] >= s_ts[:-1] if opts.repeated_ts else s_ts[1:] > s_ts[:-1]
+        )
     rhs = internal_rhs(f, args, direction, dtype, opts.jac)
 
     t0, t_end = s_ts[0], s_ts[-1]
@@ -262,10 +273,22 @@ def integrate(
     # The first failing check decides the status (nested selects: one fused kernel).
     checks = [
         (ts_ok, Status.TS_NOT_MONOTONIC),
-        (jnp.all(jnp.isfinite(y_flat)) & all_finite(args)
-         & (True if opts.tstops is None else jnp.all(jnp.isfinite(opts.tstops))), Status.NONFINITE_INPUT),
-        (jnp.all(jnp.isfinite(rtol) & jnp.isfinite(atol) & (rtol >= 0) & (atol >= 0) & ((rtol > 0) | (atol > 0))),
-         Status.BAD_TOLERANCE),
+        (
+            jnp.all(jnp.isfinite(y_flat))
+            & all_finite(args)
+            & (True if opts.tstops is None else jnp.all(jnp.isfinite(opts.tstops))),
+            Status.NONFINITE_INPUT,
+        ),
+        (
+            jnp.all(
+                jnp.isfinite(rtol)
+                & jnp.isfinite(atol)
+                & (rtol >= 0)
+                & (atol >= 0)
+                & ((rtol > 0) | (atol > 0))
+            ),
+            Status.BAD_TOLERANCE,
+        ),
         (jnp.all(jnp.isfinite(f0)), Status.NONFINITE_RHS),
         (jnp.isfinite(dt0_value) & (dt0_value != 0), Status.BAD_DT0),
     ]
@@ -314,8 +337,9 @@ def integrate(
     # buffer (see "The loop" in docs/design.md); under vmap one loop takes the
     # steps and saves after each, so that members are not held to each other's
     # save times.
-    by_steps = bool(opts.batched) or bool(vmap_size(
-        y_flat, ts_t, args, f0, [x for x in jtu.tree_leaves(opts) if isinstance(x, jax.Array)]))
+    by_steps = bool(opts.batched) or bool(
+        vmap_size(y_flat, ts_t, args, f0, [x for x in jtu.tree_leaves(opts) if isinstance(x, jax.Array)])
+    )
     n_last = 0 if by_steps else 3  # p_t, p_h, 1 / p_h
 
     def pack(t, h, memory, last=()) -> Array:
@@ -351,7 +375,9 @@ def integrate(
         user_t = lambda t: direction * t  # noqa: E731
 
         def conds(t, y):
-            return jnp.stack([jnp.asarray(cond(user_t(t), y, args), dtype).reshape(()) for cond, _ in opts.events])
+            return jnp.stack(
+                [jnp.asarray(cond(user_t(t), y, args), dtype).reshape(()) for cond, _ in opts.events]
+            )
 
     h_start = h0 if fixed else land(t0, h0, end_of_run(0))
     carry = dict(
@@ -373,8 +399,11 @@ def integrate(
         c0 = conds(t0, y_flat)
         if opts.event_quiet is not None:
             c0 = jnp.where(jnp.arange(c0.shape[0]) == opts.event_quiet, 0, c0)
-        carry.update(ev_c=c0, event=i32(-1), ev_step=(t0, jnp.zeros((), tdtype), y_flat, y_flat,
-                                                       solver.dense_zeros(y_flat), c0))
+        carry.update(
+            ev_c=c0,
+            event=i32(-1),
+            ev_step=(t0, jnp.zeros((), tdtype), y_flat, y_flat, solver.dense_zeros(y_flat), c0),
+        )
     if opts.regularise:
         if not stacked or fixed:
             raise ValueError("regularise=True needs an adaptive explicit Runge-Kutta solver (such as Tsit5)")
@@ -422,10 +451,13 @@ def integrate(
             stop = select(s_stop < stop, s_stop, stop)
         if has_stops:
             nxt = next_stop(c["j"])
-            stop = select(nxt < stop, nxt, stop)  # a save time equal to a tstop stays the stop (its derivative)
+            stop = select(
+                nxt < stop, nxt, stop
+            )  # a save time equal to a tstop stays the stop (its derivative)
         h_try = land(t, s.h, stop) if fixed else s.h
-        res = solver.step(left_of(rhs, next_stop(c["j"])) if has_stops else rhs, t, y, h_try.astype(dtype), state,
-                          tol)
+        res = solver.step(
+            left_of(rhs, next_stop(c["j"])) if has_stops else rhs, t, y, h_try.astype(dtype), state, tol
+        )
         ok = jnp.asarray(res.ok, bool)
         if fixed:
             finite = jnp.all(jnp.isfinite(res.y1)) & ok
@@ -491,7 +523,13 @@ def integrate(
             res = res._replace(state=lax.cond(on_stop, fresh, lambda: res.state))
             restart_fevals = on_stop.astype(jnp.int32) * nfev[0]
         increments = jnp.stack(
-            [i32(0), i32(1), accept.astype(jnp.int32), (~accept).astype(jnp.int32), i32(res.num_fevals) + restart_fevals]
+            [
+                i32(0),
+                i32(1),
+                accept.astype(jnp.int32),
+                (~accept).astype(jnp.int32),
+                i32(res.num_fevals) + restart_fevals,
+            ]
             + [i32(res.counts[k]) for k in solver.stat_names]
         )
         if active is not True:
@@ -502,7 +540,9 @@ def integrate(
             new = dict(y=select(accept, jnp.stack([res.y1, res.state]), jnp.stack([y, res.rejected_state])))
         else:
             new = dict(y=select(accept, res.y1, y), state=tree_select(accept, res.state, res.rejected_state))
-        new.update(scalars=scalars, counters=c["counters"].at[0].set(jnp.asarray(status, jnp.int32)) + increments)
+        new.update(
+            scalars=scalars, counters=c["counters"].at[0].set(jnp.asarray(status, jnp.int32)) + increments
+        )
         if has_stops:
             new["j"] = j_new if active is True else select(active, j_new, c["j"])
         if has_events:
@@ -518,9 +558,13 @@ def integrate(
             row = select(accept, c["counters"][2], max_steps)
             put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, row, 0)  # noqa: E731
             new["pieces"] = DenseOutput(
-                t_start=put(p.t_start, select(accept, t, jnp.inf)), h=put(p.h, h_try),
-                y0=put(p.y0, y), y1=put(p.y1, res.y1), data=put(p.data, res.dense),
-                num_pieces=c["counters"][2] + accept.astype(jnp.int32), interpolate=p.interpolate,
+                t_start=put(p.t_start, select(accept, t, jnp.inf)),
+                h=put(p.h, h_try),
+                y0=put(p.y0, y),
+                y1=put(p.y1, res.y1),
+                data=put(p.data, res.dense),
+                num_pieces=c["counters"][2] + accept.astype(jnp.int32),
+                interpolate=p.interpolate,
             )
         return new, (accept, t, h_try, y, res.y1, res.dense, t_new)
 
@@ -545,15 +589,44 @@ def integrate(
 
     # Both loops start at ts[0], whose save is y0 itself.
     if by_steps:
-        out, ys = _save_after_each_step(carry, y_flat, n_ts, dtype, interpolating, solver, target_of, going, t_end,
-                                        attempt, at_step_end, jax.vmap(unreached)(s_ts), keep)
+        out, ys = _save_after_each_step(
+            carry,
+            y_flat,
+            n_ts,
+            dtype,
+            interpolating,
+            solver,
+            target_of,
+            going,
+            t_end,
+            attempt,
+            at_step_end,
+            jax.vmap(unreached)(s_ts),
+            keep,
+        )
     else:
-        out, ys = _steps_between_saves(carry, y_flat, n_ts, dtype, interpolating, solver, target_of, going, unpack,
-                                       y_state, attempt, at_step_end, unreached, keep)
+        out, ys = _steps_between_saves(
+            carry,
+            y_flat,
+            n_ts,
+            dtype,
+            interpolating,
+            solver,
+            target_of,
+            going,
+            unpack,
+            y_state,
+            attempt,
+            at_step_end,
+            unreached,
+            keep,
+        )
     pieces = None
     if dense:
         p = out["pieces"]
-        pieces = DenseOutput(p.t_start[:-1], p.h[:-1], p.y0[:-1], p.y1[:-1], p.data[:-1], p.num_pieces, p.interpolate)
+        pieces = DenseOutput(
+            p.t_start[:-1], p.h[:-1], p.y0[:-1], p.y1[:-1], p.data[:-1], p.num_pieces, p.interpolate
+        )
     outs = (ys, out["counters"], pieces)
     if opts.return_state:
         outs += (y_state(out)[1],)
@@ -565,8 +638,22 @@ def integrate(
     return outs
 
 
-def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, unpack, y_state, attempt,
-                         at_step_end, unreached, keep):
+def _steps_between_saves(
+    carry,
+    y0,
+    n_ts,
+    dtype,
+    interpolating,
+    solver,
+    target_of,
+    going,
+    unpack,
+    y_state,
+    attempt,
+    at_step_end,
+    unreached,
+    keep,
+):
     """The loop outside vmap: an outer loop over the save times, and an inner one that
     takes steps until the last accepted step covers the next save time.
 
@@ -602,7 +689,12 @@ def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_o
             val = solver.interpolate(p_h.astype(dtype), p_y, y, c["p_dense"], theta)
             sg = lax.stop_gradient
             frozen = lambda tg: solver.interpolate(  # noqa: E731
-                sg(p_h).astype(dtype), sg(p_y), sg(y), sg(c["p_dense"]), ((tg - sg(p_t)) * sg(p_h_inv)).astype(dtype))
+                sg(p_h).astype(dtype),
+                sg(p_y),
+                sg(y),
+                sg(c["p_dense"]),
+                ((tg - sg(p_t)) * sg(p_h_inv)).astype(dtype),
+            )
             val = select(target == s.t, at_step_end(target, s.t, y, frozen), val)
         val = keep(target, val)
         val = select(s.t >= target, val, unreached(target))  # not reached after a failure
@@ -615,8 +707,21 @@ def _steps_between_saves(carry, y0, n_ts, dtype, interpolating, solver, target_o
     return out, ys
 
 
-def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_of, going, t_end, attempt,
-                          at_step_end, unreached, keep):
+def _save_after_each_step(
+    carry,
+    y0,
+    n_ts,
+    dtype,
+    interpolating,
+    solver,
+    target_of,
+    going,
+    t_end,
+    attempt,
+    at_step_end,
+    unreached,
+    keep,
+):
     """The loop under vmap: one loop over steps; after each accepted step an inner loop
     saves every save time the step covers, from the step's interpolant.
 
@@ -628,8 +733,9 @@ def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_
     carry and the saves.
     """
     first = keep(target_of(0), y0)
-    nan_ys = jnp.broadcast_to(jnp.concatenate([unreached, jnp.full((1,), jnp.nan, dtype)])[:, None],
-                              (n_ts + 1,) + first.shape)
+    nan_ys = jnp.broadcast_to(
+        jnp.concatenate([unreached, jnp.full((1,), jnp.nan, dtype)])[:, None], (n_ts + 1,) + first.shape
+    )
     carry = dict(carry, i=jnp.asarray(1, jnp.int32), ys=lax.dynamic_update_index_in_dim(nan_ys, first, 0, 0))
 
     def save(i, ys, accept, t, h, y, y1, dense_data, t_new):
@@ -651,8 +757,11 @@ def _save_after_each_step(carry, y0, n_ts, dtype, interpolating, solver, target_
             val = solver.interpolate(h.astype(dtype), y, y1, dense_data, ((target - t) * h_inv).astype(dtype))
             sg = lax.stop_gradient
             frozen = lambda tg: solver.interpolate(  # noqa: E731
-                sg(h).astype(dtype), sg(y), sg(y1), sg(dense_data), ((tg - sg(t)) * sg(h_inv)).astype(dtype))
-            return write(i, ys, keep(target, select(target == t_new, at_step_end(target, t_new, y1, frozen), val)))
+                sg(h).astype(dtype), sg(y), sg(y1), sg(dense_data), ((tg - sg(t)) * sg(h_inv)).astype(dtype)
+            )
+            return write(
+                i, ys, keep(target, select(target == t_new, at_step_end(target, t_new, y1, frozen), val))
+            )
 
         return lax.while_loop(lambda iy: any_member(due(iy[0])), body, (i, ys))
 
@@ -703,7 +812,9 @@ def _locate(events, conds, solver, event, step, dtype) -> tuple[Array, Array]:
 
     def root(e):
         def g(theta):
-            return conds(t + theta * h, solver.interpolate(h.astype(dtype), y, y1, dense, theta.astype(dtype)))[e]
+            return conds(
+                t + theta * h, solver.interpolate(h.astype(dtype), y, y1, dense, theta.astype(dtype))
+            )[e]
 
         def body(_, lohi):
             lo, hi = lohi

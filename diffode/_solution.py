@@ -50,12 +50,10 @@ MESSAGES: dict[int, str] = {
     Status.NONFINITE_INPUT: "y0, args or tstops contains NaN or inf.",
     Status.BAD_TOLERANCE: "rtol and atol must be finite and non-negative, and not both zero.",
     Status.RHS_STRUCTURE_MISMATCH: (
-        "f(t, y, args) must return a pytree with the same structure and leaf "
-        "shapes as y0, of real values."
+        "f(t, y, args) must return a pytree with the same structure and leaf shapes as y0, of real values."
     ),
     Status.NEWTON_FAILED: (
-        "The implicit solver's Newton iteration did not converge, even at the smallest "
-        "step size."
+        "The implicit solver's Newton iteration did not converge, even at the smallest step size."
     ),
     Status.BAD_DT0: "dt0 must be finite and non-zero.",
     Status.EVENT_LIMIT: (
@@ -64,6 +62,7 @@ MESSAGES: dict[int, str] = {
         "terminal event where the events come ever faster (a bouncing ball coming to rest)."
     ),
 }
+
 
 def status_message(status, messages: dict[int, str]) -> str | list:
     """``messages[status]`` (outside ``jit`` only); a nested list when ``status`` is batched."""

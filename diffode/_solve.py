@@ -19,20 +19,27 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._controller import PIDController
-from .solvers.explicit_rk import Tsit5
+from ._events import as_events, evented_solve, flat_conditions, jump_solve
 from ._integrate import IntegrateOptions, integrate, known_value, time_direction
+from ._regularisers import Regularisers
 from ._solution import MESSAGE_LIST, MESSAGES, Solution, Stats, Status
-from .solvers.base import AbstractSolver
 from ._util import raise_on_failure, vmap_size
+from ._validate import check_max_steps, check_y0, rhs_structure_problem
+from .sensitivity import (
+    AbstractSensitivity,
+    Auto,
+    BacksolveAdjoint,
+    Direct,
+    InterpolatingAdjoint,
+    Problem,
+    split_args,
+)
+from .sensitivity.direct import direct_solve
+from .solvers.base import AbstractSolver
 from .solvers.colouring import Sparsity
+from .solvers.explicit_rk import ExplicitRK, Tsit5
 from .solvers.linear import GMRES, LU
 from .solvers.structured import SparseLU
-from ._validate import check_max_steps, check_y0, rhs_structure_problem
-from .sensitivity import AbstractSensitivity, Auto, BacksolveAdjoint, Direct, InterpolatingAdjoint, Problem, split_args
-from ._events import as_events, evented_solve, flat_conditions, jump_solve
-from .sensitivity.direct import direct_solve
-from ._regularisers import Regularisers
-from .solvers.explicit_rk import ExplicitRK
 
 _COUNTERS = ("num_steps", "num_accepted", "num_rejected", "num_fevals")
 
@@ -44,7 +51,9 @@ def _strong(tree):
     the closure-converted ``f`` is called with exactly the types it was traced
     with, and custom derivative rules may not preserve weakness.
     """
-    return jtu.tree_map(lambda x: lax.convert_element_type(x, x.dtype) if eqx.is_inexact_array(x) else x, tree)
+    return jtu.tree_map(
+        lambda x: lax.convert_element_type(x, x.dtype) if eqx.is_inexact_array(x) else x, tree
+    )
 
 
 def _failed(ts, y0, status: Status) -> Solution:
@@ -170,7 +179,9 @@ def _solve(
     solver = Tsit5() if solver is None else solver
     controller = PIDController() if controller is None else controller
     if sensitivity is not None and not isinstance(sensitivity, AbstractSensitivity):
-        raise TypeError(f"sensitivity must be a diffode sensitivity method (e.g. diffode.Direct()), got {sensitivity!r}")
+        raise TypeError(
+            f"sensitivity must be a diffode sensitivity method (e.g. diffode.Direct()), got {sensitivity!r}"
+        )
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"solver must be a diffode solver, got {solver!r}")
     max_steps = check_max_steps(max_steps)
@@ -242,9 +253,19 @@ def _solve(
     rtol, atol = (_flat_tolerance(name, tol, y0) for name, tol in (("rtol", rtol), ("atol", atol)))
     rtol = _resolvable_rtol(rtol, dtype)
     opts = IntegrateOptions(
-        solver=solver, controller=controller, rtol=rtol, atol=atol, dt0=dt0, fixed=fixed, max_steps=max_steps,
-        dense=dense, jac=jac_flat if jac is not None else coloured_jac if sparsity is not None else None, throw=throw,
-        batched=batched, tstops=_check_tstops(tstops, tdtype), progress=bool(progress),
+        solver=solver,
+        controller=controller,
+        rtol=rtol,
+        atol=atol,
+        dt0=dt0,
+        fixed=fixed,
+        max_steps=max_steps,
+        dense=dense,
+        jac=jac_flat if jac is not None else coloured_jac if sparsity is not None else None,
+        throw=throw,
+        batched=batched,
+        tstops=_check_tstops(tstops, tdtype),
+        progress=bool(progress),
     )
     method = Auto() if sensitivity is None else sensitivity
     if regularise:
@@ -259,8 +280,9 @@ def _solve(
         out_unravel = ravel_pytree(saved)[1]
         # Its closed-over arrays are explicit (and differentiated), as f's: the last argument.
         extra = (_explicit_inputs(save_fn, t_ex, y0, args),)
-        opts = opts._replace(save_fn=lambda t, y, a: flatten(a[-1](lax.convert_element_type(t, tdtype), unravel(y),
-                                                                   a[2])))
+        opts = opts._replace(
+            save_fn=lambda t, y, a: flatten(a[-1](lax.convert_element_type(t, tdtype), unravel(y), a[2]))
+        )
     evs = None
     if events is not None:
         evs = as_events(events)
@@ -268,13 +290,19 @@ def _solve(
             raise NotImplementedError("events cannot be combined with dense=True or regularise=True yet")
         # Each condition's and state change's closed-over arrays are explicit (and
         # differentiated), as f's.
-        ecs = tuple(tuple(None if fn is None else _explicit_inputs(fn, t_ex, y0, args) for fn in (e.cond_fn, e.apply))
-                    for e in evs)
+        ecs = tuple(
+            tuple(None if fn is None else _explicit_inputs(fn, t_ex, y0, args) for fn in (e.cond_fn, e.apply))
+            for e in evs
+        )
         for e in evs:
             _check_apply(e.apply, t_ex, y0, args)
-        conds = flat_conditions(evs, unravel, lambda a, e: functools.partial(_call_cond, a[3][e][0], tdtype, a[2]))
-        applies = tuple(None if e.apply is None else functools.partial(_call_apply, e_, flatten, unravel, tdtype)
-                        for e_, e in enumerate(evs))
+        conds = flat_conditions(
+            evs, unravel, lambda a, e: functools.partial(_call_cond, a[3][e][0], tdtype, a[2])
+        )
+        applies = tuple(
+            None if e.apply is None else functools.partial(_call_apply, e_, flatten, unravel, tdtype)
+            for e_, e in enumerate(evs)
+        )
         if conds:
             method = _event_method(method, solver)
         params, static = split_args((fc, jc, args, ecs))
@@ -286,8 +314,11 @@ def _solve(
     reg = None
     if dense or regularise or save_fn is not None:
         # Interpolation pieces, regularisers and saves of save_fn: Direct's rules differentiate them.
-        direct = method if isinstance(method, Direct) else (
-            Direct(memory_budget=method.memory_budget) if isinstance(method, Auto) else Direct())
+        direct = (
+            method
+            if isinstance(method, Direct)
+            else (Direct(memory_budget=method.memory_budget) if isinstance(method, Auto) else Direct())
+        )
         ys, counters, pieces, reg = direct_solve(direct, integrate, prob, y_flat, ts_arg, params)
         reg = None if reg is None else Regularisers(reg[..., 0], reg[..., 1])
     elif evs is not None:
@@ -342,9 +373,12 @@ def _save_structure(save_fn, t, y0, args):
     """Zeros shaped like ``save_fn``'s output (checked at trace time: real arrays)."""
     out = eqx.filter_eval_shape(save_fn, t, y0, args)
     leaves = jtu.tree_leaves(out)
-    if not leaves or not all(isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.floating)
-                             for x in leaves):
-        raise ValueError(f"save_fn(t, y, args) must return a non-empty pytree of real floating arrays, got {out}")
+    if not leaves or not all(
+        isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.floating) for x in leaves
+    ):
+        raise ValueError(
+            f"save_fn(t, y, args) must return a non-empty pytree of real floating arrays, got {out}"
+        )
     return jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), out)
 
 
@@ -392,8 +426,12 @@ def _check_tstops(tstops, tdtype):
         arr = jnp.asarray(tstops)
     except TypeError as e:
         raise TypeError(f"tstops must be a 1-D array of times, got {type(tstops).__name__}") from e
-    if arr.ndim > 1 or not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
-        raise ValueError(f"tstops must be a 1-D array of real times, got shape {arr.shape} and dtype {arr.dtype}")
+    if arr.ndim > 1 or not (
+        jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"tstops must be a 1-D array of real times, got shape {arr.shape} and dtype {arr.dtype}"
+        )
     return lax.stop_gradient(arr.reshape(-1).astype(tdtype))
 
 
@@ -525,7 +563,9 @@ _solve_jitted = eqx.filter_jit(_solve)
 def _public_signature(fn) -> inspect.Signature:
     """``fn``'s signature without its private flags (``final_check``, ``batched``)."""
     sig = inspect.signature(fn)
-    return sig.replace(parameters=[p for n, p in sig.parameters.items() if n not in ("final_check", "batched")])
+    return sig.replace(
+        parameters=[p for n, p in sig.parameters.items() if n not in ("final_check", "batched")]
+    )
 
 
 _SIGNATURE = _public_signature(_solve)

@@ -167,8 +167,10 @@ class _Progress:
         frac = 1.0 if t_end == t0 else min(max((t - t0) / (t_end - t0), 0.0), 1.0)
         bar = "#" * int(30 * frac)
         sign = float(direction)
-        sys.stderr.write(f"\rdiffode [{bar:<30}] {100 * frac:5.1f}%  t = {sign * t:.6g} of {sign * t_end:.6g}"
-                         + ("\n" if done else ""))
+        sys.stderr.write(
+            f"\rdiffode [{bar:<30}] {100 * frac:5.1f}%  t = {sign * t:.6g} of {sign * t_end:.6g}"
+            + ("\n" if done else "")
+        )
         sys.stderr.flush()
 
 

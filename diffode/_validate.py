@@ -44,9 +44,13 @@ def rhs_structure_problem(out, y0, name: str = "f") -> str | None:
     for (path, a), b in zip(jtu.tree_leaves_with_path(y0), jtu.tree_leaves(out)):
         if jnp.shape(a) != jnp.shape(b):
             return f"{name} returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
-        if not jnp.issubdtype(jnp.result_type(b), jnp.floating) and not jnp.issubdtype(jnp.result_type(b), jnp.integer):
-            return (f"{name} returned dtype {jnp.result_type(b)} at y{jtu.keystr(path)}, but the state is real "
-                    f"({jnp.result_type(a)}): return real values (split complex ones into real and imaginary parts).")
+        if not jnp.issubdtype(jnp.result_type(b), jnp.floating) and not jnp.issubdtype(
+            jnp.result_type(b), jnp.integer
+        ):
+            return (
+                f"{name} returned dtype {jnp.result_type(b)} at y{jtu.keystr(path)}, but the state is real "
+                f"({jnp.result_type(a)}): return real values (split complex ones into real and imaginary parts)."
+            )
     return None
 
 
@@ -65,7 +69,5 @@ def check_max_steps(max_steps) -> int:
             f"max_steps must be an integer known at trace time (a Python or NumPy int), got {max_steps!r}"
         ) from None
     if not 1 <= value <= MAX_STEPS_LIMIT:
-        raise ValueError(
-            f"max_steps must lie in [1, 2**31 - 2] (steps are counted in int32), got {value}"
-        )
+        raise ValueError(f"max_steps must lie in [1, 2**31 - 2] (steps are counted in int32), got {value}")
     return value

@@ -134,8 +134,14 @@ def _lv_reference_cached(ts: tuple, y0: tuple, params: tuple) -> np.ndarray:
     from scipy.integrate import solve_ivp
 
     sol = solve_ivp(
-        _lotka_volterra_rhs_numpy, (ts[0], ts[-1]), np.asarray(y0, np.float64), method="DOP853",
-        t_eval=np.asarray(ts), args=(params,), rtol=1e-13, atol=1e-13,
+        _lotka_volterra_rhs_numpy,
+        (ts[0], ts[-1]),
+        np.asarray(y0, np.float64),
+        method="DOP853",
+        t_eval=np.asarray(ts),
+        args=(params,),
+        rtol=1e-13,
+        atol=1e-13,
     )
     assert sol.success, sol.message
     out = sol.y.T.copy()
@@ -165,7 +171,9 @@ def _lv_sensitivities_cached(ts: tuple, y0: tuple, params: tuple):
         fp = np.array([[x, -x * w, 0.0, 0.0], [0.0, 0.0, -w, x * w]])  # df/d(a, b, g, d)
         S0 = z[2:6].reshape(2, 2)
         Sp = z[6:14].reshape(2, 4)
-        return np.concatenate([_lotka_volterra_rhs_numpy(t, z[:2], params), (J @ S0).ravel(), (J @ Sp + fp).ravel()])
+        return np.concatenate(
+            [_lotka_volterra_rhs_numpy(t, z[:2], params), (J @ S0).ravel(), (J @ Sp + fp).ravel()]
+        )
 
     z0 = np.concatenate([np.asarray(y0, np.float64), np.eye(2).ravel(), np.zeros(8)])
     sol = solve_ivp(aug, (ts[0], ts[-1]), z0, method="DOP853", t_eval=np.asarray(ts), rtol=1e-13, atol=1e-13)
@@ -356,11 +364,13 @@ ROBERTSON_K = (0.04, 3e7, 1e4)  # k1, k2, k3
 def robertson_rhs(t, y, args):
     k1, k2, k3 = args[0], args[1], args[2]
     y1, y2, y3 = y[0], y[1], y[2]
-    return jnp.stack([
-        -k1 * y1 + k3 * y2 * y3,
-        k1 * y1 - k3 * y2 * y3 - k2 * y2**2,
-        k2 * y2**2,
-    ])
+    return jnp.stack(
+        [
+            -k1 * y1 + k3 * y2 * y3,
+            k1 * y1 - k3 * y2 * y3 - k2 * y2**2,
+            k2 * y2**2,
+        ]
+    )
 
 
 def robertson(dtype=np.float64, t1: float = 1e5) -> Problem:
@@ -393,7 +403,9 @@ def robertson_np(t, y, k=ROBERTSON_K):
 def robertson_jac_np(t, y, k=ROBERTSON_K):
     k1, k2, k3 = k
     _, y2, y3 = y
-    return np.array([[-k1, k3 * y3, k3 * y2], [k1, -k3 * y3 - 2 * k2 * y2, -k3 * y2], [0.0, 2 * k2 * y2, 0.0]])
+    return np.array(
+        [[-k1, k3 * y3, k3 * y2], [k1, -k3 * y3 - 2 * k2 * y2, -k3 * y2], [0.0, 2 * k2 * y2, 0.0]]
+    )
 
 
 def van_der_pol_np(t, y, mu=1000.0):
@@ -422,7 +434,9 @@ def scipy_radau_reference(name: str):
         f, jac, y0, t1, atol = van_der_pol_np, van_der_pol_jac_np, [2.0, 0.0], van_der_pol_stiff().t1, 1e-12
     else:
         raise ValueError(name)
-    sol = solve_ivp(f, (0.0, t1), np.array(y0), method="Radau", rtol=1e-12, atol=atol, jac=jac, dense_output=True)
+    sol = solve_ivp(
+        f, (0.0, t1), np.array(y0), method="Radau", rtol=1e-12, atol=atol, jac=jac, dense_output=True
+    )
     assert sol.success, sol.message
     return sol.sol
 
@@ -522,10 +536,18 @@ def _reference(values) -> np.ndarray:
 HIRES_PARAMS = (1.71, 0.43, 8.32, 0.69, 0.035, 8.32, 280.0, 0.69, 0.69, 0.0007)  # k1..k9, oks (hires.f)
 HIRES_Y0 = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0057)
 HIRES_T1 = 321.8122
-HIRES_REFERENCE = _reference([
-    0.7371312573325668e-3, 0.1442485726316185e-3, 0.5888729740967575e-4, 0.1175651343283149e-2,
-    0.2386356198831331e-2, 0.6238968252742796e-2, 0.2849998395185769e-2, 0.2850001604814231e-2,
-])
+HIRES_REFERENCE = _reference(
+    [
+        0.7371312573325668e-3,
+        0.1442485726316185e-3,
+        0.5888729740967575e-4,
+        0.1175651343283149e-2,
+        0.2386356198831331e-2,
+        0.6238968252742796e-2,
+        0.2849998395185769e-2,
+        0.2850001604814231e-2,
+    ]
+)
 
 
 def hires_rhs(t, y, args):
@@ -534,24 +556,32 @@ def hires_rhs(t, y, args):
     y1, y2, y3, y4, y5, y6, y7, y8 = (y[i] for i in range(8))
     r = k7 * y6 * y8  # the one nonlinear (bilinear) reaction
     f7 = r - (k2 + k8 + k9) * y7
-    return jnp.stack([
-        -k1 * y1 + k2 * y2 + k6 * y3 + oks,
-        k1 * y1 - (k2 + k3) * y2,
-        -(k6 + k1) * y3 + k2 * y4 + k5 * y5,
-        k3 * y2 + k1 * y3 - (k4 + k2) * y4,
-        -(k5 + k1) * y5 + k2 * (y6 + y7),
-        -r + k8 * y4 + k1 * y5 - k2 * y6 + k8 * y7,
-        f7,
-        -f7,
-    ])
+    return jnp.stack(
+        [
+            -k1 * y1 + k2 * y2 + k6 * y3 + oks,
+            k1 * y1 - (k2 + k3) * y2,
+            -(k6 + k1) * y3 + k2 * y4 + k5 * y5,
+            k3 * y2 + k1 * y3 - (k4 + k2) * y4,
+            -(k5 + k1) * y5 + k2 * (y6 + y7),
+            -r + k8 * y4 + k1 * y5 - k2 * y6 + k8 * y7,
+            f7,
+            -f7,
+        ]
+    )
 
 
 def hires(dtype=np.float64) -> Problem:
     """HIRES on ``[0, 321.8122]`` (test set, release 2.4)."""
     dtype = _check_dtype(dtype)
     return Problem(
-        name="hires", f=hires_rhs, y0=jnp.asarray(HIRES_Y0, dtype), t0=0.0, t1=HIRES_T1,
-        args=jnp.asarray(HIRES_PARAMS, dtype), dtype=dtype, reference=HIRES_REFERENCE,
+        name="hires",
+        f=hires_rhs,
+        y0=jnp.asarray(HIRES_Y0, dtype),
+        t0=0.0,
+        t1=HIRES_T1,
+        args=jnp.asarray(HIRES_PARAMS, dtype),
+        dtype=dtype,
+        reference=HIRES_REFERENCE,
     )
 
 
@@ -589,8 +619,14 @@ def vdpol(dtype=np.float64) -> Problem:
     """VDPOL, ``eps = 1e-6``, ``y0 = (2, 0)`` on ``[0, 2]`` (test set, release 2.4)."""
     dtype = _check_dtype(dtype)
     return Problem(
-        name="vdpol", f=vdpol_rhs, y0=jnp.asarray([2.0, 0.0], dtype), t0=0.0, t1=VDPOL_T1,
-        args=jnp.asarray(VDPOL_EPS, dtype), dtype=dtype, reference=VDPOL_REFERENCE,
+        name="vdpol",
+        f=vdpol_rhs,
+        y0=jnp.asarray([2.0, 0.0], dtype),
+        t0=0.0,
+        t1=VDPOL_T1,
+        args=jnp.asarray(VDPOL_EPS, dtype),
+        dtype=dtype,
+        reference=VDPOL_REFERENCE,
     )
 
 
@@ -614,8 +650,14 @@ def orego(dtype=np.float64) -> Problem:
     """OREGO from ``(1, 2, 3)`` on ``[0, 360]`` (test set, release 2.4)."""
     dtype = _check_dtype(dtype)
     return Problem(
-        name="orego", f=orego_rhs, y0=jnp.asarray([1.0, 2.0, 3.0], dtype), t0=0.0, t1=OREGO_T1,
-        args=jnp.asarray(OREGO_PARAMS, dtype), dtype=dtype, reference=OREGO_REFERENCE,
+        name="orego",
+        f=orego_rhs,
+        y0=jnp.asarray([1.0, 2.0, 3.0], dtype),
+        t0=0.0,
+        t1=OREGO_T1,
+        args=jnp.asarray(OREGO_PARAMS, dtype),
+        dtype=dtype,
+        reference=OREGO_REFERENCE,
     )
 
 
@@ -629,50 +671,87 @@ def orego(dtype=np.float64) -> Problem:
 # 14 CH3O, 15 HNO3, 16 O1D, 17 SO2, 18 SO4, 19 NO3, 20 N2O5). Sulfur y17 + y18
 # is conserved.
 POLLU_K = (
-    0.35, 26.6, 1.23e4, 8.6e-4, 8.2e-4, 1.5e4, 1.3e-4, 2.4e4, 1.65e4, 9.0e3,
-    2.2e-2, 1.2e4, 1.88, 1.63e4, 4.8e6, 3.5e-4, 1.75e-2, 1.0e8, 4.44e11, 1.24e3,
-    2.1, 5.78, 4.74e-2, 1.78e3, 3.12,
+    0.35,
+    26.6,
+    1.23e4,
+    8.6e-4,
+    8.2e-4,
+    1.5e4,
+    1.3e-4,
+    2.4e4,
+    1.65e4,
+    9.0e3,
+    2.2e-2,
+    1.2e4,
+    1.88,
+    1.63e4,
+    4.8e6,
+    3.5e-4,
+    1.75e-2,
+    1.0e8,
+    4.44e11,
+    1.24e3,
+    2.1,
+    5.78,
+    4.74e-2,
+    1.78e3,
+    3.12,
 )
 # (reactants, products) per reaction, 1-based species; a repeated product is
 # produced twice.
 POLLU_REACTIONS = (
-    ((1,), (2, 3)),          # r1:  NO2 -> NO + O3P
-    ((2, 4), (1,)),          # r2:  NO + O3 -> NO2
-    ((5, 2), (1, 6)),        # r3:  HO2 + NO -> NO2 + OH
-    ((7,), (5, 5, 8)),       # r4:  HCHO -> 2 HO2 + CO
-    ((7,), (8,)),            # r5:  HCHO -> CO
-    ((7, 6), (5, 8)),        # r6:  HCHO + OH -> HO2 + CO
-    ((9,), (5, 8, 10)),      # r7:  ALD -> MEO2 + HO2 + CO
-    ((9, 6), (11,)),         # r8:  ALD + OH -> C2O3
+    ((1,), (2, 3)),  # r1:  NO2 -> NO + O3P
+    ((2, 4), (1,)),  # r2:  NO + O3 -> NO2
+    ((5, 2), (1, 6)),  # r3:  HO2 + NO -> NO2 + OH
+    ((7,), (5, 5, 8)),  # r4:  HCHO -> 2 HO2 + CO
+    ((7,), (8,)),  # r5:  HCHO -> CO
+    ((7, 6), (5, 8)),  # r6:  HCHO + OH -> HO2 + CO
+    ((9,), (5, 8, 10)),  # r7:  ALD -> MEO2 + HO2 + CO
+    ((9, 6), (11,)),  # r8:  ALD + OH -> C2O3
     ((11, 2), (1, 10, 12)),  # r9:  C2O3 + NO -> NO2 + MEO2 + CO2
-    ((11, 1), (13,)),        # r10: C2O3 + NO2 -> PAN
-    ((13,), (1, 11)),        # r11: PAN -> C2O3 + NO2
-    ((10, 2), (1, 14)),      # r12: MEO2 + NO -> CH3O + NO2
-    ((14,), (5, 7)),         # r13: CH3O -> HCHO + HO2
-    ((1, 6), (15,)),         # r14: NO2 + OH -> HNO3
-    ((3,), (4,)),            # r15: O3P -> O3
-    ((4,), (16,)),           # r16: O3 -> O1D
-    ((4,), (3,)),            # r17: O3 -> O3P
-    ((16,), (6, 6)),         # r18: O1D -> 2 OH
-    ((16,), (3,)),           # r19: O1D -> O3P
-    ((17, 6), (5, 18)),      # r20: SO2 + OH -> SO4 + HO2
-    ((19,), (2,)),           # r21: NO3 -> NO
-    ((19,), (1, 3)),         # r22: NO3 -> NO2 + O3P
-    ((1, 4), (19,)),         # r23: NO2 + O3 -> NO3
-    ((19, 1), (20,)),        # r24: NO3 + NO2 -> N2O5
-    ((20,), (1, 19)),        # r25: N2O5 -> NO3 + NO2
+    ((11, 1), (13,)),  # r10: C2O3 + NO2 -> PAN
+    ((13,), (1, 11)),  # r11: PAN -> C2O3 + NO2
+    ((10, 2), (1, 14)),  # r12: MEO2 + NO -> CH3O + NO2
+    ((14,), (5, 7)),  # r13: CH3O -> HCHO + HO2
+    ((1, 6), (15,)),  # r14: NO2 + OH -> HNO3
+    ((3,), (4,)),  # r15: O3P -> O3
+    ((4,), (16,)),  # r16: O3 -> O1D
+    ((4,), (3,)),  # r17: O3 -> O3P
+    ((16,), (6, 6)),  # r18: O1D -> 2 OH
+    ((16,), (3,)),  # r19: O1D -> O3P
+    ((17, 6), (5, 18)),  # r20: SO2 + OH -> SO4 + HO2
+    ((19,), (2,)),  # r21: NO3 -> NO
+    ((19,), (1, 3)),  # r22: NO3 -> NO2 + O3P
+    ((1, 4), (19,)),  # r23: NO2 + O3 -> NO3
+    ((19, 1), (20,)),  # r24: NO3 + NO2 -> N2O5
+    ((20,), (1, 19)),  # r25: N2O5 -> NO3 + NO2
 )
-POLLU_Y0 = tuple(
-    {2: 0.2, 4: 0.04, 7: 0.1, 8: 0.3, 9: 0.01, 17: 0.007}.get(i, 0.0) for i in range(1, 21)
-)
+POLLU_Y0 = tuple({2: 0.2, 4: 0.04, 7: 0.1, 8: 0.3, 9: 0.01, 17: 0.007}.get(i, 0.0) for i in range(1, 21))
 POLLU_T1 = 60.0
-POLLU_REFERENCE = _reference([
-    0.5646255480022769e-1, 0.1342484130422339e0, 0.4139734331099427e-8, 0.5523140207484359e-2,
-    0.2018977262302196e-6, 0.1464541863493966e-6, 0.7784249118997964e-1, 0.3245075353396018e0,
-    0.7494013383880406e-2, 0.1622293157301561e-7, 0.1135863833257075e-7, 0.2230505975721359e-2,
-    0.2087162882798630e-3, 0.1396921016840158e-4, 0.8964884856898295e-2, 0.4352846369330103e-17,
-    0.6899219696263405e-2, 0.1007803037365946e-3, 0.1772146513969984e-5, 0.5682943292316392e-4,
-])
+POLLU_REFERENCE = _reference(
+    [
+        0.5646255480022769e-1,
+        0.1342484130422339e0,
+        0.4139734331099427e-8,
+        0.5523140207484359e-2,
+        0.2018977262302196e-6,
+        0.1464541863493966e-6,
+        0.7784249118997964e-1,
+        0.3245075353396018e0,
+        0.7494013383880406e-2,
+        0.1622293157301561e-7,
+        0.1135863833257075e-7,
+        0.2230505975721359e-2,
+        0.2087162882798630e-3,
+        0.1396921016840158e-4,
+        0.8964884856898295e-2,
+        0.4352846369330103e-17,
+        0.6899219696263405e-2,
+        0.1007803037365946e-3,
+        0.1772146513969984e-5,
+        0.5682943292316392e-4,
+    ]
+)
 
 
 def _pollu_tables():
@@ -707,8 +786,14 @@ def pollu(dtype=np.float64) -> Problem:
     """POLLU on ``[0, 60]`` (test set, release 2.4)."""
     dtype = _check_dtype(dtype)
     return Problem(
-        name="pollu", f=pollu_rhs, y0=jnp.asarray(POLLU_Y0, dtype), t0=0.0, t1=POLLU_T1,
-        args=jnp.asarray(POLLU_K, dtype), dtype=dtype, reference=POLLU_REFERENCE,
+        name="pollu",
+        f=pollu_rhs,
+        y0=jnp.asarray(POLLU_Y0, dtype),
+        t0=0.0,
+        t1=POLLU_T1,
+        args=jnp.asarray(POLLU_K, dtype),
+        dtype=dtype,
+        reference=POLLU_REFERENCE,
     )
 
 
@@ -735,13 +820,15 @@ def pkpd_rhs(t, y, args):
     gut, central, peripheral, ce, response = y[0], y[1], y[2], y[3], y[4]
     conc = central / V1
     inhibition = imax * ce**2 / (ic50**2 + ce**2)
-    return jnp.stack([
-        -ka * gut,
-        F * ka * gut - CL * conc - Q * conc + Q * peripheral / V2,
-        Q * conc - Q * peripheral / V2,
-        ke0 * (conc - ce),
-        kin * (1.0 - inhibition) - kout * response,
-    ])
+    return jnp.stack(
+        [
+            -ka * gut,
+            F * ka * gut - CL * conc - Q * conc + Q * peripheral / V2,
+            Q * conc - Q * peripheral / V2,
+            ke0 * (conc - ce),
+            kin * (1.0 - inhibition) - kout * response,
+        ]
+    )
 
 
 def pkpd(dtype=np.float64) -> Problem:
@@ -750,9 +837,15 @@ def pkpd(dtype=np.float64) -> Problem:
     dtype = _check_dtype(dtype)
     kin, kout = PKPD_PARAMS[7], PKPD_PARAMS[8]
     return Problem(
-        name="pkpd", f=pkpd_rhs, y0=jnp.asarray([PKPD_DOSE, 0.0, 0.0, 0.0, kin / kout], dtype), t0=0.0, t1=24.0,
-        args=jnp.asarray(PKPD_PARAMS, dtype), dtype=dtype,
+        name="pkpd",
+        f=pkpd_rhs,
+        y0=jnp.asarray([PKPD_DOSE, 0.0, 0.0, 0.0, kin / kout], dtype),
+        t0=0.0,
+        t1=24.0,
+        args=jnp.asarray(PKPD_PARAMS, dtype),
+        dtype=dtype,
     )
+
 
 # Tolerances for the test set: atol = rtol * TESTSET_ATOL_OVER_RTOL[name]. Chosen from the size of the components
 # that matter (our choice, not the test set's: its reports use per-solver
@@ -762,7 +855,6 @@ def pkpd(dtype=np.float64) -> Problem:
 # species of interest lie above ~1e-6 (y16, the O1D radical, is a
 # quasi-steady-state value of 4e-17).
 TESTSET_ATOL_OVER_RTOL = {"hires": 1e-4, "rober": 1e-10, "vdpol": 1.0, "orego": 1.0, "pollu": 1e-6}
-
 
 
 # ----------------------------------------------------------------------------
@@ -819,8 +911,12 @@ def cubic_relaxation(dtype=np.float64) -> SteadyProblem:
     """``y' = p - y**3`` with ``p = (0.5, 2, 8)``: ``y* = p**(1/3)`` (stable: ``df/dy = -3 y**2 < 0``)."""
     dtype = _check_dtype(dtype)
     return SteadyProblem(
-        "cubic_relaxation", cubic_relaxation_rhs, jnp.ones(3, dtype), jnp.asarray([0.5, 2.0, 8.0], dtype),
-        lambda p: jnp.cbrt(p), dtype,
+        "cubic_relaxation",
+        cubic_relaxation_rhs,
+        jnp.ones(3, dtype),
+        jnp.asarray([0.5, 2.0, 8.0], dtype),
+        lambda p: jnp.cbrt(p),
+        dtype,
     )
 
 

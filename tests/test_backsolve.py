@@ -15,9 +15,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import diffode
+from diffode import problems
 from diffode.sensitivity.backsolve import BacksolveAdjoint
 
-from diffode import problems
 from .test_errors import SOLVE_ERRORS, own_message
 
 TS_LV = np.array([0.0, 1.3, 2.9, 5.0, 7.7, 10.0])
@@ -26,8 +26,17 @@ W_LV = np.random.default_rng(0).normal(size=(len(TS_LV), 2))
 
 def lv_loss(sens, solver=None, tol=1e-10):
     def loss(y0, ts, args):
-        sol = diffode.solve(problems.lotka_volterra_rhs, y0, ts, args, solver=solver, rtol=tol, atol=tol,
-                            sensitivity=sens, max_steps=100_000)
+        sol = diffode.solve(
+            problems.lotka_volterra_rhs,
+            y0,
+            ts,
+            args,
+            solver=solver,
+            rtol=tol,
+            atol=tol,
+            sensitivity=sens,
+            max_steps=100_000,
+        )
         return jnp.sum(jnp.asarray(W_LV) * sol.ys)
 
     return loss
@@ -61,7 +70,9 @@ def test_lotka_volterra_implicit_solver():
     # Kvaerno5 (Newton while_loops in every step: the backward solve only runs
     # it forwards, on the augmented system with a jacfwd Jacobian).
     p = problems.lotka_volterra()
-    loss = jax.jit(jax.grad(lv_loss(BacksolveAdjoint(), solver=diffode.Kvaerno5(), tol=1e-9), argnums=(0, 1, 2)))
+    loss = jax.jit(
+        jax.grad(lv_loss(BacksolveAdjoint(), solver=diffode.Kvaerno5(), tol=1e-9), argnums=(0, 1, 2))
+    )
     got = loss(p.y0, jnp.asarray(TS_LV), p.args)
     assert_close_relative(got, lv_reference(), 1e-5)
 
@@ -76,8 +87,9 @@ def test_exponential_decay_closed_form(ts):
     ts = jnp.asarray(ts)
 
     def loss(y0, ts, k):
-        ys = diffode.solve(problems.exponential_decay_rhs, y0, ts, k, rtol=1e-10, atol=1e-10,
-                           sensitivity=BacksolveAdjoint()).ys
+        ys = diffode.solve(
+            problems.exponential_decay_rhs, y0, ts, k, rtol=1e-10, atol=1e-10, sensitivity=BacksolveAdjoint()
+        ).ys
         return jnp.sum(ys**2)
 
     got = jax.grad(loss, argnums=(0, 1, 2))(p.y0, ts, p.args)
@@ -97,8 +109,15 @@ def test_jit_vmap_pytree_state():
         return {"prey": out[0], "pred": out[1]}
 
     def loss(args, prey):
-        ys = diffode.solve(f, {"prey": prey, "pred": jnp.asarray(1.0)}, ts, args, rtol=1e-8, atol=1e-8,
-                           sensitivity=BacksolveAdjoint()).ys
+        ys = diffode.solve(
+            f,
+            {"prey": prey, "pred": jnp.asarray(1.0)},
+            ts,
+            args,
+            rtol=1e-8,
+            atol=1e-8,
+            sensitivity=BacksolveAdjoint(),
+        ).ys
         return jnp.sum(ys["prey"] * ys["pred"])
 
     prey = jnp.asarray([0.5, 1.0, 2.0])
@@ -145,8 +164,10 @@ def test_memory_does_not_grow_with_max_steps():
 
     def temp_bytes(max_steps):
         def loss(args):
-            return jnp.sum(diffode.solve(p.f, p.y0, ts, args, sensitivity=BacksolveAdjoint(),
-                                         max_steps=max_steps).ys ** 2)
+            return jnp.sum(
+                diffode.solve(p.f, p.y0, ts, args, sensitivity=BacksolveAdjoint(), max_steps=max_steps).ys
+                ** 2
+            )
 
         return jax.jit(jax.grad(loss)).lower(p.args).compile().memory_analysis().temp_size_in_bytes
 
@@ -171,7 +192,8 @@ def test_failed_backward_solve_raises_or_gives_nan():
     with pytest.raises(SOLVE_ERRORS) as info:
         jax.grad(loss, argnums=(0, 1))(p.y0, p.args, True)
     assert "BacksolveAdjoint: the backward (adjoint) solve failed. " + diffode.MESSAGES[
-        diffode.Status.NONFINITE_RHS] in own_message(info.value)
+        diffode.Status.NONFINITE_RHS
+    ] in own_message(info.value)
     g_y0, g_k = jax.grad(loss, argnums=(0, 1))(p.y0, p.args, False)
     assert np.all(np.isnan(g_y0)) and np.all(np.isnan(g_k))
 
@@ -183,8 +205,17 @@ def test_stiff_backward_solve_failure_is_an_error():
     ts = jnp.asarray([0.0, 1e-3, 0.1, 1.0, 10.0, 100.0])
 
     def loss(k):
-        ys = diffode.solve(p.f, p.y0, ts, k, solver=diffode.Radau5(), rtol=1e-8, atol=1e-12,
-                           sensitivity=BacksolveAdjoint(), max_steps=5000).ys
+        ys = diffode.solve(
+            p.f,
+            p.y0,
+            ts,
+            k,
+            solver=diffode.Radau5(),
+            rtol=1e-8,
+            atol=1e-12,
+            sensitivity=BacksolveAdjoint(),
+            max_steps=5000,
+        ).ys
         return jnp.sum(ys @ jnp.asarray([1.0, 1e4, 1.0]))
 
     with pytest.raises(SOLVE_ERRORS) as info:
@@ -192,11 +223,14 @@ def test_stiff_backward_solve_failure_is_an_error():
     assert re.search("BacksolveAdjoint: the backward .* InterpolatingAdjoint", own_message(info.value))
 
 
-
 def closed_over_decay_loss(k, y0, ts):
     """``exact_decay_loss`` through a solve whose f captures k instead of taking it in args."""
-    return jnp.sum(diffode.solve(lambda t, y, a: -k * y, y0, ts, rtol=1e-10, atol=1e-10,
-                                 sensitivity=BacksolveAdjoint()).ys ** 2)
+    return jnp.sum(
+        diffode.solve(
+            lambda t, y, a: -k * y, y0, ts, rtol=1e-10, atol=1e-10, sensitivity=BacksolveAdjoint()
+        ).ys
+        ** 2
+    )
 
 
 def test_value_closed_over_by_f_is_differentiated():

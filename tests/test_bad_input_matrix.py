@@ -79,8 +79,16 @@ def make_loss(solver, sensitivity, throw):
     def loss(p, k):
         args = (p, dict(t_nan=k["t_nan"], w=k["w"], q=k["q"]))
         sol = diffode.solve(
-            rhs, Y0 * k["y0_scale"], k["ts"], args, solver=solver, sensitivity=sensitivity,
-            rtol=1e-8, atol=k["atol"], max_steps=MAX_STEPS, throw=throw,
+            rhs,
+            Y0 * k["y0_scale"],
+            k["ts"],
+            args,
+            solver=solver,
+            sensitivity=sensitivity,
+            rtol=1e-8,
+            atol=k["atol"],
+            max_steps=MAX_STEPS,
+            throw=throw,
         )
         return jnp.sum(sol.ys[-1]), sol.status
 
@@ -108,7 +116,10 @@ METHODS = {
 #: implicit steps once (the failure handling is the method's, shared by all
 #: solvers; the test budget does not allow the whole cross).
 DERIVATIVE_CASES = [("explicit", m) for m in METHODS] + [
-    ("sdirk", "auto"), ("sdirk", "direct"), ("rosenbrock", "auto"), ("radau", "auto"),
+    ("sdirk", "auto"),
+    ("sdirk", "direct"),
+    ("rosenbrock", "auto"),
+    ("radau", "auto"),
 ]
 
 # The closed-form loss and gradient of the healthy member. The solves run at
@@ -233,8 +244,13 @@ def test_trace_time_errors(case, jit):
     call = dict(f=decay, y0=jnp.array([1.0, 2.0]), ts=jnp.array([0.0, 1.0]), args=0.5) | change
 
     def run(args):
-        return diffode.solve(call.pop("f"), call.pop("y0"), call.pop("ts"), args, **{
-            k: v for k, v in call.items() if k != "args"})
+        return diffode.solve(
+            call.pop("f"),
+            call.pop("y0"),
+            call.pop("ts"),
+            args,
+            **{k: v for k, v in call.items() if k != "args"},
+        )
 
     with pytest.raises(error, match=match):
         (jax.jit(run) if jit else run)(call["args"])

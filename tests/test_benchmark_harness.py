@@ -13,16 +13,27 @@ def test_quick_run_writes_results_and_survives_a_failure(tmp_path, monkeypatch):
         raise RuntimeError("this candidate always fails")
 
     monkeypatch.setitem(adjoints.METHODS, "broken candidate", broken)
-    rows = adjoints.run(["lotka_volterra", "pkpd"], ["diffode Direct", "diffode Auto", "jax odeint", "broken"],
-                        quick=True, out=str(tmp_path))
-    assert {r["method"] for r in rows} == {"diffode Direct", "diffode Direct(checkpoints=16)", "diffode Auto", "jax odeint",
-                                          "broken candidate"}  # --methods keeps names that contain a filter
+    rows = adjoints.run(
+        ["lotka_volterra", "pkpd"],
+        ["diffode Direct", "diffode Auto", "jax odeint", "broken"],
+        quick=True,
+        out=str(tmp_path),
+    )
+    assert {r["method"] for r in rows} == {
+        "diffode Direct",
+        "diffode Direct(checkpoints=16)",
+        "diffode Auto",
+        "jax odeint",
+        "broken candidate",
+    }  # --methods keeps names that contain a filter
     for r in rows:
         if r["method"] == "broken candidate":
             assert r["status"].startswith("failed: RuntimeError")
         else:
             # rtol 1e-6 solves against SciPy references at 1e-12: errors ~1e-5 at most.
-            assert r["status"] == "ok" and r["grad_rel_error"] < 1e-3 and r["run_ms"] > 0 and r["compile_s"] > 0
+            assert (
+                r["status"] == "ok" and r["grad_rel_error"] < 1e-3 and r["run_ms"] > 0 and r["compile_s"] > 0
+            )
     text = (tmp_path / "RESULTS.md").read_text()
     assert "### Lotka-Volterra" in text and "### PK/PD" in text and "failed: RuntimeError" in text
     assert text.count("<!-- begin adjoints -->") == 1

@@ -20,8 +20,9 @@ Y0 = jnp.linspace(1.0, 2.0, 200)
 
 def _grad(method, max_steps, t1=30.0):
     def loss(k):
-        ys = diffode.solve(_field, Y0, jnp.array([0.0, t1]), k, sensitivity=method, rtol=1e-8, atol=1e-8,
-                           max_steps=max_steps).ys
+        ys = diffode.solve(
+            _field, Y0, jnp.array([0.0, t1]), k, sensitivity=method, rtol=1e-8, atol=1e-8, max_steps=max_steps
+        ).ys
         return jnp.sum(ys[-1] ** 2)
 
     return jax.jit(jax.grad(loss))
@@ -36,8 +37,11 @@ def test_gradient_equals_storing_every_step(checkpoints):
     np.testing.assert_allclose(got, full, rtol=1e-12)
     # vmap: members with different step counts share the bisection's loop.
     ks = jnp.array([0.3, 1.7])
-    np.testing.assert_allclose(jax.vmap(_grad(diffode.Direct(checkpoints=checkpoints), 4096))(ks),
-                               jax.vmap(_grad(diffode.Direct(), 4096))(ks), rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.vmap(_grad(diffode.Direct(checkpoints=checkpoints), 4096))(ks),
+        jax.vmap(_grad(diffode.Direct(), 4096))(ks),
+        rtol=1e-12,
+    )
 
 
 def test_recursive_storage_grows_like_log_of_max_steps():
@@ -59,6 +63,7 @@ def test_recursive_compiled_memory_does_not_follow_max_steps():
     state = Y0.size * 8
     full = _temp_bytes(diffode.Direct(), 2**13) - _temp_bytes(diffode.Direct(), 2**10)
     rec = _temp_bytes(diffode.Direct(checkpoints="recursive"), 2**13) - _temp_bytes(
-        diffode.Direct(checkpoints="recursive"), 2**10)
+        diffode.Direct(checkpoints="recursive"), 2**10
+    )
     assert full > (2**13 - 2**10) * state * 0.9
     assert rec < 4 * 2 * 8 * (2**13 - 2**10) + 8 * state

@@ -41,7 +41,9 @@ def pattern_1d(n_points):
 
 
 ARGS = (3.0, 1.0, 2.0)
-Y0 = jnp.asarray(np.stack([1 + np.sin(np.linspace(0, 2 * np.pi, N, endpoint=False)), np.full(N, 3.0)], -1).ravel())
+Y0 = jnp.asarray(
+    np.stack([1 + np.sin(np.linspace(0, 2 * np.pi, N, endpoint=False)), np.full(N, 3.0)], -1).ravel()
+)
 
 
 def _valid(pattern, colours):
@@ -57,14 +59,20 @@ def test_colouring_is_valid_and_small():
     random = rng.random((40, 40)) < 0.08
     # The 1-D pattern's colours do not grow with the grid: a column shares rows with
     # at most 8 others (5 of its species, 3 of the other), so greedy needs at most 9.
-    for p, most in [(pattern_1d(30), 9), (np.eye(5, dtype=bool) | np.eye(5, k=1, dtype=bool), 2), (random, 12)]:
+    for p, most in [
+        (pattern_1d(30), 9),
+        (np.eye(5, dtype=bool) | np.eye(5, k=1, dtype=bool), 2),
+        (random, 12),
+    ]:
         colours = colour_columns(p.shape[0], *np.nonzero(p))
         assert _valid(p, colours)
         assert colours.max() + 1 <= most
     # A full pattern needs one colour per column.
     assert colour_columns(4, *np.nonzero(np.ones((4, 4), bool))).max() == 3
     # A scipy sparse pattern is read without densifying, and equal patterns are equal.
-    assert diffode.Sparsity(scipy.sparse.csr_matrix(pattern_1d(N))) == diffode.Sparsity(pattern_1d(N).astype(int))
+    assert diffode.Sparsity(scipy.sparse.csr_matrix(pattern_1d(N))) == diffode.Sparsity(
+        pattern_1d(N).astype(int)
+    )
 
 
 def test_coloured_jacobian_equals_jacfwd():
@@ -74,11 +82,15 @@ def test_coloured_jacobian_equals_jacfwd():
     np.testing.assert_allclose(sp.jacobian(fn, Y0), jax.jacfwd(fn)(Y0), rtol=1e-14, atol=1e-14)
 
 
-@pytest.mark.parametrize("solver", [diffode.Rodas5P(), diffode.Kvaerno5(), diffode.Radau5()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "solver", [diffode.Rodas5P(), diffode.Kvaerno5(), diffode.Radau5()], ids=lambda s: type(s).__name__
+)
 def test_solve_with_pattern_matches_dense_jacobian(solver):
     ts = jnp.linspace(0.0, 2.0, 5)
-    run = jax.jit(lambda y0, pattern: diffode.solve(brusselator_1d, y0, ts, ARGS, solver=solver,
-                                                   jac_sparsity=pattern), static_argnums=1)
+    run = jax.jit(
+        lambda y0, pattern: diffode.solve(brusselator_1d, y0, ts, ARGS, solver=solver, jac_sparsity=pattern),
+        static_argnums=1,
+    )
     ref = diffode.solve(brusselator_1d, Y0, ts, ARGS, solver=solver)
     got = run(Y0, diffode.Sparsity(pattern_1d(N)))
     np.testing.assert_allclose(got.ys, ref.ys, rtol=1e-10, atol=1e-12)
@@ -90,7 +102,9 @@ def test_gradient_with_pattern_matches_dense_jacobian():
     ts = jnp.array([0.0, 1.0])
 
     def loss(args, **kw):
-        sol = diffode.solve(brusselator_1d, Y0, ts, args, solver=diffode.Rodas5P(), sensitivity=diffode.Direct(), **kw)
+        sol = diffode.solve(
+            brusselator_1d, Y0, ts, args, solver=diffode.Rodas5P(), sensitivity=diffode.Direct(), **kw
+        )
         return jnp.sum(sol.ys[-1] ** 2)
 
     args = tuple(jnp.asarray(a) for a in ARGS)
@@ -103,8 +117,11 @@ def test_gradient_with_pattern_matches_dense_jacobian():
 def test_vmap_over_initial_states():
     ts = jnp.array([0.0, 0.5])
     y0s = jnp.stack([Y0, 1.1 * Y0])
-    got = jax.vmap(lambda y: diffode.solve(brusselator_1d, y, ts, ARGS, solver=diffode.Rodas5P(),
-                                           jac_sparsity=pattern_1d(N)).ys[-1])(y0s)
+    got = jax.vmap(
+        lambda y: diffode.solve(
+            brusselator_1d, y, ts, ARGS, solver=diffode.Rodas5P(), jac_sparsity=pattern_1d(N)
+        ).ys[-1]
+    )(y0s)
     for k in range(2):
         ref = diffode.solve(brusselator_1d, y0s[k], ts, ARGS, solver=diffode.Rodas5P()).ys[-1]
         np.testing.assert_allclose(got[k], ref, rtol=1e-10)
@@ -120,5 +137,6 @@ def test_bad_patterns_raise():
     with pytest.raises(ValueError, match="not both"):
         solve(jac_sparsity=pattern_1d(N), jac=lambda t, y, a: jax.jacfwd(brusselator_1d, 1)(t, y, a))
     with pytest.raises(TypeError, match="traced"):
-        jax.jit(lambda p: diffode.solve(brusselator_1d, Y0, ts, ARGS, solver=diffode.Rodas5P(), jac_sparsity=p))(
-            jnp.asarray(pattern_1d(N)))
+        jax.jit(
+            lambda p: diffode.solve(brusselator_1d, Y0, ts, ARGS, solver=diffode.Rodas5P(), jac_sparsity=p)
+        )(jnp.asarray(pattern_1d(N)))

@@ -21,7 +21,9 @@ def decay(t, y, k):
 
 
 def _evaluate(k, tq, y0=Y0, method=None):
-    sol = diffode.solve(decay, y0, jnp.array([0.0, 2.0]), k, dense=True, sensitivity=method, rtol=1e-10, atol=1e-10)
+    sol = diffode.solve(
+        decay, y0, jnp.array([0.0, 2.0]), k, dense=True, sensitivity=method, rtol=1e-10, atol=1e-10
+    )
     return sol.evaluate(tq)
 
 
@@ -29,8 +31,11 @@ def _loss(k, tq):
     return jnp.sum(_evaluate(k, tq))
 
 
-@pytest.mark.parametrize("method", [None, diffode.Direct(checkpoints="recursive"), diffode.BacksolveAdjoint()],
-                         ids=["Auto", "Direct-recursive", "BacksolveAdjoint"])
+@pytest.mark.parametrize(
+    "method",
+    [None, diffode.Direct(checkpoints="recursive"), diffode.BacksolveAdjoint()],
+    ids=["Auto", "Direct-recursive", "BacksolveAdjoint"],
+)
 def test_gradient_of_evaluate_matches_closed_form(method):
     k, tq = 0.7, jnp.array([0.3, 1.3, 1.9])
 
@@ -49,8 +54,9 @@ def test_gradient_of_evaluate_matches_closed_form(method):
 
 
 def test_gradient_with_respect_to_y0_and_under_vmap():
-    g = jax.jit(jax.vmap(jax.grad(lambda y0, k: jnp.sum(_evaluate(k, jnp.array(1.1), y0=y0))), in_axes=(None, 0)))(
-        Y0, jnp.array([0.5, 0.9]))
+    g = jax.jit(
+        jax.vmap(jax.grad(lambda y0, k: jnp.sum(_evaluate(k, jnp.array(1.1), y0=y0))), in_axes=(None, 0))
+    )(Y0, jnp.array([0.5, 0.9]))
     np.testing.assert_allclose(g, np.exp(-np.array([0.5, 0.9]) * 1.1)[:, None] * np.ones((1, 2)), rtol=1e-7)
 
 

@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 
 import diffode
-from diffode.sensitivity.direct import Direct
-
 from diffode.problems import (
     exponential_decay,
     linear_solution,
@@ -27,6 +25,8 @@ from diffode.problems import (
     lotka_volterra,
     lotka_volterra_sensitivities,
 )
+from diffode.sensitivity.direct import Direct
+
 
 def _rel(a, b):
     a, b = np.asarray(a), np.asarray(b)
@@ -41,9 +41,12 @@ def _lv_loss(y0, ts, args, sens, solver=None, tol=1e-8, **kw):
 
 @pytest.mark.parametrize(
     "checkpoints, solver, kw",
-    [(None, diffode.Tsit5(), {}), (7, diffode.Tsit5(), {}),
-     (7, diffode.Tsit5(), {"dt0": 0.1, "adaptive": False}),
-     (None, diffode.Rodas5P(), {})],
+    [
+        (None, diffode.Tsit5(), {}),
+        (7, diffode.Tsit5(), {}),
+        (7, diffode.Tsit5(), {"dt0": 0.1, "adaptive": False}),
+        (None, diffode.Rodas5P(), {}),
+    ],
     ids=["tsit5", "tsit5-ckpt", "tsit5-fixed-ckpt", "rodas5p"],
 )
 def test_matches_forward_mode_of_same_discrete_solve(checkpoints, solver, kw):
@@ -53,7 +56,9 @@ def test_matches_forward_mode_of_same_discrete_solve(checkpoints, solver, kw):
     ts = jnp.linspace(0.0, 10.0, 13)
     argnums = (0, 1, 2)
     ref = jax.jit(jax.jacfwd(lambda *a: _lv_loss(*a, Direct(), solver, **kw), argnums))(p.y0, ts, p.args)
-    got = jax.jit(jax.grad(lambda *a: _lv_loss(*a, Direct(checkpoints), solver, **kw), argnums))(p.y0, ts, p.args)
+    got = jax.jit(jax.grad(lambda *a: _lv_loss(*a, Direct(checkpoints), solver, **kw), argnums))(
+        p.y0, ts, p.args
+    )
     for g, r in zip(got, ref):
         assert _rel(g, r) < 1e-10
 
@@ -164,7 +169,9 @@ def test_checkpoint_memory_does_not_scale_with_max_steps():
 
     def temp_bytes(sens):
         def loss(k):
-            return jnp.sum(diffode.solve(lambda t, y, k: -k * y, y0, ts, k, sensitivity=sens, max_steps=max_steps).ys)
+            return jnp.sum(
+                diffode.solve(lambda t, y, k: -k * y, y0, ts, k, sensitivity=sens, max_steps=max_steps).ys
+            )
 
         compiled = jax.jit(jax.grad(loss)).lower(jnp.ones(n)).compile()
         return compiled.memory_analysis().temp_size_in_bytes
@@ -180,7 +187,9 @@ def test_unknown_solver_raises_naming_direct():
     # those families is refused with an error naming Direct and the solver.
     from diffode.sensitivity.direct import _memoryless
 
-    assert all(_memoryless(s) for s in (diffode.Tsit5(), diffode.Rodas5P(), diffode.Radau5(), diffode.Kvaerno5()))
+    assert all(
+        _memoryless(s) for s in (diffode.Tsit5(), diffode.Rodas5P(), diffode.Radau5(), diffode.Kvaerno5())
+    )
 
     class Custom(diffode.AbstractSolver):
         pass
@@ -188,7 +197,9 @@ def test_unknown_solver_raises_naming_direct():
     p = lotka_volterra()
     opts = diffode._integrate.IntegrateOptions(Custom(), diffode.PIDController(), 1e-6, 1e-6, None, False, 10)
     with pytest.raises(NotImplementedError, match="Direct.*Custom"):
-        Direct().apply(None, diffode.sensitivity.Problem(None, None, opts), p.y0, jnp.linspace(0.0, 1.0, 3), p.args)
+        Direct().apply(
+            None, diffode.sensitivity.Problem(None, None, opts), p.y0, jnp.linspace(0.0, 1.0, 3), p.args
+        )
 
 
 def test_failed_solve_gives_nan_gradient_and_bad_config_raises():
@@ -236,8 +247,11 @@ def test_reverse_pass_reads_the_forward_record():
 
     fevals = int(diffode.solve(f, y0, ts, p, rtol=1e-6, atol=1e-8).stats["num_fevals"])
     ref = jax.jacfwd(loss)(p)
-    nestings = {"grad": jax.grad(loss), "vmap_of_grad": lambda p: jax.vmap(jax.grad(loss))(p[None])[0],
-                "grad_of_vmap": jax.grad(lambda p: jnp.sum(jax.vmap(loss)(p[None])))}
+    nestings = {
+        "grad": jax.grad(loss),
+        "vmap_of_grad": lambda p: jax.vmap(jax.grad(loss))(p[None])[0],
+        "grad_of_vmap": jax.grad(lambda p: jnp.sum(jax.vmap(loss)(p[None]))),
+    }
     for name, grad in nestings.items():
         n, g = count(jax.jit(grad))
         # A second forward solve would make n >= 2 * fevals (measured: 1528 against 668 before the

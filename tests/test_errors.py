@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 import diffode
-from diffode import Status
-from diffode import problems
+from diffode import Status, problems
 
 
 def decay(t, y, args):
@@ -38,7 +37,7 @@ def own_message(exc) -> str:
     text = str(exc)
     key = "EquinoxRuntimeError: "
     if key in text:
-        return text[text.rindex(key) + len(key):].split("\n")[0]
+        return text[text.rindex(key) + len(key) :].split("\n")[0]
     return text
 
 
@@ -396,16 +395,25 @@ def test_solve_with_constant_inputs_inside_jit_raises():
     the caller's program (no input is a tracer, but the solve is still traced)."""
     with raises_solve_error("NaN or inf", status=Status.NONFINITE_INPUT):
         jax.jit(lambda: diffode.solve(decay, Y0, TS, float("nan")).ys)()
-    np.testing.assert_allclose(jax.jit(lambda: diffode.solve(decay, Y0, TS, 0.5).ys[-1])(), Y0 * np.exp(-0.5),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(lambda: diffode.solve(decay, Y0, TS, 0.5).ys[-1])(), Y0 * np.exp(-0.5), rtol=1e-6
+    )
 
 
 def test_traced_tolerances_and_integer_args_under_vmap_of_grad():
     """Arrays that are not differentiated (an atol, an integer in args) batched by vmap around a
     reverse-mode gradient: they are inputs of the derivative rules, not values they close over."""
+
     def loss(a, atol, k):
-        sol = diffode.solve(lambda t, y, args: -args[0] * y * args[1], Y0, TS, (a, k), atol=atol,
-                            sensitivity=diffode.Direct(), rtol=1e-8)
+        sol = diffode.solve(
+            lambda t, y, args: -args[0] * y * args[1],
+            Y0,
+            TS,
+            (a, k),
+            atol=atol,
+            sensitivity=diffode.Direct(),
+            rtol=1e-8,
+        )
         return sol.ys[-1].sum()
 
     atols = jnp.array([1e-10, 1e-9])
@@ -416,6 +424,9 @@ def test_traced_tolerances_and_integer_args_under_vmap_of_grad():
     # grad of a jit whose traced atol the rule would otherwise close over; JAX traces
     # the rule only when it differentiates the jit, after the jit's trace has ended.
     for method in (diffode.Direct(), diffode.ForwardSensitivity(), diffode.InterpolatingAdjoint()):
-        jitted = jax.jit(lambda a, atol: diffode.solve(decay, Y0, TS, a, atol=atol, rtol=1e-8,
-                                                       sensitivity=method).ys[-1].sum())
+        jitted = jax.jit(
+            lambda a, atol: (
+                diffode.solve(decay, Y0, TS, a, atol=atol, rtol=1e-8, sensitivity=method).ys[-1].sum()
+            )
+        )
         np.testing.assert_allclose(jax.grad(jitted)(0.5, 1e-10), -Y0.sum() * np.exp(-0.5), rtol=1e-6)

@@ -45,10 +45,14 @@ def test_stops_at_the_ground():
     assert int(sol.event_index) == 0
     before = np.asarray(TS) <= float(t_star)
     assert np.all(np.isnan(np.asarray(sol.ys)[~before]))
-    np.testing.assert_allclose(np.asarray(sol.ys)[before, 0], H - G * np.asarray(TS)[before] ** 2 / 2, atol=1e-11)
+    np.testing.assert_allclose(
+        np.asarray(sol.ys)[before, 0], H - G * np.asarray(TS)[before] ** 2 / 2, atol=1e-11
+    )
 
 
-@pytest.mark.parametrize("method", [diffode.Direct(), diffode.ForwardSensitivity()], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "method", [diffode.Direct(), diffode.ForwardSensitivity()], ids=lambda m: type(m).__name__
+)
 def test_event_time_and_state_gradients(method):
     """jit(jacrev) of the event time and velocity with respect to h and g (g a Python
     float in args) against the closed forms; forward mode (jax.jacfwd) agrees. (Auto picks
@@ -108,12 +112,20 @@ def test_first_of_several_events_direction_and_none():
 
 def test_float32_and_stiff_solver():
     """float32 (x64 off inside the solve's inputs) and an implicit solver find the same event."""
-    sol = diffode.solve(fall, jnp.array([H, 0.0], jnp.float32), TS.astype(jnp.float32), jnp.float32(G),
-                        events=GROUND, rtol=1e-6, atol=1e-6)
+    sol = diffode.solve(
+        fall,
+        jnp.array([H, 0.0], jnp.float32),
+        TS.astype(jnp.float32),
+        jnp.float32(G),
+        events=GROUND,
+        rtol=1e-6,
+        atol=1e-6,
+    )
     assert sol.event_t.dtype == jnp.float32
     assert abs(float(sol.event_t) - np.sqrt(2 * H / G)) < 1e-5
-    stiff = diffode.solve(fall, jnp.array([H, 0.0]), TS, G, events=GROUND, solver=diffode.Rodas5P(),
-                          rtol=1e-10, atol=1e-12)
+    stiff = diffode.solve(
+        fall, jnp.array([H, 0.0]), TS, G, events=GROUND, solver=diffode.Rodas5P(), rtol=1e-10, atol=1e-12
+    )
     assert abs(float(stiff.event_t) - np.sqrt(2 * H / G)) < 1e-10
 
 

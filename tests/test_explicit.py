@@ -44,8 +44,11 @@ def fixed_step_errors(solver, problem, n_save, dts):
     exact = np.asarray(jax.vmap(problem.exact)(ts))
     # dt0 is traced: one compilation serves every step size.
     fn = eqx.filter_jit(
-        lambda dt: diffode.solve(problem.f, problem.y0, ts, problem.args, solver=solver, dt0=dt,
-                                 adaptive=False, max_steps=8192).ys
+        lambda dt: (
+            diffode.solve(
+                problem.f, problem.y0, ts, problem.args, solver=solver, dt0=dt, adaptive=False, max_steps=8192
+            ).ys
+        )
     )
     return np.array([np.abs(np.asarray(fn(jnp.asarray(dt))) - exact).max() for dt in dts])
 
@@ -75,8 +78,15 @@ def test_embedded_flags():
     # Euler and RK4 have no error estimate; every other method has one.
     for cls in (diffode.Euler, diffode.RK4):
         assert not cls().embedded
-    for cls in (diffode.Midpoint, diffode.Heun, diffode.Ralston, diffode.Bosh3, diffode.Tsit5,
-                diffode.Dopri5, diffode.Dopri8):
+    for cls in (
+        diffode.Midpoint,
+        diffode.Heun,
+        diffode.Ralston,
+        diffode.Bosh3,
+        diffode.Tsit5,
+        diffode.Dopri5,
+        diffode.Dopri8,
+    ):
         assert cls().embedded
 
 
@@ -94,7 +104,7 @@ def test_stage_loop_matches_unrolled_stages(solver_cls):
     # counters) and agree to 1e-10 relative (rounding grown over ~100 steps),
     # far below the methods' own errors (1e-7 and up here).
     ts = LV.ts(6)
-    kw = dict(rtol=1e-6, atol=1e-6, max_steps=20000) if solver_cls().embedded else dict(dt0=2.0 ** -7)
+    kw = dict(rtol=1e-6, atol=1e-6, max_steps=20000) if solver_cls().embedded else dict(dt0=2.0**-7)
 
     def run(stage_loop):
         return diffode.solve(LV.f, LV.y0, ts, LV.args, solver=solver_cls(stage_loop=stage_loop), **kw)
@@ -113,8 +123,16 @@ def test_stage_loop_gradients_match_unrolled_stages(solver_cls):
     ts = LV.ts(6)
 
     def loss(args, stage_loop, sensitivity):
-        sol = diffode.solve(LV.f, LV.y0, ts, args, solver=solver_cls(stage_loop=stage_loop), rtol=1e-6,
-                            atol=1e-6, sensitivity=sensitivity)
+        sol = diffode.solve(
+            LV.f,
+            LV.y0,
+            ts,
+            args,
+            solver=solver_cls(stage_loop=stage_loop),
+            rtol=1e-6,
+            atol=1e-6,
+            sensitivity=sensitivity,
+        )
         return jnp.sum(sol.ys[-1] ** 2)
 
     for stage_loop in (True, False):
@@ -154,7 +172,9 @@ def test_unrolled_default_matches_stage_loop_on_large_state(num_save):
         return -a * rates * y + jnp.sin(t)
 
     def run(stage_loop):
-        return diffode.solve(f, y0, ts, 1.0, solver=diffode.Tsit5(stage_loop=stage_loop), rtol=1e-6, atol=1e-9)
+        return diffode.solve(
+            f, y0, ts, 1.0, solver=diffode.Tsit5(stage_loop=stage_loop), rtol=1e-6, atol=1e-9
+        )
 
     default, looped = run(None), run(True)
     assert int(default.status) == 0 and int(default.stats["num_steps"]) > 5

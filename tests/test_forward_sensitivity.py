@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import diffode
-from diffode.sensitivity.forward import ForwardSensitivity
 from diffode import problems
+from diffode.sensitivity.forward import ForwardSensitivity
 
 JACS = {"jacfwd": jax.jacfwd, "jacrev": jax.jacrev}
 FORWARD = ForwardSensitivity()
@@ -168,10 +168,14 @@ def test_jacfwd_jacrev_and_hessian():
     # Reference Hessian: central differences of the gradient (step 1e-4 relative:
     # truncation ~1e-8, tolerance noise ~1e-9 / 1e-4 = 1e-5 relative).
     eps = 1e-4 * np.asarray(p.args)
-    h_ref = np.stack([
-        (np.asarray(grad(p.args.at[j].add(eps[j]))) - np.asarray(grad(p.args.at[j].add(-eps[j])))) / (2 * eps[j])
-        for j in range(4)
-    ], axis=1)
+    h_ref = np.stack(
+        [
+            (np.asarray(grad(p.args.at[j].add(eps[j]))) - np.asarray(grad(p.args.at[j].add(-eps[j]))))
+            / (2 * eps[j])
+            for j in range(4)
+        ],
+        axis=1,
+    )
     h_fwd_rev = jax.jit(jax.hessian(loss))(p.args)  # forward over reverse
     h_rev_fwd = jax.jit(jax.jacrev(jax.jacfwd(loss)))(p.args)
     assert rel(h_fwd_rev, h_ref) < 1e-4
@@ -226,15 +230,25 @@ def _robertson_fd_reference(ts, k, rel_step=1e-3):
     from scipy.integrate import solve_ivp
 
     def rhs(t, y, k):
-        return np.array([
-            -k[0] * y[0] + k[2] * y[1] * y[2],
-            k[0] * y[0] - k[2] * y[1] * y[2] - k[1] * y[1] ** 2,
-            k[1] * y[1] ** 2,
-        ])
+        return np.array(
+            [
+                -k[0] * y[0] + k[2] * y[1] * y[2],
+                k[0] * y[0] - k[2] * y[1] * y[2] - k[1] * y[1] ** 2,
+                k[1] * y[1] ** 2,
+            ]
+        )
 
     def solve(k):
-        s = solve_ivp(rhs, (ts[0], ts[-1]), [1.0, 0.0, 0.0], method="Radau", t_eval=ts, args=(k,),
-                      rtol=1e-12, atol=1e-16)
+        s = solve_ivp(
+            rhs,
+            (ts[0], ts[-1]),
+            [1.0, 0.0, 0.0],
+            method="Radau",
+            t_eval=ts,
+            args=(k,),
+            rtol=1e-12,
+            atol=1e-16,
+        )
         assert s.success
         return s.y.T
 
@@ -288,5 +302,10 @@ def test_bad_input():
         ForwardSensitivity(error_control="yes")
     p = problems.exponential_decay()
     with pytest.raises(TypeError, match="ForwardSensitivity: args.*complex"):
-        diffode.solve(lambda t, y, a: -jnp.real(a) * y, p.y0, p.ts(3), p.args.astype(jnp.complex128),
-                      sensitivity=ForwardSensitivity())
+        diffode.solve(
+            lambda t, y, a: -jnp.real(a) * y,
+            p.y0,
+            p.ts(3),
+            p.args.astype(jnp.complex128),
+            sensitivity=ForwardSensitivity(),
+        )

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 import diffode
+from diffode import problems
+from diffode.solvers.butcher import ButcherTableau
+from diffode.solvers.linear import GMRES, LU
 from diffode.solvers.sdirk import (
     IMPLICIT_EULER_TABLEAU,
     KVAERNO3_TABLEAU,
@@ -18,9 +21,6 @@ from diffode.solvers.sdirk import (
     Kvaerno3,
     Kvaerno5,
 )
-from diffode.solvers.linear import GMRES, LU
-from diffode.solvers.butcher import ButcherTableau
-from diffode import problems
 
 # ----------------------------------------------------------------------------
 # Tableaus.
@@ -39,9 +39,15 @@ def order_conditions(a, b, c, p):
         conds += [b @ c**3 - 1 / 4, b @ (c * (A @ c)) - 1 / 8, b @ A @ c**2 - 1 / 12, b @ A @ A @ c - 1 / 24]
     if p >= 5:
         conds += [
-            b @ c**4 - 1 / 5, b @ (c**2 * (A @ c)) - 1 / 10, b @ ((A @ c) ** 2) - 1 / 20,
-            b @ (c * (A @ c**2)) - 1 / 15, b @ (c * (A @ A @ c)) - 1 / 30, b @ A @ c**3 - 1 / 20,
-            b @ A @ (c * (A @ c)) - 1 / 40, b @ A @ A @ c**2 - 1 / 60, b @ A @ A @ A @ c - 1 / 120,
+            b @ c**4 - 1 / 5,
+            b @ (c**2 * (A @ c)) - 1 / 10,
+            b @ ((A @ c) ** 2) - 1 / 20,
+            b @ (c * (A @ c**2)) - 1 / 15,
+            b @ (c * (A @ A @ c)) - 1 / 30,
+            b @ A @ c**3 - 1 / 20,
+            b @ A @ (c * (A @ c)) - 1 / 40,
+            b @ A @ A @ c**2 - 1 / 60,
+            b @ A @ A @ A @ c - 1 / 120,
         ]
     return np.abs(np.array(conds))
 
@@ -102,8 +108,9 @@ P = 2.0 ** -np.arange(12)
 # (Alexander 1977, "Diagonally implicit Runge-Kutta methods for stiff
 # O.D.E.'s", SIAM J. Numer. Anal. 14(6)); no error estimate, fixed steps only.
 _G2 = 1 - 1 / np.sqrt(2)
-ALEXANDER2_TABLEAU = ButcherTableau(a=[[_G2, 0.0], [1 - _G2, _G2]], b=[1 - _G2, _G2], c=[_G2, 1.0], order=2,
-                                   name="Alexander2")
+ALEXANDER2_TABLEAU = ButcherTableau(
+    a=[[_G2, 0.0], [1 - _G2, _G2]], b=[1 - _G2, _G2], c=[_G2, 1.0], order=2, name="Alexander2"
+)
 
 
 class Alexander2(SDIRK):
@@ -123,15 +130,29 @@ ORDER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("solver_cls, order, problem, dts", ORDER_CASES, ids=[c[0].__name__ for c in ORDER_CASES])
+@pytest.mark.parametrize(
+    "solver_cls, order, problem, dts", ORDER_CASES, ids=[c[0].__name__ for c in ORDER_CASES]
+)
 def test_convergence_order(solver_cls, order, problem, dts):
     ts = jnp.linspace(0.0, 8.0, 5) if problem is LIN else problem.ts(4)
     exact = np.asarray(jax.vmap(problem.exact)(ts))
     # Fixed steps use rtol/atol only for the Newton iterations: tight, so that
     # the discretisation error dominates.
     fn = eqx.filter_jit(
-        lambda dt: diffode.solve(problem.f, problem.y0, ts, problem.args, solver=solver_cls(), dt0=dt,
-                                 adaptive=False, max_steps=8192, rtol=1e-12, atol=1e-12).ys
+        lambda dt: (
+            diffode.solve(
+                problem.f,
+                problem.y0,
+                ts,
+                problem.args,
+                solver=solver_cls(),
+                dt0=dt,
+                adaptive=False,
+                max_steps=8192,
+                rtol=1e-12,
+                atol=1e-12,
+            ).ys
+        )
     )
     errors = np.array([np.abs(np.asarray(fn(jnp.asarray(dt))) - exact).max() for dt in dts])
     assert np.all(errors > 1e-10) and np.all(errors < 1.0), errors
@@ -146,8 +167,15 @@ def test_convergence_order(solver_cls, order, problem, dts):
 
 # y' = A y with A = V diag(-1, -1e3, -1e5, -10 +- 5i-block) V^-1, V non-orthogonal:
 # stiffness ratio 1e5, non-normal coupling. Exact y(t) = expm(A t) y0.
-_V = np.array([[1.0, 0.5, 0.2, 0.0, 0.1], [0.0, 1.0, 0.3, 0.4, 0.0], [0.2, 0.0, 1.0, 0.0, 0.3],
-               [0.0, 0.1, 0.0, 1.0, 0.5], [0.3, 0.0, 0.0, 0.2, 1.0]])
+_V = np.array(
+    [
+        [1.0, 0.5, 0.2, 0.0, 0.1],
+        [0.0, 1.0, 0.3, 0.4, 0.0],
+        [0.2, 0.0, 1.0, 0.0, 0.3],
+        [0.0, 0.1, 0.0, 1.0, 0.5],
+        [0.3, 0.0, 0.0, 0.2, 1.0],
+    ]
+)
 _D = np.zeros((5, 5))
 _D[0, 0], _D[1, 1], _D[2, 2] = -1.0, -1e3, -1e5
 _D[3:, 3:] = [[-10.0, 5.0], [-5.0, -10.0]]
@@ -179,8 +207,9 @@ def stiff_exact(ts):
 
 def test_expm_stiff_matches_jax_expm():
     for t in (1e-5, 1e-3, 0.05):
-        np.testing.assert_allclose(expm_stiff(t), np.asarray(jax.scipy.linalg.expm(jnp.asarray(STIFF_A) * t)),
-                                   rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(
+            expm_stiff(t), np.asarray(jax.scipy.linalg.expm(jnp.asarray(STIFF_A) * t)), rtol=1e-8, atol=1e-10
+        )
 
 
 STIFF_TS = jnp.asarray([0.0, 1e-4, 1e-2, 0.5, 2.0, 5.0])
@@ -198,11 +227,21 @@ STIFF_TS = jnp.asarray([0.0, 1e-4, 1e-2, 0.5, 2.0, 5.0])
 STIFF_CASES = [(ImplicitEuler, 1e-4, 500, 3000), (Kvaerno3, 1e-6, 20, 2000), (Kvaerno5, 1e-6, 20, 400)]
 
 
-@pytest.mark.parametrize("solver_cls, rtol, bound, max_num_steps", STIFF_CASES, ids=[c[0].__name__ for c in STIFF_CASES])
+@pytest.mark.parametrize(
+    "solver_cls, rtol, bound, max_num_steps", STIFF_CASES, ids=[c[0].__name__ for c in STIFF_CASES]
+)
 def test_stiff_linear_against_expm(solver_cls, rtol, bound, max_num_steps):
     atol = 1e-2 * rtol
-    sol = diffode.solve(stiff_rhs, jnp.asarray(STIFF_Y0), STIFF_TS, jnp.asarray(STIFF_A), solver=solver_cls(),
-                        rtol=rtol, atol=atol, max_steps=20000)
+    sol = diffode.solve(
+        stiff_rhs,
+        jnp.asarray(STIFF_Y0),
+        STIFF_TS,
+        jnp.asarray(STIFF_A),
+        solver=solver_cls(),
+        rtol=rtol,
+        atol=atol,
+        max_steps=20000,
+    )
     exact = stiff_exact(STIFF_TS)
     err = np.abs(np.asarray(sol.ys) - exact) / (atol + rtol * np.abs(exact))
     assert err.max() < bound, err.max()
@@ -237,7 +276,9 @@ def test_robertson_against_radau():
     ref = radau_reference("robertson")
     ts = jnp.asarray(ROB_TS)
     sol_lu = diffode.solve(ROB.f, ROB.y0, ts, ROB.args, solver=Kvaerno5(), rtol=rtol, atol=atol)
-    sol_gm = diffode.solve(ROB.f, ROB.y0, ts, ROB.args, solver=Kvaerno5(linear_solver=GMRES()), rtol=rtol, atol=atol)
+    sol_gm = diffode.solve(
+        ROB.f, ROB.y0, ts, ROB.args, solver=Kvaerno5(linear_solver=GMRES()), rtol=rtol, atol=atol
+    )
     for sol in (sol_lu, sol_gm):
         err = np.abs(np.asarray(sol.ys) - ref) / (atol + rtol * np.abs(ref))
         # Observed ~21 tolerance units (over 1e5 time units and eight decades of
@@ -264,8 +305,9 @@ def test_robertson_against_radau():
 def test_van_der_pol_against_radau():
     rtol = atol = 1e-6
     ref = radau_reference("vdp")
-    sol = diffode.solve(VDP.f, VDP.y0, jnp.asarray(VDP_TS), VDP.args, solver=Kvaerno5(), rtol=rtol, atol=atol,
-                        max_steps=4096)
+    sol = diffode.solve(
+        VDP.f, VDP.y0, jnp.asarray(VDP_TS), VDP.args, solver=Kvaerno5(), rtol=rtol, atol=atol, max_steps=4096
+    )
     err = np.abs(np.asarray(sol.ys) - ref) / (atol + rtol * np.abs(ref))
     # Two relaxation oscillations: every fast jump turns a local error into a
     # phase shift that later states inherit. Observed ~40 tolerance units;
@@ -283,8 +325,9 @@ def test_gmres_and_lu_agree():
     kw = {"rtol": 1e-8, "atol": 1e-10, "max_steps": 20000}
     a = jnp.asarray(STIFF_A)
     y_lu = diffode.solve(stiff_rhs, jnp.asarray(STIFF_Y0), ts, a, solver=Kvaerno5(), **kw)
-    y_gm = diffode.solve(stiff_rhs, jnp.asarray(STIFF_Y0), ts, a, solver=Kvaerno5(linear_solver=GMRES(rtol=1e-10)),
-                         **kw)
+    y_gm = diffode.solve(
+        stiff_rhs, jnp.asarray(STIFF_Y0), ts, a, solver=Kvaerno5(linear_solver=GMRES(rtol=1e-10)), **kw
+    )
     scale = 1e-10 + 1e-8 * np.abs(np.asarray(y_lu.ys))
     assert (np.abs(np.asarray(y_lu.ys) - np.asarray(y_gm.ys)) / scale).max() < 1e-2
     assert int(y_lu.stats["num_steps"]) == int(y_gm.stats["num_steps"])
@@ -302,8 +345,9 @@ def test_jit_and_vmap_keep_per_member_steps():
 
     @jax.jit
     def run(y0):
-        sol = diffode.solve(problems.van_der_pol_rhs, y0, ts, jnp.asarray(100.0), solver=solver, rtol=1e-6,
-                            atol=1e-6)
+        sol = diffode.solve(
+            problems.van_der_pol_rhs, y0, ts, jnp.asarray(100.0), solver=solver, rtol=1e-6, atol=1e-6
+        )
         return sol.ys, sol.stats["num_steps"], sol.stats["num_jac_evals"]
 
     y0s = jnp.asarray([[2.0, 0.0], [0.5, 0.0], [1.0, 5.0]])
@@ -338,7 +382,9 @@ def test_forward_mode_sensitivity_matches_expm():
     T = 0.5
 
     def final(y0):
-        return diffode.solve(stiff_rhs, y0, jnp.asarray([0.0, T]), a, solver=Kvaerno5(), rtol=1e-8, atol=1e-10).ys[-1]
+        return diffode.solve(
+            stiff_rhs, y0, jnp.asarray([0.0, T]), a, solver=Kvaerno5(), rtol=1e-8, atol=1e-10
+        ).ys[-1]
 
     v = jnp.asarray([0.3, -1.0, 0.5, 2.0, 1.0])
     _, tangent = jax.jvp(final, (jnp.asarray(STIFF_Y0),), (v,))
@@ -350,8 +396,16 @@ def test_forward_mode_sensitivity_matches_expm():
 
 
 def test_dense_output_on_stiff_problem():
-    sol = diffode.solve(stiff_rhs, jnp.asarray(STIFF_Y0), STIFF_TS, jnp.asarray(STIFF_A), solver=Kvaerno5(),
-                        rtol=1e-8, atol=1e-10, dense=True)
+    sol = diffode.solve(
+        stiff_rhs,
+        jnp.asarray(STIFF_Y0),
+        STIFF_TS,
+        jnp.asarray(STIFF_A),
+        solver=Kvaerno5(),
+        rtol=1e-8,
+        atol=1e-10,
+        dense=True,
+    )
     tq = jnp.linspace(0.05, 5.0, 37)
     exact = stiff_exact(tq)
     # Cubic Hermite between steps: O(h^4) interpolation error, at the level of
@@ -377,8 +431,17 @@ def test_newton_iteration_cap_rejects_cleanly():
     # A cap of 1 iteration almost never converges on this problem: the solve
     # must end in a failure status (here it runs out of steps), with the
     # unreached outputs NaN -- never SUCCESS with a wrong answer.
-    sol = diffode.solve(ROB.f, ROB.y0, ts, ROB.args, solver=Kvaerno5(max_iters=1), rtol=rtol, atol=atol,
-                        max_steps=300, throw=False)
+    sol = diffode.solve(
+        ROB.f,
+        ROB.y0,
+        ts,
+        ROB.args,
+        solver=Kvaerno5(max_iters=1),
+        rtol=rtol,
+        atol=atol,
+        max_steps=300,
+        throw=False,
+    )
     status = int(sol.status)
     if status == diffode.Status.SUCCESS:
         err = np.abs(np.asarray(sol.ys) - ref) / (atol + rtol * np.abs(ref))

@@ -26,10 +26,9 @@ import numpy as np
 import pytest
 
 import diffode
-from diffode.solvers.sdirk import ImplicitEuler, Kvaerno3, Kvaerno5
-from diffode.sensitivity.direct import Direct
-
 from diffode.problems import lotka_volterra
+from diffode.sensitivity.direct import Direct
+from diffode.solvers.sdirk import ImplicitEuler, Kvaerno3, Kvaerno5
 
 
 def _rel(a, b):
@@ -45,7 +44,11 @@ def _lv_loss(y0, ts, args, sens, solver, tol, **kw):
 
 @pytest.mark.parametrize(
     "solver, tol, kw",
-    [(Kvaerno5(), 1e-8, {}), (Kvaerno3(), 1e-6, {}), (ImplicitEuler(), 1e-8, {"dt0": 0.01, "adaptive": False})],
+    [
+        (Kvaerno5(), 1e-8, {}),
+        (Kvaerno3(), 1e-6, {}),
+        (ImplicitEuler(), 1e-8, {"dt0": 0.01, "adaptive": False}),
+    ],
     ids=["kvaerno5", "kvaerno3", "implicit-euler-fixed"],
 )
 def test_lotka_volterra_matches_forward_mode(solver, tol, kw):
@@ -97,8 +100,12 @@ def test_kvaerno5_stiff_linear_against_expm_and_forward_mode():
     ts = np.array([0.0, 1e-3, 0.05, 1.0])
     kw = {"rtol": 1e-8, "atol": 1e-10}
     args = (jnp.asarray(_Y0), jnp.asarray(_LAM))
-    ref = jax.jit(jax.jacfwd(lambda y0, lam: _stiff_loss(y0, lam, ts, Direct(), Kvaerno5(), **kw), (0, 1)))(*args)
-    got = jax.jit(jax.grad(lambda y0, lam: _stiff_loss(y0, lam, ts, Direct(), Kvaerno5(), **kw), (0, 1)))(*args)
+    ref = jax.jit(jax.jacfwd(lambda y0, lam: _stiff_loss(y0, lam, ts, Direct(), Kvaerno5(), **kw), (0, 1)))(
+        *args
+    )
+    got = jax.jit(jax.grad(lambda y0, lam: _stiff_loss(y0, lam, ts, Direct(), Kvaerno5(), **kw), (0, 1)))(
+        *args
+    )
     exact = _stiff_grads(ts, lambda lam, t: (np.exp(-lam * t), -t * np.exp(-lam * t)))
     for g, r, e in zip(got, ref, exact):
         # f is linear: Newton with the exact J converges in one iteration, so

@@ -12,7 +12,13 @@ import diffode
 from diffode import Status
 from tests.test_errors import raises_solve_error
 
-SOLVERS = [diffode.ImplicitEuler(), diffode.Kvaerno3(), diffode.Kvaerno5(), diffode.Radau5(), diffode.Rodas5P()]
+SOLVERS = [
+    diffode.ImplicitEuler(),
+    diffode.Kvaerno3(),
+    diffode.Kvaerno5(),
+    diffode.Radau5(),
+    diffode.Rodas5P(),
+]
 IDS = [type(s).__name__ for s in SOLVERS]
 
 Y0 = jnp.array([1.0, 2.0])
@@ -35,8 +41,9 @@ BAD = [
 def _solve(solver, throw, **change):
     kw = dict(y0=Y0, ts=TS, args=jnp.asarray(0.5), rtol=1e-6, atol=1e-8)
     kw.update(change)
-    return diffode.solve(decay, kw["y0"], kw["ts"], kw["args"], solver=solver, rtol=kw["rtol"],
-                         atol=kw["atol"], throw=throw)
+    return diffode.solve(
+        decay, kw["y0"], kw["ts"], kw["args"], solver=solver, rtol=kw["rtol"], atol=kw["atol"], throw=throw
+    )
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
@@ -54,8 +61,11 @@ def test_bad_input(solver):
     # The inputs are arguments of one jitted solve per `throw` setting (two compilations
     # per solver); the good input through the same functions is the control.
     def jitted(throw):
-        return jax.jit(lambda y0, ts, args, rtol: diffode.solve(decay, y0, ts, args, solver=solver, rtol=rtol,
-                                                               atol=1e-8, throw=throw))
+        return jax.jit(
+            lambda y0, ts, args, rtol: diffode.solve(
+                decay, y0, ts, args, solver=solver, rtol=rtol, atol=1e-8, throw=throw
+            )
+        )
 
     quiet, loud = jitted(False), jitted(True)
     good = dict(y0=Y0, ts=TS, args=jnp.asarray(0.5), rtol=jnp.asarray(1e-6))
@@ -107,8 +117,9 @@ def test_user_jacobian_is_used_and_checked():
     mine = diffode.solve(f, Y0, TS, solver=diffode.Radau5(), rtol=1e-8, atol=1e-10, jac=lambda t, y, a: A)
     np.testing.assert_allclose(mine.ys, base.ys, rtol=1e-12, atol=1e-14)
     # ... a wrong one is really used (the result changes) ...
-    wrong = diffode.solve(f, Y0, TS, solver=diffode.Rodas5P(), rtol=1e-8, atol=1e-10, jac=lambda t, y, a: 0 * A,
-                          throw=False)
+    wrong = diffode.solve(
+        f, Y0, TS, solver=diffode.Rodas5P(), rtol=1e-8, atol=1e-10, jac=lambda t, y, a: 0 * A, throw=False
+    )
     ok = diffode.solve(f, Y0, TS, solver=diffode.Rodas5P(), rtol=1e-8, atol=1e-10)
     assert int(wrong.stats["num_steps"]) > 10 * int(ok.stats["num_steps"]) or int(wrong.status) != 0
     # ... and one of the wrong shape is refused with a message naming it.

@@ -37,7 +37,9 @@ LINEAR = {"LU": diffode.LU, "GMRES": lambda: diffode.GMRES(rtol=1e-12)}
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_every_implicit_solver_takes_every_linear_solver(name, linear):
     solver = SOLVERS[name](linear_solver=LINEAR[linear]())
-    sol = diffode.solve(rhs, jnp.asarray(Y0), jnp.asarray([0.0, T1]), 1.0, solver=solver, rtol=1e-8, atol=1e-10)
+    sol = diffode.solve(
+        rhs, jnp.asarray(Y0), jnp.asarray([0.0, T1]), 1.0, solver=solver, rtol=1e-8, atol=1e-10
+    )
     # Global errors observed 1e-9 .. 1e-8 relative (the solve's rtol, accumulated).
     np.testing.assert_allclose(np.asarray(sol.ys[-1]), exact(1.0), rtol=2e-6, atol=1e-10)
     st = sol.stats
@@ -54,8 +56,16 @@ def test_gradient_with_gmres_matches_finite_differences():
     solver = diffode.Kvaerno5(linear_solver=diffode.GMRES(rtol=1e-12))
 
     def loss(p):
-        sol = diffode.solve(rhs, jnp.asarray(Y0), jnp.asarray([0.0, T1]), p, solver=solver, rtol=1e-9,
-                            atol=1e-12, sensitivity=diffode.Direct())
+        sol = diffode.solve(
+            rhs,
+            jnp.asarray(Y0),
+            jnp.asarray([0.0, T1]),
+            p,
+            solver=solver,
+            rtol=1e-9,
+            atol=1e-12,
+            sensitivity=diffode.Direct(),
+        )
         return jnp.sum(sol.ys[-1] * jnp.asarray([1.0, 2.0, 3.0]))
 
     p = jnp.asarray(0.7)
@@ -80,9 +90,17 @@ def test_rosenbrock_reports_a_linear_solve_that_failed():
     """A Rosenbrock step has no Newton test to catch a bad solve: GMRES that cannot
     reach its rtol (one Krylov vector, one restart) must fail the solve, not pass
     an inaccurate step. A GMRES that can converge succeeds (the control)."""
+
     def run(gmres):
-        return diffode.solve(rhs, jnp.asarray(Y0), jnp.asarray([0.0, T1]), 1.0, max_steps=100, throw=False,
-                             solver=diffode.Rodas5P(linear_solver=gmres))
+        return diffode.solve(
+            rhs,
+            jnp.asarray(Y0),
+            jnp.asarray([0.0, T1]),
+            1.0,
+            max_steps=100,
+            throw=False,
+            solver=diffode.Rodas5P(linear_solver=gmres),
+        )
 
     bad = run(diffode.GMRES(rtol=1e-12, restart=1, maxiter=1))
     assert int(bad.status) != 0 and bool(jnp.all(jnp.isnan(bad.ys[-1])))

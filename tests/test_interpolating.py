@@ -15,9 +15,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import diffode
-from diffode.sensitivity.interpolating import InterpolatingAdjoint, dense_bytes
-
 from diffode import problems
+from diffode.sensitivity.interpolating import InterpolatingAdjoint, dense_bytes
 
 TS_LV = np.array([0.0, 1.3, 2.9, 5.0, 7.7, 10.0])
 W_LV = np.random.default_rng(0).normal(size=(len(TS_LV), 2))
@@ -25,8 +24,18 @@ W_LV = np.random.default_rng(0).normal(size=(len(TS_LV), 2))
 
 def lv_grad(sens, solver=None, tol=1e-10, ts=TS_LV, throw=True):
     def loss(y0, ts, args):
-        sol = diffode.solve(problems.lotka_volterra_rhs, y0, ts, args, solver=solver, rtol=tol, atol=tol,
-                            sensitivity=sens, max_steps=20_000, throw=throw)
+        sol = diffode.solve(
+            problems.lotka_volterra_rhs,
+            y0,
+            ts,
+            args,
+            solver=solver,
+            rtol=tol,
+            atol=tol,
+            sensitivity=sens,
+            max_steps=20_000,
+            throw=throw,
+        )
         return jnp.sum(jnp.asarray(W_LV) * sol.ys)
 
     p = problems.lotka_volterra()
@@ -61,8 +70,15 @@ def test_lotka_volterra_decreasing_ts():
     p = problems.lotka_volterra()
 
     def loss(ts):
-        ys = diffode.solve(problems.lotka_volterra_rhs, jnp.asarray(y10), ts, p.args, rtol=1e-10, atol=1e-10,
-                           sensitivity=InterpolatingAdjoint()).ys
+        ys = diffode.solve(
+            problems.lotka_volterra_rhs,
+            jnp.asarray(y10),
+            ts,
+            p.args,
+            rtol=1e-10,
+            atol=1e-10,
+            sensitivity=InterpolatingAdjoint(),
+        ).ys
         return jnp.sum(jnp.asarray(W_LV[::-1]) * ys)
 
     got = jax.grad(loss)(jnp.asarray(ts_rev))
@@ -82,8 +98,15 @@ def test_exponential_decay_closed_form_under_vmap():
     ts = jnp.asarray([0.0, 0.5, 2.0])
 
     def loss(k, y0):
-        ys = diffode.solve(problems.exponential_decay_rhs, y0, ts, k, rtol=1e-10, atol=1e-10,
-                           sensitivity=InterpolatingAdjoint()).ys
+        ys = diffode.solve(
+            problems.exponential_decay_rhs,
+            y0,
+            ts,
+            k,
+            rtol=1e-10,
+            atol=1e-10,
+            sensitivity=InterpolatingAdjoint(),
+        ).ys
         return jnp.sum(ys**2)
 
     def exact(k, y0):
@@ -104,12 +127,16 @@ def test_equinox_mlp_args():
 
     def loss(diff, sens):
         m = eqx.combine(diff, static)
-        return jnp.sum(diffode.solve(lambda t, y, m: m(y), y0, ts, m, rtol=1e-9, atol=1e-9, sensitivity=sens).ys ** 2)
+        return jnp.sum(
+            diffode.solve(lambda t, y, m: m(y), y0, ts, m, rtol=1e-9, atol=1e-9, sensitivity=sens).ys ** 2
+        )
 
     got = ravel_pytree(jax.grad(loss)(diff, InterpolatingAdjoint()))[0]
     flat, unravel = ravel_pytree(diff)
     v = jnp.asarray(np.random.default_rng(2).normal(size=flat.shape))
-    _, want = jax.jvp(lambda x: loss(unravel(x), diffode.Direct()), (flat,), (v,))  # forward mode through the loop
+    _, want = jax.jvp(
+        lambda x: loss(unravel(x), diffode.Direct()), (flat,), (v,)
+    )  # forward mode through the loop
     np.testing.assert_allclose(jnp.dot(got, v), want, rtol=1e-6)
 
 
@@ -147,8 +174,17 @@ def test_stiff_robertson_rate_constants():
     p = problems.robertson()
 
     def loss(k):
-        ys = diffode.solve(p.f, p.y0, jnp.asarray(TS_ROB), k, solver=diffode.Radau5(), rtol=1e-8, atol=1e-12,
-                           sensitivity=InterpolatingAdjoint(), max_steps=5000).ys
+        ys = diffode.solve(
+            p.f,
+            p.y0,
+            jnp.asarray(TS_ROB),
+            k,
+            solver=diffode.Radau5(),
+            rtol=1e-8,
+            atol=1e-12,
+            sensitivity=InterpolatingAdjoint(),
+            max_steps=5000,
+        ).ys
         return jnp.sum(ys @ jnp.asarray(W_ROB))
 
     got = np.asarray(jax.jit(jax.grad(loss))(p.args))
@@ -184,7 +220,8 @@ def test_checkpoint_budget_too_small_raises_or_gives_nan():
     with pytest.raises((eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)) as info:
         jax.block_until_ready(lv_grad(sens, tol=1e-8))
     assert "InterpolatingAdjoint: the backward (adjoint) solve failed. " + diffode.MESSAGES[
-        diffode.Status.MAX_STEPS_REACHED] in str(info.value)
+        diffode.Status.MAX_STEPS_REACHED
+    ] in str(info.value)
     for g in lv_grad(sens, tol=1e-8, throw=False):
         assert np.all(np.isnan(g))
 

@@ -12,7 +12,13 @@ from diffode._controller import rms_norm
 from diffode.solvers import linear
 from diffode.solvers.base import FlatRHS, Tolerances
 from diffode.solvers.linear import GMRES, LU, FunctionOperator, ShiftedJacobian
-from diffode.solvers.stage_newton import CONVERGED, RUNNING, effective_kappa, first_eta, stage_newton_iteration
+from diffode.solvers.stage_newton import (
+    CONVERGED,
+    RUNNING,
+    effective_kappa,
+    first_eta,
+    stage_newton_iteration,
+)
 
 RNG = np.random.default_rng(0)
 N = 6
@@ -85,7 +91,9 @@ def test_lu_reuses_jacobian_and_factorisation():
     # New gamma_h: only the factorisation is redone, from the kept J.
     matrix, nj, nlu = prep(0.25, matrix, False)
     assert (int(nj), int(nlu)) == (0, 1)
-    np.testing.assert_allclose(np.asarray(linear.solve(lu, f, matrix, b)[0]), exact_solve(0.25, b), rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(linear.solve(lu, f, matrix, b)[0]), exact_solve(0.25, b), rtol=1e-12
+    )
     np.testing.assert_array_equal(np.asarray(matrix.jac), J_MAT)
 
 
@@ -112,8 +120,9 @@ def test_complex_shift(linsolve):
     y = jnp.zeros(N)
     shift = jnp.asarray(2.0 + 3.0j)
     matrix = linear.iteration_matrix(linsolve, f, 0.0, y, (jnp.ones(()), shift), (jnp.ones(()), jnp.ones(())))
-    matrix, _, nlu = linear.update(linsolve, f, 0.0, y, matrix, True, (jnp.asarray(1.0), shift),
-                                   (jnp.ones(()), jnp.ones(())))
+    matrix, _, nlu = linear.update(
+        linsolve, f, 0.0, y, matrix, True, (jnp.asarray(1.0), shift), (jnp.ones(()), jnp.ones(()))
+    )
     assert int(nlu) == (2 if isinstance(linsolve, LU) else 0)  # one per system
     b = jnp.asarray(RNG.standard_normal(N) + 1j * RNG.standard_normal(N))
     a = (2.0 + 3.0j) * np.eye(N) - J_MAT
@@ -134,11 +143,19 @@ def newton_solve(f, linsolve, matrix, base, z0, gh, tol, max_iters=10, kappa=1e-
     def body(c):
         k, z, ndz, eta, theta_max, _ = c
         z, ndz, theta, eta, st = stage_newton_iteration(
-            f, linsolve, matrix, 0.0, base, z, gh, tol, k, ndz, eta, max_iters, kap)
+            f, linsolve, matrix, 0.0, base, z, gh, tol, k, ndz, eta, max_iters, kap
+        )
         return k + 1, z, ndz, eta, jnp.maximum(theta_max, theta), st
 
     zero = jnp.zeros((), z0.dtype)
-    init = (jnp.asarray(0, jnp.int32), z0, zero, jnp.asarray(eta0, z0.dtype), zero, jnp.asarray(RUNNING, jnp.int32))
+    init = (
+        jnp.asarray(0, jnp.int32),
+        z0,
+        zero,
+        jnp.asarray(eta0, z0.dtype),
+        zero,
+        jnp.asarray(RUNNING, jnp.int32),
+    )
     k, z, _, _, theta_max, st = lax.while_loop(lambda c: c[5] == RUNNING, body, init)
     return z, st == CONVERGED, k, theta_max
 
@@ -163,8 +180,9 @@ def test_newton_converges_to_the_root(linsolve):
     # of 10 the predicted-error test gives up early (after 3), not at the cap.
     _, ok, iters, _ = newton_solve(f, linsolve, cache, base, jnp.zeros(4), gh, TOL, max_iters=10)
     assert not bool(ok) and int(iters) < 10
-    z, ok, iters, theta_max = jax.jit(lambda: newton_solve(f, linsolve, cache, base, jnp.zeros(4), gh, TOL,
-                                                           max_iters=20))()
+    z, ok, iters, theta_max = jax.jit(
+        lambda: newton_solve(f, linsolve, cache, base, jnp.zeros(4), gh, TOL, max_iters=20)
+    )()
     assert bool(ok)
     # Stopping rule: estimated remaining error <= kappa * tol = 1e-2 * (1e-12 + 1e-10 |Y|);
     # with theta ~ 0.1 the true error is about as large (observed 2e-12).
@@ -201,8 +219,9 @@ def test_newton_under_vmap_counts_per_member():
     def one(b):
         base = jnp.full((2,), b)
         cache, _, _ = prepared(lu, f, base, gh)
-        z, ok, iters, _ = newton_solve(f, lu, cache, base, jnp.zeros(2), gh, TOL, max_iters=40,
-                                       eta0=first_eta(jnp.asarray(1.0)))
+        z, ok, iters, _ = newton_solve(
+            f, lu, cache, base, jnp.zeros(2), gh, TOL, max_iters=40, eta0=first_eta(jnp.asarray(1.0))
+        )
         return z, iters, ok
 
     bs = jnp.asarray([0.1, 1.0, 1.5])

@@ -29,7 +29,9 @@ def _grad(method, max_steps=MAX_STEPS):
     """The compiled gradient and its planned temporary bytes."""
 
     def loss(k, ts):
-        ys = diffode.solve(_forced, Y0, ts, k, sensitivity=method, rtol=1e-8, atol=1e-8, max_steps=max_steps).ys
+        ys = diffode.solve(
+            _forced, Y0, ts, k, sensitivity=method, rtol=1e-8, atol=1e-8, max_steps=max_steps
+        ).ys
         return jnp.sum(ys[-1] ** 2) + jnp.sum(ys[1]) + jnp.sum(ys[2] ** 2)
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jnp.array(0.3), TS).compile()
@@ -54,7 +56,11 @@ def test_default_record_does_not_grow_with_max_steps():
     assert plan("Direct", None, 2**30, 4096, STATE, 8) == Layout(1, 4096)
     layouts = {m: plan("Direct", None, 2**30, m, STATE, 8) for m in (10**4, 10**5, 10**6)}
     assert all(lay.stride == lay.window == 4096 for lay in layouts.values())
-    assert [lay.states() for lay in layouts.values()] == [3 + 4097 + 4096, 25 + 4097 + 4096, 245 + 4097 + 4096]
+    assert [lay.states() for lay in layouts.values()] == [
+        3 + 4097 + 4096,
+        25 + 4097 + 4096,
+        245 + 4097 + 4096,
+    ]
     # No budget: every state, as asked.
     assert plan("Direct", None, None, 10**5, STATE, 8) == Layout(1, 10**5)
 
@@ -97,7 +103,9 @@ def test_planned_memory_does_not_grow_with_max_steps():
     # here), not the 430 MB that every state of 1e5 steps would take.
     def temp(method, max_steps):
         def loss(k):
-            sol = diffode.solve(_forced, Y0, TS, k, sensitivity=method, rtol=1e-8, atol=1e-8, max_steps=max_steps)
+            sol = diffode.solve(
+                _forced, Y0, TS, k, sensitivity=method, rtol=1e-8, atol=1e-8, max_steps=max_steps
+            )
             return jnp.sum(sol.ys[-1] ** 2)
 
         return jax.jit(jax.grad(loss)).lower(jnp.array(0.3)).compile().memory_analysis().temp_size_in_bytes
@@ -140,7 +148,9 @@ class _Opaque(diffode.AbstractSolver):
 
 def _trace_grad(method, solver=None):
     def loss(k):
-        return jnp.sum(diffode.solve(_forced, Y0, TS, k, sensitivity=method, solver=solver, max_steps=MAX_STEPS).ys)
+        return jnp.sum(
+            diffode.solve(_forced, Y0, TS, k, sensitivity=method, solver=solver, max_steps=MAX_STEPS).ys
+        )
 
     jax.jit(jax.grad(loss)).lower(jnp.array(0.3))  # the reverse rule is traced when lowered
 
@@ -148,21 +158,32 @@ def _trace_grad(method, solver=None):
 def test_errors_name_the_option_to_change():
     for cls in (Direct, InterpolatingAdjoint, Auto):
         for bad in (0, -1, 2.5, True):
-            with pytest.raises(ValueError, match=f"{cls.__name__}: memory_budget must be None or a positive integer"):
+            with pytest.raises(
+                ValueError, match=f"{cls.__name__}: memory_budget must be None or a positive integer"
+            ):
                 cls(memory_budget=bad)
     # An explicit checkpoint count is kept, not shrunk to fit.
-    with pytest.raises(ValueError, match=r"Direct: checkpoints=64 stores \d+ bytes for max_steps=512 steps of a state "
-                       r"of 4800 bytes, more than its memory_budget=100000 bytes\. Use fewer checkpoints, "
-                       r"checkpoints=None \(chosen to fit the budget\) or a larger memory_budget\."):
+    with pytest.raises(
+        ValueError,
+        match=r"Direct: checkpoints=64 stores \d+ bytes for max_steps=512 steps of a state "
+        r"of 4800 bytes, more than its memory_budget=100000 bytes\. Use fewer checkpoints, "
+        r"checkpoints=None \(chosen to fit the budget\) or a larger memory_budget\.",
+    ):
         _trace_grad(Direct(checkpoints=64, memory_budget=100_000))
     # Recomputation needs the step times and sizes and three states.
     for method in (Direct(memory_budget=TIMES), InterpolatingAdjoint(memory_budget=TIMES)):
         name = type(method).__name__
-        with pytest.raises(ValueError, match=rf"{name}: the reverse pass needs at least {TIMES + 3 * STATE + 8} bytes "
-                           r".* Raise memory_budget \(None: no limit\) or lower max_steps\."):
+        with pytest.raises(
+            ValueError,
+            match=rf"{name}: the reverse pass needs at least {TIMES + 3 * STATE + 8} bytes "
+            r".* Raise memory_budget \(None: no limit\) or lower max_steps\.",
+        ):
             _trace_grad(method)
     # A dense output over the budget, from a solver whose steps cannot be replayed.
-    with pytest.raises(ValueError, match=r"InterpolatingAdjoint: the dense output of max_steps=512 steps takes \d+ "
-                       r"bytes, more than its memory_budget=1000000 bytes, .* _Opaque does not support\. Raise "
-                       r"memory_budget"):
+    with pytest.raises(
+        ValueError,
+        match=r"InterpolatingAdjoint: the dense output of max_steps=512 steps takes \d+ "
+        r"bytes, more than its memory_budget=1000000 bytes, .* _Opaque does not support\. Raise "
+        r"memory_budget",
+    ):
         _trace_grad(InterpolatingAdjoint(memory_budget=10**6), _Opaque())

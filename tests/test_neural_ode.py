@@ -126,22 +126,34 @@ def test_batched_failure_is_not_silent():
     scales = SCALES.at[4].set(400.0)
 
     def loss(model, y0s):
-        ys = jax.vmap(lambda y, s: _solve(model, y, TS, s, throw=False, max_steps=60, sensitivity=diffode.Direct()).ys)(
-            y0s, scales)
+        ys = jax.vmap(
+            lambda y, s: _solve(model, y, TS, s, throw=False, max_steps=60, sensitivity=diffode.Direct()).ys
+        )(y0s, scales)
         return jnp.sum(jnp.where(jnp.isfinite(ys), jnp.sin(ys) * WEIGHTS, 0.0))
 
     g_model, g_y0 = eqx.filter_jit(eqx.filter_grad(lambda a: loss(*a)))((MODEL, Y0S))
     assert bool(jnp.all(jnp.isnan(g_y0[4])))
     assert all(bool(jnp.all(jnp.isnan(v))) for v in jax.tree_util.tree_leaves(g_model))
-    healthy = jax.jit(jax.grad(lambda y: jnp.sum(jnp.sin(_solve(
-        MODEL, y, TS, SCALES[1], max_steps=60, sensitivity=diffode.Direct()).ys) * WEIGHTS)))
+    healthy = jax.jit(
+        jax.grad(
+            lambda y: jnp.sum(
+                jnp.sin(_solve(MODEL, y, TS, SCALES[1], max_steps=60, sensitivity=diffode.Direct()).ys)
+                * WEIGHTS
+            )
+        )
+    )
     np.testing.assert_allclose(g_y0[1], healthy(Y0S[1]), rtol=1e-8)
     with pytest.raises(Exception, match="max_steps"):
-        jax.block_until_ready(eqx.filter_jit(eqx.filter_grad(
-            lambda m: _loss(m, Y0S, TS, scales, diffode.Direct(), max_steps=60)))(MODEL))
+        jax.block_until_ready(
+            eqx.filter_jit(
+                eqx.filter_grad(lambda m: _loss(m, Y0S, TS, scales, diffode.Direct(), max_steps=60))
+            )(MODEL)
+        )
 
 
-@pytest.mark.parametrize("method", [diffode.Auto(), diffode.InterpolatingAdjoint(), diffode.BacksolveAdjoint()])
+@pytest.mark.parametrize(
+    "method", [diffode.Auto(), diffode.InterpolatingAdjoint(), diffode.BacksolveAdjoint()]
+)
 def test_training_step_every_method_float32(method):
     """The diffrax idiom in float32: an eqx.Module as f, vmap over y0, an optax step.
     Reference: the float64 gradient by forward mode (float32 rounding and the
@@ -155,7 +167,8 @@ def test_training_step_every_method_float32(method):
     @eqx.filter_jit
     def step(model, state):
         loss, grads = eqx.filter_value_and_grad(
-            lambda m: _loss(m, y0s, ts, scales, method, rtol=1e-5, atol=1e-6))(model)
+            lambda m: _loss(m, y0s, ts, scales, method, rtol=1e-5, atol=1e-6)
+        )(model)
         updates, state = opt.update(grads, state)
         return eqx.apply_updates(model, updates), state, loss, grads
 
@@ -176,8 +189,12 @@ def test_regularisers_value_and_derivatives():
     rounding error."""
 
     def reg(model, y0s, scales, **kw):
-        sols = jax.vmap(lambda y, s: _solve(model, y, TS, s, regularise=True, rtol=1e-6, atol=1e-6, **kw))(y0s, scales)
-        return jnp.sum(sols.regularisers.error + 0.01 * sols.regularisers.stiffness + jnp.sum(sols.ys[:, -1], -1))
+        sols = jax.vmap(lambda y, s: _solve(model, y, TS, s, regularise=True, rtol=1e-6, atol=1e-6, **kw))(
+            y0s, scales
+        )
+        return jnp.sum(
+            sols.regularisers.error + 0.01 * sols.regularisers.stiffness + jnp.sum(sols.ys[:, -1], -1)
+        )
 
     sol = _solve(MODEL, Y0S[0], TS, SCALES[0], regularise=True)
     assert float(sol.regularisers.error) > 0 and float(sol.regularisers.stiffness) > 0
@@ -188,8 +205,11 @@ def test_regularisers_value_and_derivatives():
     fwd_model = eqx.filter_jit(eqx.filter_jacfwd(lambda m: reg(m, Y0S, SCALES)))(MODEL)
     assert _max_rel(rev[0], fwd_model) < 1e-6
     # Per-member gradients (vmap of grad, the unbatched replay with checkpoints).
-    per = jax.jit(jax.vmap(jax.grad(lambda s, y: reg(MODEL, y[None], s[None], sensitivity=diffode.Direct(
-        checkpoints=2)))))(SCALES, Y0S)
+    per = jax.jit(
+        jax.vmap(
+            jax.grad(lambda s, y: reg(MODEL, y[None], s[None], sensitivity=diffode.Direct(checkpoints=2)))
+        )
+    )(SCALES, Y0S)
     np.testing.assert_allclose(per, fwd, rtol=1e-5)
 
 
@@ -206,8 +226,16 @@ def test_regularisers_exact_stiffness_and_error_scale():
     y0, t_end = jnp.array([1.0, 0.5]), 3.0
 
     def reg(s, y):
-        sol = diffode.solve(lambda t, y, s: s * (a @ y), y, jnp.array([0.0, t_end]), s, rtol=1e-6, atol=0.0,
-                            regularise=True, sensitivity=diffode.Direct())
+        sol = diffode.solve(
+            lambda t, y, s: s * (a @ y),
+            y,
+            jnp.array([0.0, t_end]),
+            s,
+            rtol=1e-6,
+            atol=0.0,
+            regularise=True,
+            sensitivity=diffode.Direct(),
+        )
         return jnp.stack([sol.regularisers.stiffness, sol.regularisers.error])
 
     @jax.jit
@@ -238,8 +266,9 @@ def test_batched_direct_fixed_steps_and_times():
     the landing steps: the batched reverse pass against forward mode, for ts and y0."""
 
     def loss(y0s, ts):
-        ys = jax.vmap(lambda y, s: _solve(MODEL, y, ts, s, adaptive=False, dt0=0.2,
-                                          sensitivity=diffode.Direct()).ys)(y0s, SCALES)
+        ys = jax.vmap(
+            lambda y, s: _solve(MODEL, y, ts, s, adaptive=False, dt0=0.2, sensitivity=diffode.Direct()).ys
+        )(y0s, SCALES)
         return jnp.sum(jnp.sin(ys) * WEIGHTS)
 
     rev = jax.jit(jax.grad(loss, argnums=(0, 1)))(Y0S, TS)

@@ -20,7 +20,13 @@ def _model(p, method):
 
 @pytest.mark.parametrize(
     "method",
-    [diffode.Direct(), diffode.ForwardSensitivity(), diffode.BacksolveAdjoint(), diffode.InterpolatingAdjoint(), None],
+    [
+        diffode.Direct(),
+        diffode.ForwardSensitivity(),
+        diffode.BacksolveAdjoint(),
+        diffode.InterpolatingAdjoint(),
+        None,
+    ],
     ids=["Direct", "ForwardSensitivity", "BacksolveAdjoint", "InterpolatingAdjoint", "Auto"],
 )
 def test_levenberg_marquardt_recovers_lotka_volterra(method):

@@ -9,7 +9,10 @@ import pytest
 from diffode import problems
 
 WITH_EXACT = [
-    problems.exponential_decay, problems.linear_system, problems.rescaled_kepler, problems.cos_linear
+    problems.exponential_decay,
+    problems.linear_system,
+    problems.rescaled_kepler,
+    problems.cos_linear,
 ]
 
 
@@ -78,24 +81,28 @@ def test_float64_factories_need_x64():
 
 
 def _hires_numpy(y):
-    return np.array([
-        -1.71 * y[0] + 0.43 * y[1] + 8.32 * y[2] + 0.0007,
-        1.71 * y[0] - 8.75 * y[1],
-        -10.03 * y[2] + 0.43 * y[3] + 0.035 * y[4],
-        8.32 * y[1] + 1.71 * y[2] - 1.12 * y[3],
-        -1.745 * y[4] + 0.43 * y[5] + 0.43 * y[6],
-        -280.0 * y[5] * y[7] + 0.69 * y[3] + 1.71 * y[4] - 0.43 * y[5] + 0.69 * y[6],
-        280.0 * y[5] * y[7] - 1.81 * y[6],
-        -280.0 * y[5] * y[7] + 1.81 * y[6],
-    ])
+    return np.array(
+        [
+            -1.71 * y[0] + 0.43 * y[1] + 8.32 * y[2] + 0.0007,
+            1.71 * y[0] - 8.75 * y[1],
+            -10.03 * y[2] + 0.43 * y[3] + 0.035 * y[4],
+            8.32 * y[1] + 1.71 * y[2] - 1.12 * y[3],
+            -1.745 * y[4] + 0.43 * y[5] + 0.43 * y[6],
+            -280.0 * y[5] * y[7] + 0.69 * y[3] + 1.71 * y[4] - 0.43 * y[5] + 0.69 * y[6],
+            280.0 * y[5] * y[7] - 1.81 * y[6],
+            -280.0 * y[5] * y[7] + 1.81 * y[6],
+        ]
+    )
 
 
 def _rober_numpy(y):
-    return np.array([
-        -0.04 * y[0] + 1e4 * y[1] * y[2],
-        0.04 * y[0] - 1e4 * y[1] * y[2] - 3e7 * y[1] ** 2,
-        3e7 * y[1] ** 2,
-    ])
+    return np.array(
+        [
+            -0.04 * y[0] + 1e4 * y[1] * y[2],
+            0.04 * y[0] - 1e4 * y[1] * y[2] - 3e7 * y[1] ** 2,
+            3e7 * y[1] ** 2,
+        ]
+    )
 
 
 def _vdpol_numpy(y):
@@ -103,49 +110,106 @@ def _vdpol_numpy(y):
 
 
 def _orego_numpy(y):
-    return np.array([
-        77.27 * (y[1] + y[0] * (1 - 8.375e-6 * y[0] - y[1])),
-        (y[2] - (1 + y[0]) * y[1]) / 77.27,
-        0.161 * (y[0] - y[2]),
-    ])
+    return np.array(
+        [
+            77.27 * (y[1] + y[0] * (1 - 8.375e-6 * y[0] - y[1])),
+            (y[2] - (1 + y[0]) * y[1]) / 77.27,
+            0.161 * (y[0] - y[2]),
+        ]
+    )
 
 
 def _pollu_numpy(y):
-    k = [None, 0.35, 26.6, 1.23e4, 8.6e-4, 8.2e-4, 1.5e4, 1.3e-4, 2.4e4, 1.65e4, 9e3, 2.2e-2, 1.2e4,
-         1.88, 1.63e4, 4.8e6, 3.5e-4, 1.75e-2, 1e8, 4.44e11, 1.24e3, 2.1, 5.78, 4.74e-2, 1.78e3, 3.12]
+    k = [
+        None,
+        0.35,
+        26.6,
+        1.23e4,
+        8.6e-4,
+        8.2e-4,
+        1.5e4,
+        1.3e-4,
+        2.4e4,
+        1.65e4,
+        9e3,
+        2.2e-2,
+        1.2e4,
+        1.88,
+        1.63e4,
+        4.8e6,
+        3.5e-4,
+        1.75e-2,
+        1e8,
+        4.44e11,
+        1.24e3,
+        2.1,
+        5.78,
+        4.74e-2,
+        1.78e3,
+        3.12,
+    ]
     y = np.concatenate([[np.nan], y])  # 1-based, as in pollu.f
-    r = [None,
-         k[1] * y[1], k[2] * y[2] * y[4], k[3] * y[5] * y[2], k[4] * y[7], k[5] * y[7],
-         k[6] * y[7] * y[6], k[7] * y[9], k[8] * y[9] * y[6], k[9] * y[11] * y[2], k[10] * y[11] * y[1],
-         k[11] * y[13], k[12] * y[10] * y[2], k[13] * y[14], k[14] * y[1] * y[6], k[15] * y[3],
-         k[16] * y[4], k[17] * y[4], k[18] * y[16], k[19] * y[16], k[20] * y[17] * y[6],
-         k[21] * y[19], k[22] * y[19], k[23] * y[1] * y[4], k[24] * y[19] * y[1], k[25] * y[20]]
-    return np.array([
-        -r[1] - r[10] - r[14] - r[23] - r[24] + r[2] + r[3] + r[9] + r[11] + r[12] + r[22] + r[25],
-        -r[2] - r[3] - r[9] - r[12] + r[1] + r[21],
-        -r[15] + r[1] + r[17] + r[19] + r[22],
-        -r[2] - r[16] - r[17] - r[23] + r[15],
-        -r[3] + 2 * r[4] + r[6] + r[7] + r[13] + r[20],
-        -r[6] - r[8] - r[14] - r[20] + r[3] + 2 * r[18],
-        -r[4] - r[5] - r[6] + r[13],
-        r[4] + r[5] + r[6] + r[7],
-        -r[7] - r[8],
-        -r[12] + r[7] + r[9],
-        -r[9] - r[10] + r[8] + r[11],
-        r[9],
-        -r[11] + r[10],
-        -r[13] + r[12],
-        r[14],
-        -r[18] - r[19] + r[16],
-        -r[20],
-        r[20],
-        -r[21] - r[22] - r[24] + r[23] + r[25],
-        -r[25] + r[24],
-    ])
+    r = [
+        None,
+        k[1] * y[1],
+        k[2] * y[2] * y[4],
+        k[3] * y[5] * y[2],
+        k[4] * y[7],
+        k[5] * y[7],
+        k[6] * y[7] * y[6],
+        k[7] * y[9],
+        k[8] * y[9] * y[6],
+        k[9] * y[11] * y[2],
+        k[10] * y[11] * y[1],
+        k[11] * y[13],
+        k[12] * y[10] * y[2],
+        k[13] * y[14],
+        k[14] * y[1] * y[6],
+        k[15] * y[3],
+        k[16] * y[4],
+        k[17] * y[4],
+        k[18] * y[16],
+        k[19] * y[16],
+        k[20] * y[17] * y[6],
+        k[21] * y[19],
+        k[22] * y[19],
+        k[23] * y[1] * y[4],
+        k[24] * y[19] * y[1],
+        k[25] * y[20],
+    ]
+    return np.array(
+        [
+            -r[1] - r[10] - r[14] - r[23] - r[24] + r[2] + r[3] + r[9] + r[11] + r[12] + r[22] + r[25],
+            -r[2] - r[3] - r[9] - r[12] + r[1] + r[21],
+            -r[15] + r[1] + r[17] + r[19] + r[22],
+            -r[2] - r[16] - r[17] - r[23] + r[15],
+            -r[3] + 2 * r[4] + r[6] + r[7] + r[13] + r[20],
+            -r[6] - r[8] - r[14] - r[20] + r[3] + 2 * r[18],
+            -r[4] - r[5] - r[6] + r[13],
+            r[4] + r[5] + r[6] + r[7],
+            -r[7] - r[8],
+            -r[12] + r[7] + r[9],
+            -r[9] - r[10] + r[8] + r[11],
+            r[9],
+            -r[11] + r[10],
+            -r[13] + r[12],
+            r[14],
+            -r[18] - r[19] + r[16],
+            -r[20],
+            r[20],
+            -r[21] - r[22] - r[24] + r[23] + r[25],
+            -r[25] + r[24],
+        ]
+    )
 
 
-TESTSET_NUMPY = {"hires": _hires_numpy, "rober": _rober_numpy, "vdpol": _vdpol_numpy,
-                 "orego": _orego_numpy, "pollu": _pollu_numpy}
+TESTSET_NUMPY = {
+    "hires": _hires_numpy,
+    "rober": _rober_numpy,
+    "vdpol": _vdpol_numpy,
+    "orego": _orego_numpy,
+    "pollu": _pollu_numpy,
+}
 
 
 @pytest.mark.parametrize("make", problems.TESTSET, ids=lambda m: m.__name__)
@@ -165,8 +229,10 @@ def test_testset_rhs_matches_numpy_transcription(make):
         got = np.asarray(p.f(jnp.asarray(p.t1), jnp.asarray(y), p.args))
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13 * np.abs(want).max())
     assert p.reference.shape == (n,) and not p.reference.flags.writeable
-    assert p.t0 == 0.0 and p.t1 == {"hires": 321.8122, "rober": 1e11, "vdpol": 2.0, "orego": 360.0,
-                                    "pollu": 60.0}[p.name]
+    assert (
+        p.t0 == 0.0
+        and p.t1 == {"hires": 321.8122, "rober": 1e11, "vdpol": 2.0, "orego": 360.0, "pollu": 60.0}[p.name]
+    )
 
 
 def test_testset_invariants():
@@ -174,9 +240,11 @@ def test_testset_invariants():
     # ROBER, y7 + y8 for HIRES (f8 = -f7), sulfur y17 + y18 for POLLU. The
     # references respect them too (to their 16 printed digits).
     rng = np.random.default_rng(1)
-    cases = [(problems.rober(), np.ones(3), 1.0),
-             (problems.hires(), np.eye(8)[6] + np.eye(8)[7], 0.0057),
-             (problems.pollu(), np.eye(20)[16] + np.eye(20)[17], 0.007)]
+    cases = [
+        (problems.rober(), np.ones(3), 1.0),
+        (problems.hires(), np.eye(8)[6] + np.eye(8)[7], 0.0057),
+        (problems.pollu(), np.eye(20)[16] + np.eye(20)[17], 0.007),
+    ]
     for p, c, total in cases:
         for _ in range(3):
             y = jnp.asarray(rng.uniform(0.0, 1.0, p.y0.shape[0]))
@@ -205,8 +273,13 @@ def test_testset_reference_reproduced_by_scipy_radau(make):
     f = jax.jit(p.f)
     jac = jax.jit(jax.jacfwd(p.f, argnums=1))
     sol = solve_ivp(
-        lambda t, y: np.asarray(f(t, y, p.args)), (p.t0, p.t1), np.asarray(p.y0), method="Radau",
-        jac=lambda t, y: np.asarray(jac(t, y, p.args)), rtol=1e-10, atol=SCIPY_ATOL[p.name],
+        lambda t, y: np.asarray(f(t, y, p.args)),
+        (p.t0, p.t1),
+        np.asarray(p.y0),
+        method="Radau",
+        jac=lambda t, y: np.asarray(jac(t, y, p.args)),
+        rtol=1e-10,
+        atol=SCIPY_ATOL[p.name],
     )
     assert sol.success, sol.message
     rel = np.abs(sol.y[:, -1] - p.reference) / np.abs(p.reference)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import diffode
+from diffode import problems
 from diffode.solvers.radau import (
     RADAU_A,
     RADAU_ALPHA,
@@ -22,7 +23,6 @@ from diffode.solvers.radau import (
     RADAU_VINV,
     Radau5,
 )
-from diffode import problems
 
 # ----------------------------------------------------------------------------
 # References. NumPy right-hand sides and Jacobians for SciPy (its Python loop
@@ -53,8 +53,18 @@ DEFAULT = Radau5()
 
 @functools.partial(jax.jit, static_argnames="solver")
 def rob_solve(y0, rtol, atol, solver=DEFAULT):
-    return diffode.solve(ROB.f, y0, ROB_TS, ROB.args, solver=solver, rtol=rtol, atol=atol, max_steps=20000,
-                         dense=True, throw=False)
+    return diffode.solve(
+        ROB.f,
+        y0,
+        ROB_TS,
+        ROB.args,
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
+        max_steps=20000,
+        dense=True,
+        throw=False,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -113,8 +123,19 @@ def fixed_step_run(problem, n_save, dts, dense_theta=None):
     # discretisation error is measured. dt0 is traced: one compilation.
     @jax.jit
     def run(dt):
-        sol = diffode.solve(problem.f, problem.y0, ts, problem.args, solver=Radau5(), dt0=dt, adaptive=False,
-                            rtol=1e-14, atol=1e-14, max_steps=1024, dense=dense_theta is not None)
+        sol = diffode.solve(
+            problem.f,
+            problem.y0,
+            ts,
+            problem.args,
+            solver=Radau5(),
+            dt0=dt,
+            adaptive=False,
+            rtol=1e-14,
+            atol=1e-14,
+            max_steps=1024,
+            dense=dense_theta is not None,
+        )
         if dense_theta is None:
             return sol.ys, None
         return sol.ys, sol.evaluate(problem.t0 + (k + dense_theta) * dt)
@@ -126,7 +147,9 @@ def fixed_step_run(problem, n_save, dts, dense_theta=None):
         errors.append(np.abs(np.asarray(ys) - exact).max())
         if dense_theta is not None:
             tq = problem.t0 + (np.arange(40) + dense_theta) * dt
-            dense_errors.append(np.abs(np.asarray(yd) - np.asarray(jax.vmap(problem.exact)(jnp.asarray(tq)))).max())
+            dense_errors.append(
+                np.abs(np.asarray(yd) - np.asarray(jax.vmap(problem.exact)(jnp.asarray(tq)))).max()
+            )
     return np.array(errors), np.array(dense_errors)
 
 
@@ -213,8 +236,9 @@ def test_stiff_exact_solution_matches_expm():
 @pytest.mark.parametrize("dtype, rtol, atol", [(np.float64, 1e-8, 1e-10), (np.float32, 1e-4, 1e-6)])
 def test_stiff_linear(dtype, rtol, atol):
     a = jnp.asarray(STIFF_A, dtype)
-    sol = diffode.solve(linear_f, jnp.ones(7, dtype), jnp.asarray(STIFF_TS, dtype), a, solver=Radau5(),
-                        rtol=rtol, atol=atol)
+    sol = diffode.solve(
+        linear_f, jnp.ones(7, dtype), jnp.asarray(STIFF_TS, dtype), a, solver=Radau5(), rtol=rtol, atol=atol
+    )
     assert sol.ys.dtype == dtype
     exact = np.stack([stiff_exact(t) for t in STIFF_TS])
     # Observed global error <= 0.5 tol (float64); float32 adds roundoff of
@@ -231,8 +255,16 @@ def test_jvp_stiff_linear():
     # d/ds of y(t) for y' = s A y at s = 1 is t A y(t): forward mode through the
     # loop (and the Newton while_loop) on a stiff problem (Direct's forward rule).
     def fn(s):
-        return diffode.solve(linear_f, jnp.ones(7), jnp.asarray(STIFF_TS), s * jnp.asarray(STIFF_A),
-                             solver=Radau5(), rtol=1e-10, atol=1e-12, sensitivity=diffode.Direct()).ys
+        return diffode.solve(
+            linear_f,
+            jnp.ones(7),
+            jnp.asarray(STIFF_TS),
+            s * jnp.asarray(STIFF_A),
+            solver=Radau5(),
+            rtol=1e-10,
+            atol=1e-12,
+            sensitivity=diffode.Direct(),
+        ).ys
 
     _, dys = jax.jvp(fn, (1.0,), (1.0,))
     exact = np.stack([t * STIFF_A @ stiff_exact(t) for t in STIFF_TS])
@@ -342,11 +374,13 @@ def _rob_sensitivity_np(t, u):
 
 def _rob_sensitivity_jac_np(t, u):
     y, s = u[:3], u[3:]
-    hess_s = np.array([  # d(J(y) s)/dy + d(df/dk1)/dy
-        [-1.0, K3 * s[2], K3 * s[1]],
-        [1.0, -K3 * s[2] - 2 * K2 * s[1], -K3 * s[1]],
-        [0.0, 2 * K2 * s[1], 0.0],
-    ])
+    hess_s = np.array(
+        [  # d(J(y) s)/dy + d(df/dk1)/dy
+            [-1.0, K3 * s[2], K3 * s[1]],
+            [1.0, -K3 * s[2] - 2 * K2 * s[1], -K3 * s[1]],
+            [0.0, 2 * K2 * s[1], 0.0],
+        ]
+    )
     jac = _rob_jac_np(t, y)
     return np.block([[jac, np.zeros((3, 3))], [hess_s, jac]])
 
@@ -357,14 +391,30 @@ def test_jvp_robertson_sensitivity():
     # by SciPy Radau at rtol 1e-12.
     from scipy.integrate import solve_ivp
 
-    ref = solve_ivp(_rob_sensitivity_np, (0.0, 1e5), np.array([1.0, 0, 0, 0, 0, 0]), method="Radau",
-                    rtol=1e-12, atol=1e-16, jac=_rob_sensitivity_jac_np, t_eval=np.asarray(ROB_TS))
+    ref = solve_ivp(
+        _rob_sensitivity_np,
+        (0.0, 1e5),
+        np.array([1.0, 0, 0, 0, 0, 0]),
+        method="Radau",
+        rtol=1e-12,
+        atol=1e-16,
+        jac=_rob_sensitivity_jac_np,
+        t_eval=np.asarray(ROB_TS),
+    )
     assert ref.success
     sens = ref.y[3:].T
 
     def fn(k1):
-        return diffode.solve(ROB.f, ROB.y0, ROB_TS, ROB.args.at[0].set(k1), solver=Radau5(), rtol=1e-8,
-                             atol=1e-14, max_steps=20000).ys
+        return diffode.solve(
+            ROB.f,
+            ROB.y0,
+            ROB_TS,
+            ROB.args.at[0].set(k1),
+            solver=Radau5(),
+            rtol=1e-8,
+            atol=1e-14,
+            max_steps=20000,
+        ).ys
 
     _, dys = jax.jit(lambda k: jax.jvp(fn, (k,), (1.0,)))(ROB.args[0])
     # Error relative to each component's largest sensitivity: observed 9e-10
@@ -443,7 +493,8 @@ def test_newton_failure_fixed_steps():
     # Fixed steps too large for Newton at this tolerance (see the order test):
     # NEWTON_FAILED, not an unconverged result.
     ts = KEPLER.ts(4)
-    sol = diffode.solve(KEPLER.f, KEPLER.y0, ts, solver=Radau5(), dt0=0.5, adaptive=False, rtol=1e-14,
-                        atol=1e-14, throw=False)
+    sol = diffode.solve(
+        KEPLER.f, KEPLER.y0, ts, solver=Radau5(), dt0=0.5, adaptive=False, rtol=1e-14, atol=1e-14, throw=False
+    )
     assert int(sol.status) == diffode.Status.NEWTON_FAILED
     assert np.all(np.isnan(np.asarray(sol.ys)[1:]))

@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 
 import diffode
-from diffode.solvers.radau import Radau5
-from diffode.sensitivity.direct import Direct
-
 from diffode import problems
+from diffode.sensitivity.direct import Direct
+from diffode.solvers.radau import Radau5
 
 
 def _rel(a, b):
@@ -33,8 +32,9 @@ def _rel(a, b):
 
 
 def _loss(p, tol, sens, y0, ts, args):
-    sol = diffode.solve(p.f, y0, ts, args, solver=Radau5(), rtol=tol, atol=tol, sensitivity=sens,
-                        max_steps=4000)
+    sol = diffode.solve(
+        p.f, y0, ts, args, solver=Radau5(), rtol=tol, atol=tol, sensitivity=sens, max_steps=4000
+    )
     return jnp.sum(sol.ys[:, 0] ** 2) + jnp.sum(jnp.sin(sol.ys[:, 1]))
 
 
@@ -88,17 +88,23 @@ ROB_W = np.array([1.0, 1e4, 1.0])  # y2 ~ 4e-5: weighted to count in the loss
 def _rob_log_sensitivity_np(t, u, k):
     k1, k2, k3 = k
     y, s = u[:3], u[3:].reshape(3, 3)
-    f = np.array([-k1 * y[0] + k3 * y[1] * y[2], k1 * y[0] - k3 * y[1] * y[2] - k2 * y[1] ** 2, k2 * y[1] ** 2])
-    jac = np.array([
-        [-k1, k3 * y[2], k3 * y[1]],
-        [k1, -k3 * y[2] - 2 * k2 * y[1], -k3 * y[1]],
-        [0.0, 2 * k2 * y[1], 0.0],
-    ])
-    dfdk = np.array([  # column j: df/dk_j
-        [-y[0], 0.0, y[1] * y[2]],
-        [y[0], -y[1] ** 2, -y[1] * y[2]],
-        [0.0, y[1] ** 2, 0.0],
-    ])
+    f = np.array(
+        [-k1 * y[0] + k3 * y[1] * y[2], k1 * y[0] - k3 * y[1] * y[2] - k2 * y[1] ** 2, k2 * y[1] ** 2]
+    )
+    jac = np.array(
+        [
+            [-k1, k3 * y[2], k3 * y[1]],
+            [k1, -k3 * y[2] - 2 * k2 * y[1], -k3 * y[1]],
+            [0.0, 2 * k2 * y[1], 0.0],
+        ]
+    )
+    dfdk = np.array(
+        [  # column j: df/dk_j
+            [-y[0], 0.0, y[1] * y[2]],
+            [y[0], -(y[1] ** 2), -y[1] * y[2]],
+            [0.0, y[1] ** 2, 0.0],
+        ]
+    )
     return np.concatenate([f, (jac @ s + dfdk * k).ravel()])
 
 
@@ -106,8 +112,16 @@ def test_direct_robertson_rate_constants():
     from scipy.integrate import solve_ivp
 
     k = np.array(problems.ROBERTSON_K)
-    ref = solve_ivp(_rob_log_sensitivity_np, (0.0, ROB_TS[-1]), np.r_[1.0, 0.0, 0.0, np.zeros(9)], method="Radau",
-                    rtol=1e-12, atol=1e-16, t_eval=ROB_TS, args=(k,))
+    ref = solve_ivp(
+        _rob_log_sensitivity_np,
+        (0.0, ROB_TS[-1]),
+        np.r_[1.0, 0.0, 0.0, np.zeros(9)],
+        method="Radau",
+        rtol=1e-12,
+        atol=1e-16,
+        t_eval=ROB_TS,
+        args=(k,),
+    )
     assert ref.success
     ys, sens = ref.y[:3].T, ref.y[3:].T.reshape(-1, 3, 3)
     # L = sum_i W . y(t_i)^2, dL/dk_j = sum_i 2 W y(t_i) . s_j(t_i) / k_j.
@@ -116,8 +130,17 @@ def test_direct_robertson_rate_constants():
     p = problems.robertson()
 
     def loss(rates):
-        sol = diffode.solve(p.f, p.y0, jnp.asarray(ROB_TS), rates, solver=Radau5(), rtol=1e-8, atol=1e-14,
-                            sensitivity=Direct(), max_steps=4000)
+        sol = diffode.solve(
+            p.f,
+            p.y0,
+            jnp.asarray(ROB_TS),
+            rates,
+            solver=Radau5(),
+            rtol=1e-8,
+            atol=1e-14,
+            sensitivity=Direct(),
+            max_steps=4000,
+        )
         return jnp.sum(jnp.asarray(ROB_W) * sol.ys**2)
 
     got = np.asarray(jax.jit(jax.grad(loss))(p.args))

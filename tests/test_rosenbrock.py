@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import diffode
-from diffode.solvers.rosenbrock import RODAS5P_TABLEAU, Rodas5, Rodas5P, RosenbrockTableau
 from diffode import problems
+from diffode.solvers.rosenbrock import RODAS5P_TABLEAU, Rodas5, Rodas5P, RosenbrockTableau
 
 # Arrays are traced, Python values static: each configuration compiles once.
 solve = eqx.filter_jit(diffode.solve)
@@ -46,8 +46,18 @@ def test_convergence_order(solver_cls, problem, n_save, dts):
     ts = problem.ts(n_save)
     exact = np.asarray(jax.vmap(problem.exact)(ts))
     fn = eqx.filter_jit(
-        lambda dt: diffode.solve(problem.f, problem.y0, ts, problem.args, solver=solver_cls(), dt0=dt,
-                                 adaptive=False, max_steps=8192).ys
+        lambda dt: (
+            diffode.solve(
+                problem.f,
+                problem.y0,
+                ts,
+                problem.args,
+                solver=solver_cls(),
+                dt0=dt,
+                adaptive=False,
+                max_steps=8192,
+            ).ys
+        )
     )
     errors = np.array([np.abs(np.asarray(fn(jnp.asarray(dt))) - exact).max() for dt in dts])
     assert np.all(errors > 1e-13) and np.all(errors < 1e-3), errors
@@ -72,12 +82,14 @@ def test_order_attributes():
 
 # Eigenvalues -1, -10, -1e3, -1e6 (triangular), non-normal couplings: stiffness
 # ratio 1e6 on [0, 5].
-STIFF_A = np.array([
-    [-1.0, 2.0, 0.0, 50.0],
-    [0.0, -10.0, 5.0, 0.0],
-    [0.0, 0.0, -1e3, 1e3],
-    [0.0, 0.0, 0.0, -1e6],
-])
+STIFF_A = np.array(
+    [
+        [-1.0, 2.0, 0.0, 50.0],
+        [0.0, -10.0, 5.0, 0.0],
+        [0.0, 0.0, -1e3, 1e3],
+        [0.0, 0.0, 0.0, -1e6],
+    ]
+)
 STIFF_Y0 = np.array([1.0, -1.0, 2.0, 1.0])
 
 
@@ -104,8 +116,9 @@ def _stiff_exact(n_save: int, t1: float) -> np.ndarray:
 
 def test_stiff_linear_against_expm():
     ts = jnp.linspace(0.0, 5.0, 11)
-    sol = solve(_stiff_rhs, jnp.asarray(STIFF_Y0), ts, jnp.asarray(STIFF_A), solver=Rodas5P(),
-                rtol=1e-8, atol=1e-10)
+    sol = solve(
+        _stiff_rhs, jnp.asarray(STIFF_Y0), ts, jnp.asarray(STIFF_A), solver=Rodas5P(), rtol=1e-8, atol=1e-10
+    )
     exact = _stiff_exact(11, 5.0)
     # Dissipative linear problem: the global error stays below the local
     # tolerance (observed 7e-11 relative to max|y| = 2). 100 * rtol bounds it
@@ -123,8 +136,9 @@ def test_forward_mode_sensitivity_is_expm():
     ts = jnp.array([0.0, 2.0])
 
     def final(y0):
-        return diffode.solve(_stiff_rhs, y0, ts, jnp.asarray(STIFF_A), solver=Rodas5P(),
-                             rtol=1e-9, atol=1e-11).ys[-1]
+        return diffode.solve(
+            _stiff_rhs, y0, ts, jnp.asarray(STIFF_A), solver=Rodas5P(), rtol=1e-9, atol=1e-11
+        ).ys[-1]
 
     jac = np.asarray(jax.jit(jax.jacfwd(final))(jnp.asarray(STIFF_Y0)))
     want = _stiff_propagator(2.0, 4)
@@ -179,8 +193,9 @@ def test_robertson_against_radau():
 
 def test_van_der_pol_stiff_against_radau():
     rtol, atol = 1e-6, 1e-8
-    sol = solve(VDP.f, VDP.y0, jnp.asarray(VDP_TS), VDP.args, solver=Rodas5P(), rtol=rtol, atol=atol,
-                max_steps=10000)
+    sol = solve(
+        VDP.f, VDP.y0, jnp.asarray(VDP_TS), VDP.args, solver=Rodas5P(), rtol=rtol, atol=atol, max_steps=10000
+    )
     ref = _radau_reference("vdp")
     err = np.abs(np.asarray(sol.ys) - ref)
     # Two relaxation cycles with four fast transitions: errors made in a
@@ -207,15 +222,25 @@ def test_stage_loop_equals_unrolled_stages():
         solver = Rodas5P(linear_solver=linear_solver, stage_loop=loop)
 
         def loss(y0):
-            sol = diffode.solve(problem.f, y0, ts, problem.args, solver=solver, rtol=rtol, atol=rtol * 1e-4,
-                                sensitivity=diffode.Direct())
+            sol = diffode.solve(
+                problem.f,
+                y0,
+                ts,
+                problem.args,
+                solver=solver,
+                rtol=rtol,
+                atol=rtol * 1e-4,
+                sensitivity=diffode.Direct(),
+            )
             return jnp.sum(sol.ys[-1] * jnp.arange(1.0, 1.0 + y0.shape[0]) ** 3), sol
 
         return loss
 
     assert Rodas5P(linear_solver=diffode.GMRES()).loops_stages() and not Rodas5P().loops_stages()
     rob = problems.robertson()
-    a, b = (jax.jit(run(rob, jnp.asarray(ROB_TS), loop, diffode.LU(), 1e-6))(rob.y0)[1] for loop in (True, False))
+    a, b = (
+        jax.jit(run(rob, jnp.asarray(ROB_TS), loop, diffode.LU(), 1e-6))(rob.y0)[1] for loop in (True, False)
+    )
     assert int(a.stats["num_accepted"]) == int(b.stats["num_accepted"]) > 50
     np.testing.assert_allclose(a.ys, b.ys, rtol=1e-10, atol=1e-15)
 
@@ -225,7 +250,9 @@ def test_stage_loop_equals_unrolled_stages():
     ts = jnp.asarray(KEPLER.ts(4))
     gmres = diffode.GMRES(rtol=1e-13)
     (_, a), ga = jax.jit(jax.value_and_grad(run(KEPLER, ts, True, gmres, 1e-8), has_aux=True))(KEPLER.y0)
-    (_, c), gc = jax.jit(jax.value_and_grad(run(KEPLER, ts, False, diffode.LU(), 1e-8), has_aux=True))(KEPLER.y0)
+    (_, c), gc = jax.jit(jax.value_and_grad(run(KEPLER, ts, False, diffode.LU(), 1e-8), has_aux=True))(
+        KEPLER.y0
+    )
     assert int(c.stats["num_accepted"]) == int(a.stats["num_accepted"]) > 20
     np.testing.assert_allclose(a.ys, c.ys, rtol=1e-10, atol=1e-15)
     np.testing.assert_allclose(ga, gc, rtol=1e-9)
@@ -305,8 +332,15 @@ def test_vmap_per_member_steps():
 
 def test_float32_stiff_linear():
     ts = jnp.linspace(0.0, 5.0, 11, dtype=jnp.float32)
-    sol = solve(_stiff_rhs, jnp.asarray(STIFF_Y0, jnp.float32), ts, jnp.asarray(STIFF_A, jnp.float32),
-                solver=Rodas5P(), rtol=1e-3, atol=1e-5)
+    sol = solve(
+        _stiff_rhs,
+        jnp.asarray(STIFF_Y0, jnp.float32),
+        ts,
+        jnp.asarray(STIFF_A, jnp.float32),
+        solver=Rodas5P(),
+        rtol=1e-3,
+        atol=1e-5,
+    )
     assert sol.ys.dtype == jnp.float32
     exact = _stiff_exact(11, 5.0)
     # Observed 2.1e-6 relative to max|y| (float32 roundoff is 6e-8 per
@@ -316,8 +350,9 @@ def test_float32_stiff_linear():
 
 def _rob_f32_solve(ts_dtype):
     p = problems.robertson(dtype=np.float32)
-    return solve(p.f, p.y0, jnp.asarray(ROB_TS, ts_dtype), p.args, solver=Rodas5P(), rtol=1e-4, atol=1e-8,
-                 throw=False)
+    return solve(
+        p.f, p.y0, jnp.asarray(ROB_TS, ts_dtype), p.args, solver=Rodas5P(), rtol=1e-4, atol=1e-8, throw=False
+    )
 
 
 def test_float32_robertson():
@@ -374,7 +409,9 @@ def test_nonfinite_step_reports_not_ok():
 
 
 def test_nonfinite_step_is_rejected_and_retried():
-    sol = solve(_sqrt_decay, jnp.ones(1), jnp.array([0.0, 1.5]), solver=Rodas5P(), dt0=1.5, rtol=1e-8, atol=1e-10)
+    sol = solve(
+        _sqrt_decay, jnp.ones(1), jnp.array([0.0, 1.5]), solver=Rodas5P(), dt0=1.5, rtol=1e-8, atol=1e-10
+    )
     assert sol.status == diffode.Status.SUCCESS
     assert int(sol.stats["num_rejected"]) >= 1  # the first step (h = 1.5) is NaN
     # Exact value 0.0625; observed error 1e-12.
@@ -384,8 +421,15 @@ def test_nonfinite_step_is_rejected_and_retried():
 def test_nonfinite_fixed_step_fails_loudly():
     # Fixed steps cannot retry: the solve must report failure, never return
     # the NaN (or anything else) as an answer.
-    sol = solve(_sqrt_decay, jnp.ones(1), jnp.array([0.0, 1.5]), solver=Rodas5P(), dt0=1.5,
-                adaptive=False, throw=False)
+    sol = solve(
+        _sqrt_decay,
+        jnp.ones(1),
+        jnp.array([0.0, 1.5]),
+        solver=Rodas5P(),
+        dt0=1.5,
+        adaptive=False,
+        throw=False,
+    )
     assert sol.status != diffode.Status.SUCCESS
     assert np.isnan(np.asarray(sol.ys[-1])).all()
 

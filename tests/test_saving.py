@@ -28,13 +28,16 @@ def steps(k, ts=jnp.array([0.0, 2.0])):
 
 
 def test_every_accepted_step_is_kept():
-    sol = diffode.solve(decay, Y0, jnp.array([0.0, 2.0]), 0.5, dense=True, max_steps=64, rtol=1e-8, atol=1e-10)
+    sol = diffode.solve(
+        decay, Y0, jnp.array([0.0, 2.0]), 0.5, dense=True, max_steps=64, rtol=1e-8, atol=1e-10
+    )
     t, y, count = sol.steps()
     n = int(count)
     assert n == int(sol.stats["num_accepted"]) + 1 and t.shape == (65,)
     assert float(t[0]) == 0.0 and float(t[n - 1]) == 2.0 and np.all(np.diff(np.asarray(t[:n])) > 0)
-    np.testing.assert_allclose(y["a"][:n], np.exp(-0.5 * np.asarray(t[:n]))[:, None] * np.array([1.0, 2.0]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        y["a"][:n], np.exp(-0.5 * np.asarray(t[:n]))[:, None] * np.array([1.0, 2.0]), rtol=1e-6
+    )
     assert np.all(np.isnan(np.asarray(t[n:]))) and np.all(np.isnan(np.asarray(y["a"][n:])))
     back = steps(0.5, jnp.array([2.0, 0.0]))  # backwards: times run from 2 down to 0
     assert float(back[0][0]) == 2.0 and float(back[0][int(back[2]) - 1]) == 0.0
@@ -77,13 +80,15 @@ def observed(p, ts, y0, **kw):
 
 
 def reference(p, ts, y0, **kw):
-    ys = diffode.solve(lotka_volterra, y0, ts, p, rtol=1e-10, atol=1e-12, sensitivity=diffode.ForwardSensitivity(),
-                       **kw).ys
+    ys = diffode.solve(
+        lotka_volterra, y0, ts, p, rtol=1e-10, atol=1e-12, sensitivity=diffode.ForwardSensitivity(), **kw
+    ).ys
     return jax.vmap(lambda t, y: observe(t, y, p))(ts, ys)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(tstops=[1.3]), dict(adaptive=False, dt0=0.01)], ids=["adaptive", "tstops",
-                                                                                                 "fixed"])
+@pytest.mark.parametrize(
+    "kw", [{}, dict(tstops=[1.3]), dict(adaptive=False, dt0=0.01)], ids=["adaptive", "tstops", "fixed"]
+)
 def test_save_fn_values_and_derivatives(kw):
     """Values equal the function of the full solve's states; jit(jacrev) and jacfwd with
     respect to args, ts and y0 match the reference (1e-6 absolute on entries up to ~1e2:
@@ -94,8 +99,10 @@ def test_save_fn_values_and_derivatives(kw):
     for k in got:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-12)
     ref_j = jax.jacfwd(lambda *a: reference(*a, **kw), argnums=(0, 1, 2))(P, LV_TS, y0)
-    for jac in (jax.jit(jax.jacrev(lambda *a: observed(*a, **kw), argnums=(0, 1, 2))),
-                jax.jacfwd(lambda *a: observed(*a, **kw), argnums=(0, 1, 2))):
+    for jac in (
+        jax.jit(jax.jacrev(lambda *a: observed(*a, **kw), argnums=(0, 1, 2))),
+        jax.jacfwd(lambda *a: observed(*a, **kw), argnums=(0, 1, 2)),
+    ):
         for g, r in zip(jax.tree_util.tree_leaves(jac(P, LV_TS, y0)), jax.tree_util.tree_leaves(ref_j)):
             np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-6)
 
@@ -105,8 +112,9 @@ def test_save_fn_batched_memory_and_errors():
     state-sized save buffer; unsupported combinations raise."""
     y0s = jnp.array([[1.0, 1.0], [1.2, 0.8]])
     loss = lambda fn: lambda y0: jnp.sum(fn(P, LV_TS, y0)["log_prey"])  # noqa: E731
-    np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(loss(observed))))(y0s),
-                               jax.vmap(jax.grad(loss(reference)))(y0s), rtol=1e-8)
+    np.testing.assert_allclose(
+        jax.jit(jax.vmap(jax.grad(loss(observed))))(y0s), jax.vmap(jax.grad(loss(reference)))(y0s), rtol=1e-8
+    )
 
     n, ts = 20_000, jnp.linspace(0.0, 1.0, 100)  # all the states saved: 16 MB
 

@@ -16,6 +16,7 @@ from jax.test_util import check_grads
 import diffode
 
 from .test_transform_matrix import METHODS
+
 # Solves at 1e-10 leave derivative errors of ~1e-8; check_grads' finite differences
 # (eps 1e-4 here) are accurate to ~1e-8 on these smooth problems.
 TOL = dict(atol=1e-4, rtol=1e-4, eps=1e-4)
@@ -53,8 +54,9 @@ def tree_negative(t, y, args):
 def test_pendulum(method):
     y0 = jnp.array([np.pi - 0.1, 0.0])
     ts = jnp.linspace(0.0, 2.0, 5)
-    check_grads(jax.jit(_solver(pendulum, METHODS[method])), (y0, ts, 0.25, 9.8), order=2,
-                modes=["fwd", "rev"], **TOL)
+    check_grads(
+        jax.jit(_solver(pendulum, METHODS[method])), (y0, ts, 0.25, 9.8), order=2, modes=["fwd", "rev"], **TOL
+    )
 
 
 def test_decay_swoop_and_pytree_state():
@@ -71,6 +73,10 @@ def test_decay_swoop_and_pytree_state():
         def solve(f, y0, args):
             return diffode.solve(f, y0, ts, args, rtol=1e-10, atol=1e-10).ys
 
-        return solve(decay, y_decay, (a1, a2)), solve(swoop, y_swoop, (a1, a2)), solve(tree_negative, y_tree, None)
+        return (
+            solve(decay, y_decay, (a1, a2)),
+            solve(swoop, y_swoop, (a1, a2)),
+            solve(tree_negative, y_tree, None),
+        )
 
     check_grads(jax.jit(run), (y_decay, y_swoop, y_tree, ts, 0.3, 0.7), order=2, modes=["rev"], **TOL)

@@ -43,7 +43,8 @@ def _grad(method, model, y0, ts, rtol=1e-10):
         return jnp.sum(sol.ys**2)
 
     return eqx.filter_jit(eqx.filter_grad(loss))(model, y0, ts), jax.jit(
-        jax.grad(lambda y0, ts: loss(model, y0, ts), argnums=(0, 1)))(y0, ts)
+        jax.grad(lambda y0, ts: loss(model, y0, ts), argnums=(0, 1))
+    )(y0, ts)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,11 @@ def test_all_methods_agree_on_a_neural_ode(name, neural_ode, reference):
     np.testing.assert_allclose(g_ts, ref_ts, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("method", [diffode.BacksolveAdjoint(), diffode.InterpolatingAdjoint()],
-                         ids=["BacksolveAdjoint", "InterpolatingAdjoint"])
+@pytest.mark.parametrize(
+    "method",
+    [diffode.BacksolveAdjoint(), diffode.InterpolatingAdjoint()],
+    ids=["BacksolveAdjoint", "InterpolatingAdjoint"],
+)
 def test_continuous_adjoints_match_expm(method):
     # Gradients w.r.t. A, y0 and both save times of y' = A y, against JAX's
     # derivatives of expm (rtol 1e-10 solves; 1e-7 leaves room for the
@@ -108,8 +112,12 @@ def test_auto_choice():
     assert isinstance(auto.choose(64, 3, diffode.Tsit5()), diffode.Direct)
     # Implicit solvers with a direct linear solver: forward sensitivities up to p = 32,
     # whatever n (each step factorises the n x n block only).
-    for solver in (diffode.Kvaerno5(), diffode.Rodas5P(), diffode.Radau5(),
-                   diffode.Rodas5P(linear_solver=diffode.BandedLU(1, 1))):
+    for solver in (
+        diffode.Kvaerno5(),
+        diffode.Rodas5P(),
+        diffode.Radau5(),
+        diffode.Rodas5P(linear_solver=diffode.BandedLU(1, 1)),
+    ):
         assert isinstance(auto.choose(2048, 32, solver), diffode.ForwardSensitivity)
         assert not isinstance(auto.choose(2048, 33, solver), diffode.ForwardSensitivity)
     # Past it: the SDIRK family's replay repeats its Newton iterations, so the interpolating adjoint...
@@ -118,10 +126,13 @@ def test_auto_choice():
     assert isinstance(auto.choose(64, 1000, diffode.Rodas5P()), diffode.Direct)
     assert isinstance(auto.choose(64, 1000, diffode.Radau5()), diffode.Direct)
     # A structured linear solver: the adjoint's augmented system would be factorised densely.
-    assert isinstance(auto.choose(64, 1000, diffode.Kvaerno5(linear_solver=diffode.BandedLU(1, 1))), diffode.Direct)
+    assert isinstance(
+        auto.choose(64, 1000, diffode.Kvaerno5(linear_solver=diffode.BandedLU(1, 1))), diffode.Direct
+    )
     # A matrix-free linear solver: no forward-sensitivity rule past n (p + 1) = 128.
-    assert isinstance(auto.choose(64, 3, diffode.Kvaerno5(linear_solver=diffode.GMRES())),
-                      diffode.InterpolatingAdjoint)
+    assert isinstance(
+        auto.choose(64, 3, diffode.Kvaerno5(linear_solver=diffode.GMRES())), diffode.InterpolatingAdjoint
+    )
     # Never the backsolve adjoint, whatever the sizes.
     for n in (1, 8, 200):
         for solver in (None, diffode.Kvaerno5(), diffode.Rodas5P()):

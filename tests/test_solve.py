@@ -75,8 +75,9 @@ def test_van_der_pol_against_scipy(solver_cls):
     p = problems.van_der_pol()  # mu = 1, two limit-cycle periods
     ts = p.ts(27)
     f = lambda t, y: np.asarray(p.f(t, jnp.asarray(y), p.args))
-    ref = solve_ivp(f, (p.t0, p.t1), np.asarray(p.y0), method="DOP853", rtol=1e-13, atol=1e-13,
-                    t_eval=np.asarray(ts)).y.T
+    ref = solve_ivp(
+        f, (p.t0, p.t1), np.asarray(p.y0), method="DOP853", rtol=1e-13, atol=1e-13, t_eval=np.asarray(ts)
+    ).y.T
     sol = solve(p.f, p.y0, ts, p.args, solver=solver_cls(), rtol=1e-10, atol=1e-10)
     # 100 * rtol relative to max|y|, as for the linear system (observed: Tsit5
     # 2.3e-10, Dopri8 1.1e-9).
@@ -103,8 +104,16 @@ def test_arenstorf_orbit_closes(solver_cls, tol, pos_tol, vel_tol):
     assert np.abs(end[2:] - y0[2:]).max() < vel_tol
     # And the orbit is not trivially short: it travels far from the start
     # (y1 reaches about -1.3 near the far turn).
-    mid = solve(p.f, p.y0, jnp.array([p.t0, p.t1 / 2]), p.args, solver=solver_cls(), rtol=tol, atol=tol,
-                max_steps=4096)
+    mid = solve(
+        p.f,
+        p.y0,
+        jnp.array([p.t0, p.t1 / 2]),
+        p.args,
+        solver=solver_cls(),
+        rtol=tol,
+        atol=tol,
+        max_steps=4096,
+    )
     assert np.abs(np.asarray(mid.ys[-1][:2]) - y0[:2]).max() > 1.0
 
 
@@ -230,8 +239,11 @@ def test_save_times_do_not_change_steps():
 @pytest.mark.parametrize(
     "solver_cls, tol",
     [
-        (diffode.Tsit5, 1e-8), (diffode.Dopri5, 1e-8), (diffode.Dopri8, 1e-8),
-        (diffode.Bosh3, 1e-5), (diffode.Heun, 1e-4),
+        (diffode.Tsit5, 1e-8),
+        (diffode.Dopri5, 1e-8),
+        (diffode.Dopri8, 1e-8),
+        (diffode.Bosh3, 1e-5),
+        (diffode.Heun, 1e-4),
     ],
     ids=lambda x: getattr(x, "__name__", str(x)),
 )
@@ -270,8 +282,9 @@ def test_dense_output_order(solver_cls, order):
     tq = jnp.linspace(p.t0, p.t1, 1001)
     exact = np.asarray(jax.vmap(p.exact)(tq))
     fn = eqx.filter_jit(
-        lambda dt: diffode.solve(p.f, p.y0, ts, p.args, solver=solver_cls(), dt0=dt, adaptive=False,
-                                 dense=True, max_steps=1024)
+        lambda dt: diffode.solve(
+            p.f, p.y0, ts, p.args, solver=solver_cls(), dt0=dt, adaptive=False, dense=True, max_steps=1024
+        )
     )
     dts = 2.0 ** -np.arange(3, 6)
     errs = np.array([np.abs(np.asarray(fn(jnp.asarray(dt)).evaluate(tq)) - exact).max() for dt in dts])
@@ -438,8 +451,9 @@ def test_per_component_atol_applies_to_each_component(method):
     @eqx.filter_jit
     def run(y0, atol, a=0.8):
         def loss(a_):
-            sol = diffode.solve(twin_decay, y0, ts, a_, rtol=0.0, atol=atol, controller=controller,
-                                sensitivity=method)
+            sol = diffode.solve(
+                twin_decay, y0, ts, a_, rtol=0.0, atol=atol, controller=controller, sensitivity=method
+            )
             return sum(jnp.sum(v[-1]) for v in jax.tree_util.tree_leaves(sol.ys)), sol.stats["num_steps"]
 
         (value, steps), grad = jax.value_and_grad(loss, has_aux=True)(a)
@@ -460,8 +474,10 @@ def test_per_component_atol_applies_to_each_component(method):
     np.testing.assert_allclose(got[1:], want[1:], rtol=1e-12)
     # A list of Python floats is an array shaped like y0 (compiled in as constants).
     plain = dict(rtol=0.0, controller=controller)
-    assert (solve(twin_decay, y0, ts, 0.8, atol=[1e-3, 1e-9], **plain).stats["num_steps"]
-            == solve(twin_decay, y0, ts, 0.8, atol=1e-9, **plain).stats["num_steps"])
+    assert (
+        solve(twin_decay, y0, ts, 0.8, atol=[1e-3, 1e-9], **plain).stats["num_steps"]
+        == solve(twin_decay, y0, ts, 0.8, atol=1e-9, **plain).stats["num_steps"]
+    )
 
 
 def test_huge_time_span_is_not_an_underflow():

@@ -46,7 +46,12 @@ def bateman(ka, ke, dose, times, ts):
     return jnp.sum(jnp.where(s >= 0, one, 0.0), axis=1)
 
 
-METHODS = [diffode.Direct(), diffode.ForwardSensitivity(), diffode.BacksolveAdjoint(), diffode.InterpolatingAdjoint()]
+METHODS = [
+    diffode.Direct(),
+    diffode.ForwardSensitivity(),
+    diffode.BacksolveAdjoint(),
+    diffode.InterpolatingAdjoint(),
+]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: type(m).__name__)
@@ -65,16 +70,21 @@ def test_doses_forward_mode_vmap_and_float32():
     """jax.jacfwd (Direct's forward rule through the segments), jit(vmap(grad)) over dose
     sizes, and float32 (relative error at float32's tolerance)."""
     args = (KA, KE, D, DOSES, TS)
-    got = jax.jacfwd(lambda ka, times: dosed(ka, KE, D, times, TS, diffode.Direct()), argnums=(0, 1))(KA, DOSES)
+    got = jax.jacfwd(lambda ka, times: dosed(ka, KE, D, times, TS, diffode.Direct()), argnums=(0, 1))(
+        KA, DOSES
+    )
     ref = jax.jacfwd(lambda ka, times: bateman(ka, KE, D, times, TS), argnums=(0, 1))(KA, DOSES)
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-7)
     sizes = jnp.array([5.0, 10.0, 20.0])
     loss = lambda d: jnp.sum(dosed(KA, KE, d, DOSES, TS, diffode.Direct()) ** 2)  # noqa: E731
     ref_loss = lambda d: jnp.sum(bateman(KA, KE, d, DOSES, TS) ** 2)  # noqa: E731
-    np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(loss)))(sizes), jax.vmap(jax.grad(ref_loss))(sizes),
-                               rtol=1e-8)
-    f32 = dosed(jnp.float32(KA), jnp.float32(KE), jnp.float32(D), DOSES.astype(jnp.float32), TS.astype(jnp.float32))
+    np.testing.assert_allclose(
+        jax.jit(jax.vmap(jax.grad(loss)))(sizes), jax.vmap(jax.grad(ref_loss))(sizes), rtol=1e-8
+    )
+    f32 = dosed(
+        jnp.float32(KA), jnp.float32(KE), jnp.float32(D), DOSES.astype(jnp.float32), TS.astype(jnp.float32)
+    )
     assert f32.dtype == jnp.float32
     np.testing.assert_allclose(f32, bateman(*args), rtol=1e-4, atol=1e-4)
 
@@ -87,10 +97,24 @@ BALL_TS = jnp.linspace(0.0, 3.0, 31)
 
 
 def ball(h, g, e, method=None, max_fires=16, **kw):
-    bounce = diffode.Event(lambda t, y, g: y[0], direction=-1, terminal=False, max_fires=max_fires,
-                           apply=lambda t, y, g: jnp.stack([jnp.zeros_like(y[0]), -e * y[1]]))
-    return diffode.solve(fall, jnp.stack([h, jnp.zeros_like(h)]), BALL_TS, g, events=bounce, sensitivity=method,
-                         rtol=1e-10, atol=1e-12, **kw)
+    bounce = diffode.Event(
+        lambda t, y, g: y[0],
+        direction=-1,
+        terminal=False,
+        max_fires=max_fires,
+        apply=lambda t, y, g: jnp.stack([jnp.zeros_like(y[0]), -e * y[1]]),
+    )
+    return diffode.solve(
+        fall,
+        jnp.stack([h, jnp.zeros_like(h)]),
+        BALL_TS,
+        g,
+        events=bounce,
+        sensitivity=method,
+        rtol=1e-10,
+        atol=1e-12,
+        **kw,
+    )
 
 
 def bouncing(h, g, e):
@@ -103,7 +127,9 @@ def bouncing(h, g, e):
     return x
 
 
-@pytest.mark.parametrize("method", [diffode.Direct(), diffode.ForwardSensitivity()], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "method", [diffode.Direct(), diffode.ForwardSensitivity()], ids=lambda m: type(m).__name__
+)
 def test_bouncing_ball(method):
     """Heights, and jit(grad) and jacfwd of a loss with respect to the height, gravity (a
     Python float in args) and the restitution (closed over by apply), against the closed
@@ -117,8 +143,11 @@ def test_bouncing_ball(method):
     if isinstance(method, diffode.ForwardSensitivity):
         return
     hs = jnp.array([1.0, 2.0, 3.0])
-    np.testing.assert_allclose(jax.vmap(lambda h: ball(h, 9.81, 0.8, method).ys[:, 0])(hs),
-                               jax.vmap(lambda h: bouncing(h, 9.81, 0.8))(hs), atol=1e-11)
+    np.testing.assert_allclose(
+        jax.vmap(lambda h: ball(h, 9.81, 0.8, method).ys[:, 0])(hs),
+        jax.vmap(lambda h: bouncing(h, 9.81, 0.8))(hs),
+        atol=1e-11,
+    )
 
 
 def test_event_limit_is_a_failure():

@@ -49,11 +49,17 @@ def method(request):
 
 # Every method on every problem, except the GMRES Newton, whose derivatives compile slowly
 # (35-50 s a problem): it runs on the nonlinear pytree problem only.
-CLOSED_FORM_CASES = [(name, make) for name in METHODS for make in problems.STEADY
-                     if name != "newton_gmres" or make is problems.michaelis_menten_flow]
+CLOSED_FORM_CASES = [
+    (name, make)
+    for name in METHODS
+    for make in problems.STEADY
+    if name != "newton_gmres" or make is problems.michaelis_menten_flow
+]
 
 
-@pytest.mark.parametrize("name, make", CLOSED_FORM_CASES, ids=lambda c: c if isinstance(c, str) else c.__name__)
+@pytest.mark.parametrize(
+    "name, make", CLOSED_FORM_CASES, ids=lambda c: c if isinstance(c, str) else c.__name__
+)
 def test_value_and_derivatives_match_closed_form(name, make):
     method = METHODS[name]
     p = make()
@@ -92,8 +98,9 @@ def test_forward_reverse_and_second_order_agree():
     _, tangent = jax.jit(lambda v, dv: jax.jvp(y_star, (v,), (dv,)))(v, dv)
     np.testing.assert_allclose(tangent, jf @ dv, rtol=1e-12, atol=1e-14)
     ct = jnp.arange(1.0, 7.0)
-    np.testing.assert_allclose(jax.jit(lambda v, ct: jax.vjp(y_star, v)[1](ct)[0])(v, ct), ct @ jr, rtol=1e-12,
-                               atol=1e-14)
+    np.testing.assert_allclose(
+        jax.jit(lambda v, ct: jax.vjp(y_star, v)[1](ct)[0])(v, ct), ct @ jr, rtol=1e-12, atol=1e-14
+    )
     scalar = lambda v: loss(y_star(v))  # noqa: E731
     h_fr = jax.jit(jax.jacfwd(jax.jacrev(scalar)))(v)
     h_rf = jax.jit(jax.jacrev(jax.jacfwd(scalar)))(v)
@@ -113,8 +120,17 @@ def test_gradient_matches_long_solve():
     p = problems.enzyme_chain(8)
 
     def long_solve(args):
-        sol = diffode.solve(p.f, p.y0, jnp.array([0.0, 800.0]), args, solver=diffode.Rodas5P(), rtol=1e-10,
-                            atol=1e-12, sensitivity=diffode.Direct(), max_steps=20000)
+        sol = diffode.solve(
+            p.f,
+            p.y0,
+            jnp.array([0.0, 800.0]),
+            args,
+            solver=diffode.Rodas5P(),
+            rtol=1e-10,
+            atol=1e-12,
+            sensitivity=diffode.Direct(),
+            max_steps=20000,
+        )
         return loss(sol.ys[-1])
 
     g_ss = jax.jit(jax.grad(lambda a: loss(diffode.steady_state(p.f, p.y0, a).y)))(p.args)
@@ -130,7 +146,9 @@ def test_all_methods_find_the_same_state_and_gradient():
         out = {}
         methods = dict(METHODS, ptc_gmres=diffode.PseudoTransient(linear_solver=diffode.GMRES(rtol=1e-12)))
         for name, m in methods.items():
-            val, g = jax.value_and_grad(lambda a, m=m: loss(diffode.steady_state(p.f, p.y0, a, method=m).y))(args)
+            val, g = jax.value_and_grad(lambda a, m=m: loss(diffode.steady_state(p.f, p.y0, a, method=m).y))(
+                args
+            )
             out[name] = (val, g)
         return out
 
@@ -195,12 +213,15 @@ def test_equinox_module_parameters():
     leaves, treedef = jtu.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     direction = jtu.tree_unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-    at = eqx.filter_jit(lambda s: objective(eqx.combine(jtu.tree_map(lambda p, d: p + s * d, params, direction),
-                                                        static)))
+    at = eqx.filter_jit(
+        lambda s: objective(eqx.combine(jtu.tree_map(lambda p, d: p + s * d, params, direction), static))
+    )
     h = 1e-5
     fd = (at(h) - at(-h)) / (2 * h)
-    analytic = sum(jnp.vdot(g, d) for g, d in zip(jtu.tree_leaves(eqx.filter(grads, eqx.is_inexact_array)),
-                                                  jtu.tree_leaves(direction)))
+    analytic = sum(
+        jnp.vdot(g, d)
+        for g, d in zip(jtu.tree_leaves(eqx.filter(grads, eqx.is_inexact_array)), jtu.tree_leaves(direction))
+    )
     np.testing.assert_allclose(analytic, fd, rtol=1e-7)
 
 

@@ -62,11 +62,13 @@ def test_no_real_root_stalls_the_line_search():
     assert np.isnan(float(sol.y)) and abs(float(sol.residual) - 1) < 1e-6  # |f| = 1 at y = 0
 
 
-@pytest.mark.parametrize("method", [diffode.PseudoTransient(), diffode.IntegrateToSteady()],
-                         ids=["ptc", "integrate"])
+@pytest.mark.parametrize(
+    "method", [diffode.PseudoTransient(), diffode.IntegrateToSteady()], ids=["ptc", "integrate"]
+)
 def test_no_steady_state_dynamic_methods_run_out_of_steps(method):
-    sol = expect(S.MAX_STEPS_REACHED, constant, jnp.array(0.0), method=method, max_steps=6,
-                 match="no steady state")
+    sol = expect(
+        S.MAX_STEPS_REACHED, constant, jnp.array(0.0), method=method, max_steps=6, match="no steady state"
+    )
     assert int(sol.stats["num_iterations"]) == 6 and float(sol.residual) == 1.0
 
 
@@ -84,8 +86,9 @@ def test_non_isolated_steady_state_has_no_derivative():
     np.testing.assert_allclose(sol.y, [0.5, 0.5], rtol=1e-12)
 
     def first(k, throw):
-        return diffode.steady_state(exchange, jnp.array([1.0, 0.0]), k, method=diffode.PseudoTransient(),
-                                    throw=throw).y[0]
+        return diffode.steady_state(
+            exchange, jnp.array([1.0, 0.0]), k, method=diffode.PseudoTransient(), throw=throw
+        ).y[0]
 
     with pytest.raises(SOLVE_ERRORS) as info:
         jax.block_until_ready(eqx.filter_jit(jax.grad(lambda k: first(k, True)))(2.0))
@@ -103,8 +106,13 @@ def test_max_steps_reached():
 
 
 def test_ode_stretch_failure():
-    sol = expect(S.ODE_FAILED, lambda t, y, a: a - y, jnp.array(0.0), jnp.array(1.0),
-                 method=diffode.IntegrateToSteady(max_ode_steps=3))
+    sol = expect(
+        S.ODE_FAILED,
+        lambda t, y, a: a - y,
+        jnp.array(0.0),
+        jnp.array(1.0),
+        method=diffode.IntegrateToSteady(max_ode_steps=3),
+    )
     assert int(sol.stats["ode_status"]) == diffode.Status.MAX_STEPS_REACHED
 
 
@@ -128,8 +136,11 @@ def test_rhs_nan_everywhere_near_the_iterate():
 
 @pytest.mark.parametrize(
     "y0, args, t",
-    [(jnp.array([jnp.nan, 1.0]), jnp.array(1.0), 0.0), (jnp.array([0.0, 1.0]), jnp.array(jnp.inf), 0.0),
-     (jnp.array([0.0, 1.0]), jnp.array(1.0), jnp.nan)],
+    [
+        (jnp.array([jnp.nan, 1.0]), jnp.array(1.0), 0.0),
+        (jnp.array([0.0, 1.0]), jnp.array(jnp.inf), 0.0),
+        (jnp.array([0.0, 1.0]), jnp.array(1.0), jnp.nan),
+    ],
     ids=["y0", "args", "t"],
 )
 def test_nonfinite_input(y0, args, t):

@@ -79,8 +79,9 @@ def test_throw_false_failed_members_are_nan_and_healthy_ones_exact():
     @jax.jit
     def batched(a):  # one compilation for every loss and transformation
         sol = jax.vmap(lambda a: solve(f, a, throw=False))(a)
-        values, grads = zip(*(jax.vmap(jax.value_and_grad(functools.partial(loss, throw=False)))(a)
-                              for loss in LOSSES))
+        values, grads = zip(
+            *(jax.vmap(jax.value_and_grad(functools.partial(loss, throw=False)))(a) for loss in LOSSES)
+        )
         jacfwd = jax.vmap(jax.jacfwd(functools.partial(by_closure, throw=False)))(a)
         hessian = jax.vmap(jax.hessian(functools.partial(by_args, throw=False)))(a)
         return sol, values, grads, jacfwd, hessian

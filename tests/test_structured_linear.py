@@ -55,8 +55,9 @@ def check_solves(ls, pattern, shift, scale, seed=0):
 
     @jax.jit
     def solves(b):
-        op = ShiftedJacobian(f, t, y, ls.linearise(f, t, y), None if shift is None else jnp.asarray(shift),
-                             jnp.asarray(scale))
+        op = ShiftedJacobian(
+            f, t, y, ls.linearise(f, t, y), None if shift is None else jnp.asarray(shift), jnp.asarray(scale)
+        )
         state = ls.init(op)
         return ls.compute(state, op, b), ls.compute(state, op, b, transpose=True)
 
@@ -115,7 +116,9 @@ def reaction_diffusion(t, y, args):
     a, b, alpha = args
     u, v = y[0::2], y[1::2]
     lap = lambda w: jnp.concatenate([w[1:2] - w[:1], w[2:] - 2 * w[1:-1] + w[:-2], w[-2:-1] - w[-1:]])  # noqa: E731
-    return jnp.stack([b + u * u * v - (a + 1) * u + alpha * lap(u), a * u - u * u * v + alpha * lap(v)], -1).ravel()
+    return jnp.stack(
+        [b + u * u * v - (a + 1) * u + alpha * lap(u), a * u - u * u * v + alpha * lap(v)], -1
+    ).ravel()
 
 
 M = 8
@@ -129,10 +132,14 @@ def pattern_1d():
 
 
 @pytest.mark.parametrize("linear", ["SparseLU", "BandedLU"])
-@pytest.mark.parametrize("solver", [diffode.Kvaerno5, diffode.Radau5, diffode.Rodas5P], ids=lambda s: s.__name__)
+@pytest.mark.parametrize(
+    "solver", [diffode.Kvaerno5, diffode.Radau5, diffode.Rodas5P], ids=lambda s: s.__name__
+)
 def test_implicit_solvers_with_structured_lu_match_dense_lu(solver, linear):
     ls = diffode.SparseLU(pattern_1d()) if linear == "SparseLU" else diffode.BandedLU(2, 2)
-    got = jax.jit(lambda y0: diffode.solve(reaction_diffusion, y0, TS, ARGS, solver=solver(linear_solver=ls)))(Y0)
+    got = jax.jit(
+        lambda y0: diffode.solve(reaction_diffusion, y0, TS, ARGS, solver=solver(linear_solver=ls))
+    )(Y0)
     ref = diffode.solve(reaction_diffusion, Y0, TS, ARGS, solver=solver(linear_solver=diffode.LU()))
     np.testing.assert_allclose(got.ys, ref.ys, rtol=1e-9, atol=1e-12)
     assert int(got.stats["num_steps"]) == int(ref.stats["num_steps"])
@@ -151,8 +158,17 @@ def test_pattern_selects_sparse_lu_and_gradients_agree():
     assert isinstance(gm.linear_solver.preconditioner, diffode.SparseLU)
 
     def loss(args, sensitivity, **kw):
-        sol = diffode.solve(reaction_diffusion, Y0, TS, args, solver=diffode.Rodas5P(), sensitivity=sensitivity,
-                            rtol=1e-9, atol=1e-11, **kw)
+        sol = diffode.solve(
+            reaction_diffusion,
+            Y0,
+            TS,
+            args,
+            solver=diffode.Rodas5P(),
+            sensitivity=sensitivity,
+            rtol=1e-9,
+            atol=1e-11,
+            **kw,
+        )
         return jnp.sum(sol.ys[-1] ** 2)
 
     args = tuple(jnp.asarray(a) for a in ARGS)
@@ -168,16 +184,29 @@ def test_pattern_selects_sparse_lu_and_gradients_agree():
 def test_float32_and_linearize():
     ls = diffode.BandedLU(2, 2)
     y32 = Y0.astype(jnp.float32)
-    sol = diffode.solve(reaction_diffusion, y32, TS.astype(jnp.float32), ARGS, solver=diffode.Rodas5P(linear_solver=ls),
-                        rtol=1e-4, atol=1e-6)
+    sol = diffode.solve(
+        reaction_diffusion,
+        y32,
+        TS.astype(jnp.float32),
+        ARGS,
+        solver=diffode.Rodas5P(linear_solver=ls),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     ref = diffode.solve(reaction_diffusion, Y0, TS, ARGS, solver=diffode.Rodas5P(), rtol=1e-10, atol=1e-12)
     assert sol.ys.dtype == jnp.float32
     np.testing.assert_allclose(sol.ys, ref.ys, rtol=2e-3, atol=1e-4)  # rtol 1e-4, global error growth
 
     @jax.jit
     def final(y0):
-        return diffode.solve(reaction_diffusion, y0, TS, ARGS, solver=diffode.Rodas5P(linear_solver=ls),
-                             sensitivity=diffode.Direct()).ys[-1]
+        return diffode.solve(
+            reaction_diffusion,
+            y0,
+            TS,
+            ARGS,
+            solver=diffode.Rodas5P(linear_solver=ls),
+            sensitivity=diffode.Direct(),
+        ).ys[-1]
 
     out, lin = jax.linearize(final, Y0)
     v = jnp.ones_like(Y0)
@@ -198,7 +227,7 @@ def _augmented(n, k, seed=0):
     W, P = jnp.asarray(rng.normal(size=(n, n))), jnp.asarray(rng.normal(size=(k, n)))
 
     def f(y, p):
-        return jnp.tanh(W @ y) - y ** 3 + p @ P
+        return jnp.tanh(W @ y) - y**3 + p @ P
 
     p0 = jnp.asarray(rng.normal(size=k))
 
@@ -226,8 +255,9 @@ def test_sensitivity_lu_solves_the_augmented_system(shift, scale):
 
     @jax.jit
     def solves(b):
-        op = ShiftedJacobian(f, t, z, ls.linearise(f, t, z), None if shift is None else jnp.asarray(shift),
-                             jnp.asarray(scale))
+        op = ShiftedJacobian(
+            f, t, z, ls.linearise(f, t, z), None if shift is None else jnp.asarray(shift), jnp.asarray(scale)
+        )
         state = ls.init(op)
         return ls.compute(state, op, b), ls.compute(state, op, b, transpose=True), ls.linearise(f, t, z)
 
@@ -250,4 +280,3 @@ def test_forward_sensitivity_factorises_the_state_block():
         assert isinstance(ls, SensitivityLU) and isinstance(ls.inner, diffode.LU) and ls.n == 8
     gmres = diffode.Kvaerno5(linear_solver=diffode.GMRES())
     assert _augmented_solver(gmres, 8) is gmres  # matrix-free: the augmented products as they are
-

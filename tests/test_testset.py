@@ -32,9 +32,18 @@ def digits(y, ref, floor=0.0):
 def test_six_correct_digits_at_rtol_1e8(factory, solver_name):
     p = factory()
     ratio = problems.TESTSET_ATOL_OVER_RTOL[factory.__name__]
-    solve = jax.jit(lambda y0, args: diffode.solve(
-        p.f, y0, jnp.asarray([p.t0, p.t1]), args, solver=SOLVERS[solver_name], rtol=RTOL, atol=RTOL * ratio,
-        max_steps=20_000).ys[-1])
+    solve = jax.jit(
+        lambda y0, args: diffode.solve(
+            p.f,
+            y0,
+            jnp.asarray([p.t0, p.t1]),
+            args,
+            solver=SOLVERS[solver_name],
+            rtol=RTOL,
+            atol=RTOL * ratio,
+            max_steps=20_000,
+        ).ys[-1]
+    )
     y1 = solve(p.y0, p.args)
     # Observed (float64, jax 0.10.2): 7.3 (ROBER, Rodas5) to 11.3 (ROBER, Radau5) by both measures.
     mescd = digits(y1, p.reference, floor=ratio)

@@ -80,8 +80,14 @@ def lv_loss(theta, method, rtol):
     return _loss(_solve(f, theta["y0"], ts, args, method, rtol))
 
 
-THETA = dict(args_array=jnp.asarray(P[:1]), float=1.0, module=jnp.asarray(P[2]), closure=jnp.asarray(P[3]),
-             y0=jnp.asarray(Y0), ts=jnp.asarray([TS[0], TS[-1]]))
+THETA = dict(
+    args_array=jnp.asarray(P[:1]),
+    float=1.0,
+    module=jnp.asarray(P[2]),
+    closure=jnp.asarray(P[3]),
+    y0=jnp.asarray(Y0),
+    ts=jnp.asarray([TS[0], TS[-1]]),
+)
 STYLES = {"lv": (lv_loss, THETA)}
 
 
@@ -182,8 +188,10 @@ def test_batched(method, style="lv"):
     m = METHODS[method]
     loss = lambda th: loss_fn(th, m, RTOL)  # noqa: E731
     thetas = jax.tree_util.tree_map(lambda v: jnp.stack([jnp.asarray(v), jnp.asarray(v) * 1.05]), theta0)
-    for name, fn in {"vmap(jit(grad))": jax.vmap(jax.jit(jax.grad(loss))),
-                     "jit(vmap(grad))": jax.jit(jax.vmap(jax.grad(loss)))}.items():
+    for name, fn in {
+        "vmap(jit(grad))": jax.vmap(jax.jit(jax.grad(loss))),
+        "jit(vmap(grad))": jax.jit(jax.vmap(jax.grad(loss))),
+    }.items():
         got = fn(thetas)
         for b in range(2):
             member = jax.tree_util.tree_map(lambda v: v[b], got)
@@ -297,8 +305,14 @@ def test_python_float_parameters_with_x64_off():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
-    out = subprocess.run([sys.executable, "-c", _X64_OFF_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", _X64_OFF_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -314,8 +328,16 @@ def test_user_jacobian_closing_over_a_parameter(method):
     m = METHODS[method]
 
     def y1(k):
-        sol = diffode.solve(lambda t, y, _: -k * y, jnp.array([1.0]), jnp.array([0.0, 1.0]), solver=diffode.Rodas5P(),
-                            jac=lambda t, y, _: -k * jnp.eye(1), sensitivity=m, rtol=1e-10, atol=1e-10)
+        sol = diffode.solve(
+            lambda t, y, _: -k * y,
+            jnp.array([1.0]),
+            jnp.array([0.0, 1.0]),
+            solver=diffode.Rodas5P(),
+            jac=lambda t, y, _: -k * jnp.eye(1),
+            sensitivity=m,
+            rtol=1e-10,
+            atol=1e-10,
+        )
         return sol.ys[-1, 0]
 
     k = 0.7

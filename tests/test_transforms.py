@@ -236,8 +236,9 @@ def mlp_rhs(t, y, mlp):
 @pytest.fixture(scope="module")
 def mlp():
     # Small weights keep the vector field non-stiff and the solve short.
-    model = eqx.nn.MLP(in_size=2, out_size=2, width_size=8, depth=2, activation=jnp.tanh,
-                       key=jax.random.PRNGKey(0))
+    model = eqx.nn.MLP(
+        in_size=2, out_size=2, width_size=8, depth=2, activation=jnp.tanh, key=jax.random.PRNGKey(0)
+    )
     model = jtu.tree_map(lambda x: 0.5 * x if eqx.is_inexact_array(x) else x, model)
     # The MLP's parameters are float64 in this session (x64 on).
     return model
@@ -263,9 +264,7 @@ def test_neural_ode_jit_and_vmap(mlp):
 
     # An ensemble of models: vmap over the module itself.
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    ensemble = eqx.filter_vmap(
-        lambda k: eqx.nn.MLP(2, 2, 8, 2, activation=jnp.tanh, key=k)
-    )(keys)
+    ensemble = eqx.filter_vmap(lambda k: eqx.nn.MLP(2, 2, 8, 2, activation=jnp.tanh, key=k))(keys)
     ens = eqx.filter_jit(eqx.filter_vmap(run, in_axes=(None, eqx.if_array(0))))(y0s[0], ensemble)
     assert ens.shape == (3, 5, 2)
     for i in range(3):

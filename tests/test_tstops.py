@@ -30,7 +30,9 @@ def closed_form(y0, p, ts):
     k, a = p
     t0 = ts[0]
     y1 = y0 * jnp.exp(-k * (SWITCH - t0))
-    return jnp.where(ts <= SWITCH, y0 * jnp.exp(-k * (ts - t0)), a / k + (y1 - a / k) * jnp.exp(-k * (ts - SWITCH)))
+    return jnp.where(
+        ts <= SWITCH, y0 * jnp.exp(-k * (ts - t0)), a / k + (y1 - a / k) * jnp.exp(-k * (ts - SWITCH))
+    )
 
 
 def _rel(a, b):
@@ -42,8 +44,11 @@ P = jnp.array([0.7, 1.5])
 TS = jnp.linspace(0.0, 3.0, 7)  # ts[2] == SWITCH: a save on the discontinuity
 
 
-@pytest.mark.parametrize("solver", [diffode.Tsit5(), diffode.Rodas5P(), diffode.Kvaerno5(), diffode.Radau5()],
-                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "solver",
+    [diffode.Tsit5(), diffode.Rodas5P(), diffode.Kvaerno5(), diffode.Radau5()],
+    ids=lambda s: type(s).__name__,
+)
 def test_steps_land_on_the_switch(solver):
     """With the switch as a tstop no step straddles it: no rejected steps, far fewer steps,
     and the closed form to the tolerance. Without it the controller rejects its way down
@@ -57,8 +62,16 @@ def test_steps_land_on_the_switch(solver):
     assert _rel(sol.ys[:, 0], closed_form(2.0, P, TS)) < 5e-7
 
 
-@pytest.mark.parametrize("method", [diffode.Direct(), diffode.ForwardSensitivity(), diffode.InterpolatingAdjoint(),
-                                    diffode.BacksolveAdjoint()], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "method",
+    [
+        diffode.Direct(),
+        diffode.ForwardSensitivity(),
+        diffode.InterpolatingAdjoint(),
+        diffode.BacksolveAdjoint(),
+    ],
+    ids=lambda m: type(m).__name__,
+)
 def test_gradients_across_the_switch(method):
     """Reverse mode of every method, under jit, with respect to y0, the parameters (one
     of them through a closure) and the save times, against the closed form; forward mode
@@ -70,7 +83,9 @@ def test_gradients_across_the_switch(method):
         def f(t, y, args):  # a closure over the switched amplitude, args for the rate
             return -args * y + jnp.where(t >= SWITCH, a, 0.0)
 
-        sol = diffode.solve(f, jnp.stack([y0]), ts, k, rtol=1e-10, atol=1e-12, tstops=[SWITCH], sensitivity=method)
+        sol = diffode.solve(
+            f, jnp.stack([y0]), ts, k, rtol=1e-10, atol=1e-12, tstops=[SWITCH], sensitivity=method
+        )
         return jnp.sum(sol.ys[:, 0] ** 2)
 
     def exact(y0, p, ts):
@@ -90,10 +105,17 @@ def test_batched_gradients_match_members_and_float32():
     members' own gradients; float32 runs and agrees with float64 to float32 accuracy."""
 
     def loss(y0, p, dtype=jnp.float64):
-        sol = diffode.solve(forced, jnp.stack([y0]).astype(dtype), TS.astype(dtype), p.astype(dtype),
-                            rtol=1e-6 if dtype == jnp.float32 else 1e-10, atol=1e-8, tstops=[SWITCH],
-                            sensitivity=diffode.Direct())
-        return jnp.sum(sol.ys ** 2)
+        sol = diffode.solve(
+            forced,
+            jnp.stack([y0]).astype(dtype),
+            TS.astype(dtype),
+            p.astype(dtype),
+            rtol=1e-6 if dtype == jnp.float32 else 1e-10,
+            atol=1e-8,
+            tstops=[SWITCH],
+            sensitivity=diffode.Direct(),
+        )
+        return jnp.sum(sol.ys**2)
 
     y0s = jnp.array([2.0, 0.5, -1.0])
     batched = jax.jit(jax.vmap(jax.grad(loss, argnums=1), in_axes=(0, None)))(y0s, P)

@@ -60,7 +60,9 @@ def adjoint_opts(opts: IntegrateOptions, keep: int | None = None) -> IntegrateOp
     return opts._replace(jac=None, dense=False, controller=controller)
 
 
-def rhs_vjp(f: Callable, t: Array, y: Array, lam: Array, diff: PyTree, static: PyTree) -> tuple[Array, Array, Array]:
+def rhs_vjp(
+    f: Callable, t: Array, y: Array, lam: Array, diff: PyTree, static: PyTree
+) -> tuple[Array, Array, Array]:
     """``(f(t, y), lam^T df/dy, lam^T df/dp)`` with ``p`` the raveled ``diff`` leaves."""
     fy, vjp = jax.vjp(lambda y_, d_: f(t, y_, combine(d_, static)), y, diff)
     a_y, a_p = vjp(lam)
@@ -107,8 +109,10 @@ class AbstractAdjoint(AbstractSensitivity):
         # (throw=True) or gives NaN cotangents.
         if prob.opts.throw:
             name = type(self).__name__
-            messages = tuple(f"{name}: the backward (adjoint) solve failed. {MESSAGES[s]}{self.failure_hint}"
-                             for s in Status)
+            messages = tuple(
+                f"{name}: the backward (adjoint) solve failed. {MESSAGES[s]}{self.failure_hint}"
+                for s in Status
+            )
             lam, mu = raise_on_failure((lam, mu), status, messages)
         ts_bar = None
         if x_struct[1] is not None:

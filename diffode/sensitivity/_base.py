@@ -30,7 +30,8 @@ from jaxtyping import Array, PyTree
 
 from .._integrate import next_float
 from .._solution import MESSAGE_LIST
-from .._util import failure_scale as status_scale, float0_zeros
+from .._util import failure_scale as status_scale
+from .._util import float0_zeros
 from ._linear_map import LinearOp, linear_map, tree_vdot
 
 #: ``loop(f, y0, ts, args, opts) -> (ys, counters, pieces)``: the solve loop, handed over by ``solve``.
@@ -98,7 +99,9 @@ class AbstractSensitivity(eqx.Module):
     def cotangent(self, loop: Loop, prob: Problem, r, ys_bar, x_struct) -> tuple:
         raise NotImplementedError
 
-    def cotangent_batched(self, loop: Loop, prob_static: Problem, r, ys_bar, x_struct, r_axes, x_axes, size: int):
+    def cotangent_batched(
+        self, loop: Loop, prob_static: Problem, r, ys_bar, x_struct, r_axes, x_axes, size: int
+    ):
         """Optionally, :meth:`cotangent` for a ``jax.vmap`` batch of ``size`` solves at once
         (``r`` and ``ys_bar`` batched along ``r_axes`` and 0; ``prob_static`` the problem
         without its arrays, which are ``r[-1]``): the input cotangents batched along 0
@@ -177,10 +180,14 @@ def custom_solve_jvp(primal: Callable, prob: Problem, rule: Callable, y0, ts, pa
 
     def make(meta):
         if ts is None:
-            core = jax.custom_jvp(lambda y0, params, arrays, cache: primal(whole(arrays), y0, None, params, cache))
+            core = jax.custom_jvp(
+                lambda y0, params, arrays, cache: primal(whole(arrays), y0, None, params, cache)
+            )
             call = lambda y0, ts, params, arrays, cache: core(y0, params, arrays, cache)  # noqa: E731
         else:
-            core = jax.custom_jvp(lambda y0, ts, params, arrays, cache: primal(whole(arrays), y0, ts, params, cache))
+            core = jax.custom_jvp(
+                lambda y0, ts, params, arrays, cache: primal(whole(arrays), y0, ts, params, cache)
+            )
             call = core
 
         def jvp(primals, tangents):
@@ -233,7 +240,10 @@ def differentiable_solve(method: AbstractSensitivity, loop: Loop, prob: Problem,
             op = SolveOp(method, loop, prob_static, jtu.tree_map(lambda _: True, x), meta)
             r = (y0, ts, params, ys) + (() if cache is None else (cache[2],)) + (arrays,)
             dys = linear_map(op, r, x)
-        return (ys, counters), (dys * failure_scale(counters, prob.opts.throw, ys.dtype), float0_zeros(counters))
+        return (ys, counters), (
+            dys * failure_scale(counters, prob.opts.throw, ys.dtype),
+            float0_zeros(counters),
+        )
 
     return custom_solve_jvp(primal, prob, rule, y0, ts, params)
 
@@ -293,7 +303,13 @@ class SolveOp(ProblemOp):
     """
 
     def __init__(self, method: AbstractSensitivity, loop: Loop, prob_static: Problem, x_struct, meta=None):
-        self.method, self.loop, self.prob_static, self.x_struct, self.meta = method, loop, prob_static, x_struct, meta
+        self.method, self.loop, self.prob_static, self.x_struct, self.meta = (
+            method,
+            loop,
+            prob_static,
+            x_struct,
+            meta,
+        )
 
     def _cache_kw(self, r) -> dict:
         return {} if self.meta is None else dict(cache=(self.meta, r[4]))
@@ -312,18 +328,35 @@ class SolveOp(ProblemOp):
 
     def transpose_batched(self, r, y, r_axes, x_axes, size):
         if self.meta is None:
-            return self.method.cotangent_batched(self.loop, self.prob_static, r, y, self.x_struct, r_axes, x_axes,
-                                                 size)
+            return self.method.cotangent_batched(
+                self.loop, self.prob_static, r, y, self.x_struct, r_axes, x_axes, size
+            )
         # The record travels batched along its own axes: put the batch first.
-        rec = jtu.tree_map(lambda v, ax: jnp.broadcast_to(v, (size,) + jnp.shape(v)) if ax is None
-                           else jnp.moveaxis(v, ax, 0), r[4], r_axes[4])
+        rec = jtu.tree_map(
+            lambda v, ax: (
+                jnp.broadcast_to(v, (size,) + jnp.shape(v)) if ax is None else jnp.moveaxis(v, ax, 0)
+            ),
+            r[4],
+            r_axes[4],
+        )
         drop = lambda t: tuple(t[:4]) + (t[5],)  # noqa: E731
-        return self.method.cotangent_batched(self.loop, self.prob_static, drop(r), y, self.x_struct, drop(r_axes),
-                                             x_axes, size, cache=(self.meta, rec))
+        return self.method.cotangent_batched(
+            self.loop,
+            self.prob_static,
+            drop(r),
+            y,
+            self.x_struct,
+            drop(r_axes),
+            x_axes,
+            size,
+            cache=(self.meta, rec),
+        )
 
     def vjp_res(self, r, x, c):
         core, prob = self.unpack(r)
-        grad = jax.grad(lambda r_: tree_vdot(c, variational_tangent(self.method, self.loop, prob, r_, x)))(core)
+        grad = jax.grad(lambda r_: tree_vdot(c, variational_tangent(self.method, self.loop, prob, r_, x)))(
+            core
+        )
         # The record is a function of (y0, ts, params), differentiated through them.
         return (*grad, *[jtu.tree_map(zero_cotangent, v) for v in r[4:]])
 
@@ -386,9 +419,17 @@ def variational_tangent(method: AbstractSensitivity, loop: Loop, prob: Problem, 
     s0 = _zeros_like(y0) if dy0 is None else dy0
     if dts is not None:
         s0 = s0 - f(ts_[0], y0, args) * dts[0]
-    aug = Problem(variational_rhs(f, prob.static, n), None, prob.opts._replace(jac=None, dense=False), prob.known_ts)
-    zs, _ = method.apply(loop, aug, jnp.concatenate([y0, s0.astype(y0.dtype)]), ts, (params, fill_zeros(dparams, params)))
-    return zs[:, n:] if dts is None else add_time_shift(zs[:, n:], f, ts_, zs[:, :n], args, dts, prob.opts.tstops)
+    aug = Problem(
+        variational_rhs(f, prob.static, n), None, prob.opts._replace(jac=None, dense=False), prob.known_ts
+    )
+    zs, _ = method.apply(
+        loop, aug, jnp.concatenate([y0, s0.astype(y0.dtype)]), ts, (params, fill_zeros(dparams, params))
+    )
+    return (
+        zs[:, n:]
+        if dts is None
+        else add_time_shift(zs[:, n:], f, ts_, zs[:, :n], args, dts, prob.opts.tstops)
+    )
 
 
 def add_time_shift(dys: Array, f: Callable, ts: Array, ys: Array, args, dts: Array, tstops=None) -> Array:
@@ -408,7 +449,9 @@ def save_slopes(f: Callable, ts: Array, ys: Array, args, tstops=None) -> Array:
     if tstops is not None:
         direction = jnp.sign(ts[-1] - ts[0]).astype(ts.dtype)
         at_stop = jnp.any(ts[:, None] == jnp.asarray(tstops, ts.dtype)[None, :], axis=1)
-        ts = jnp.where(at_stop, jnp.where(direction > 0, next_float(ts, -jnp.inf), next_float(ts, jnp.inf)), ts)
+        ts = jnp.where(
+            at_stop, jnp.where(direction > 0, next_float(ts, -jnp.inf), next_float(ts, jnp.inf)), ts
+        )
     return jax.vmap(f, in_axes=(0, 0, None))(ts, ys, args)
 
 

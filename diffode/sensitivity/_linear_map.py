@@ -164,8 +164,12 @@ class _Batched(LinearOp):
         batched = getattr(self.op, "transpose_batched", None)
         out = None if batched is None else batched(r, y, self.r_axes, self.x_axes, self.size)
         if out is not None:
-            return jtu.tree_map(lambda v, ax: v if v is None or ax is None else jnp.moveaxis(v, 0, ax),
-                                out, self.x_axes, is_leaf=lambda v: v is None)
+            return jtu.tree_map(
+                lambda v, ax: v if v is None or ax is None else jnp.moveaxis(v, 0, ax),
+                out,
+                self.x_axes,
+                is_leaf=lambda v: v is None,
+            )
         out = self._vmap(self.op.transpose, (self.r_axes, 0))(r, y)
         return jtu.tree_map(_move_batch, out, self.x_axes, is_leaf=lambda v: v is None)
 
@@ -263,7 +267,9 @@ def _transpose(cts, *args, op, r_tree, x_tree, out_tree, out_avals):
     y = jtu.tree_unflatten(out_tree, cts)
     x_bar = linear_map(_Transposed(op, x_struct), r, y)
     x_bar_flat = jtu.tree_leaves(x_bar)
-    return [None] * len(r_flat) + [c if ad.is_undefined_primal(v) else None for c, v in zip(x_bar_flat, x_flat)]
+    return [None] * len(r_flat) + [
+        c if ad.is_undefined_primal(v) else None for c, v in zip(x_bar_flat, x_flat)
+    ]
 
 
 def _batch(args, dims, *, op, r_tree, x_tree, out_tree, out_avals):

@@ -6,12 +6,12 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._base import AbstractSensitivity, loop_tangent
 from ..solvers.explicit_rk import ExplicitRK
 from ..solvers.linear import AbstractDirectSolver
 from ..solvers.radau import Radau5
 from ..solvers.rosenbrock import Rosenbrock
 from ..solvers.structured import BlockTridiagonalLU
+from ._base import AbstractSensitivity, loop_tangent
 from .direct import DEFAULT_MEMORY_BUDGET, Direct, check_budget
 from .forward import ForwardSensitivity
 from .interpolating import InterpolatingAdjoint

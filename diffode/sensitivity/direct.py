@@ -23,25 +23,25 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax import lax
 
-from ..solvers.explicit_rk import ExplicitRK
-from ..solvers.sdirk import SDIRK
 from .._integrate import internal_rhs, landing_times, last_time, left_of, next_float, time_direction
+from .._regularisers import step_regularisers
+from .._solution import DenseOutput, Status
+from .._util import float0_zeros, select, vmap_size
+from ..solvers.base import Tolerances
+from ..solvers.explicit_rk import ExplicitRK
 from ..solvers.radau import Radau5
 from ..solvers.rosenbrock import Rosenbrock
-from .._solution import DenseOutput, Status
-from .._regularisers import step_regularisers
-from ..solvers.base import Tolerances
-from .._util import float0_zeros, select, vmap_size
+from ..solvers.sdirk import SDIRK
 from ._base import (
     AbstractSensitivity,
+    ProblemOp,
     combine,
+    custom_solve_jvp,
     failure_scale,
     keep_present,
     loop_tangent,
     nan_if,
     prob_times,
-    custom_solve_jvp,
-    ProblemOp,
     split_problem,
 )
 from ._linear_map import linear_map
@@ -62,9 +62,16 @@ class _Recorder:
     ``k % (window + 1)`` of a second buffer (the spare row takes a finished vmapped
     member's writes)."""
 
-    def __init__(self, solver, max_steps: int, stride: int, rows: int, tdtype, ring: bool = False,
-                 window: int = 0):
-        self.solver, self.max_steps, self.stride, self.rows, self.tdtype = solver, max_steps, stride, rows, tdtype
+    def __init__(
+        self, solver, max_steps: int, stride: int, rows: int, tdtype, ring: bool = False, window: int = 0
+    ):
+        self.solver, self.max_steps, self.stride, self.rows, self.tdtype = (
+            solver,
+            max_steps,
+            stride,
+            rows,
+            tdtype,
+        )
         self.ring = ring  # step k in row k % rows (stride 1): the last `rows` steps
         self.window = window
         self.stat_names = solver.stat_names
@@ -225,7 +232,9 @@ class Direct(AbstractSensitivity):
     def __check_init__(self):
         c = self.checkpoints
         if c is not None and c != "recursive" and not _positive_int(c):
-            raise ValueError(f"Direct: checkpoints must be None, a positive integer or 'recursive', got {c!r}")
+            raise ValueError(
+                f"Direct: checkpoints must be None, a positive integer or 'recursive', got {c!r}"
+            )
         check_budget("Direct", self.memory_budget)
 
     def check(self, prob):
@@ -248,7 +257,10 @@ class Direct(AbstractSensitivity):
         ts_ = prob_times(prob, ts)
         if size:
             ring = _ring_rows(opts.max_steps, size, y0.shape[-1], y0.dtype, jnp.result_type(ts_))
-            if self.memory_budget is not None and ring * (y0.shape[-1] * y0.dtype.itemsize + 16) > self.memory_budget:
+            if (
+                self.memory_budget is not None
+                and ring * (y0.shape[-1] * y0.dtype.itemsize + 16) > self.memory_budget
+            ):
                 return None
             layout, meta = Layout(1, ring), ("ring", ring)
         else:
@@ -268,7 +280,9 @@ class Direct(AbstractSensitivity):
 def stored_states(method: Direct, max_steps: int, state_bytes: int = 8, time_bytes: int = 8) -> int:
     """How many states the reverse pass of ``method`` stores at most, for ``max_steps``
     steps of a state of ``state_bytes`` bytes (and times of ``time_bytes``)."""
-    return plan("Direct", method.checkpoints, method.memory_budget, max_steps, state_bytes, time_bytes).states()
+    return plan(
+        "Direct", method.checkpoints, method.memory_budget, max_steps, state_bytes, time_bytes
+    ).states()
 
 
 def _stack_depth(steps: int) -> int:
@@ -321,7 +335,9 @@ def _bisected(max_steps: int, k: int) -> Layout:
     return Layout(stride, math.ceil(max_steps / stride), _stack_depth(stride))
 
 
-def plan(name: str, checkpoints, budget: int | None, max_steps: int, state_bytes: int, time_bytes: int) -> Layout:
+def plan(
+    name: str, checkpoints, budget: int | None, max_steps: int, state_bytes: int, time_bytes: int
+) -> Layout:
     """The layout of the reverse pass's record: ``checkpoints`` as :class:`Direct` takes
     it, within ``budget`` bytes (``None``: no limit), for states of ``state_bytes``.
 
@@ -342,15 +358,31 @@ def plan(name: str, checkpoints, budget: int | None, max_steps: int, state_bytes
     if isinstance(checkpoints, int):
         layout = _even(max_steps, checkpoints)
         if not fits(layout):
-            raise ValueError(_too_small(name, f"checkpoints={checkpoints} stores", layout.bytes(
-                max_steps, state_bytes, time_bytes), budget, max_steps, state_bytes)
-                + " Use fewer checkpoints, checkpoints=None (chosen to fit the budget) or a larger memory_budget.")
+            raise ValueError(
+                _too_small(
+                    name,
+                    f"checkpoints={checkpoints} stores",
+                    layout.bytes(max_steps, state_bytes, time_bytes),
+                    budget,
+                    max_steps,
+                    state_bytes,
+                )
+                + " Use fewer checkpoints, checkpoints=None (chosen to fit the budget) or a larger memory_budget."
+            )
         return layout
     least = Layout(max_steps, 1, 1)
     if not fits(least):
-        raise ValueError(_too_small(name, "the reverse pass needs at least", least.bytes(
-            max_steps, state_bytes, time_bytes), budget, max_steps, state_bytes)
-            + " Raise memory_budget (None: no limit) or lower max_steps.")
+        raise ValueError(
+            _too_small(
+                name,
+                "the reverse pass needs at least",
+                least.bytes(max_steps, state_bytes, time_bytes),
+                budget,
+                max_steps,
+                state_bytes,
+            )
+            + " Raise memory_budget (None: no limit) or lower max_steps."
+        )
     for layout in _candidates(checkpoints, max_steps, budget is None):
         if fits(layout):
             return layout
@@ -390,16 +422,19 @@ def _candidates(checkpoints, max_steps: int, unlimited: bool = False):
 
 
 def _too_small(name, what, need, budget, max_steps, state_bytes) -> str:
-    return (f"{name}: {what} {need} bytes for max_steps={max_steps} steps of a state of {state_bytes} bytes, "
-            f"more than its memory_budget={budget} bytes.")
+    return (
+        f"{name}: {what} {need} bytes for max_steps={max_steps} steps of a state of {state_bytes} bytes, "
+        f"more than its memory_budget={budget} bytes."
+    )
 
 
 def record(layout: Layout, loop, f, y0, ts, args, opts, ring: bool = False, stop_after=None):
     """The forward solve plus its record ``(t_buf, h_buf, y_buf)`` of the accepted steps,
     the states laid out as ``layout`` says; with ``ring``, the last ``layout.rows``
     steps (stride 1), the solve stopped after ``stop_after`` + 1 accepted steps."""
-    rec = _Recorder(opts.solver, opts.max_steps, layout.stride, layout.rows, jnp.result_type(ts), ring,
-                    layout.window)
+    rec = _Recorder(
+        opts.solver, opts.max_steps, layout.stride, layout.rows, jnp.result_type(ts), ring, layout.window
+    )
     opts = opts._replace(solver=rec, dense=False, return_state=True, regularise=False, stop_after=stop_after)
     ys, counters, _, state = loop(f, y0, ts, args, opts)
     _, _, t_buf, h_buf, y_buf = state
@@ -452,7 +487,6 @@ def tstop_times(opts, ts) -> jax.Array | None:
     return landing_times(opts, direction, direction * ts[0], direction * ts[-1], ts.dtype)
 
 
-
 def run_back(layout: Layout, num, y_buf, step: Callable, back_step: Callable, c: tuple) -> tuple:
     """``c = back_step(k, y_k, c)`` for the accepted steps ``k = num - 1, ..., 0``.
 
@@ -499,7 +533,9 @@ def run_back(layout: Layout, num, y_buf, step: Callable, back_step: Callable, c:
         def fwd(j, seg):
             return seg.at[j].set(step(lo + j - 1, seg[j - 1]))
 
-        buf = lax.fori_loop(1, jnp.where(kept, 1, hi - lo), fwd, jnp.where(kept, buf, buf.at[0].set(y_buf[g])))
+        buf = lax.fori_loop(
+            1, jnp.where(kept, 1, hi - lo), fwd, jnp.where(kept, buf, buf.at[0].set(y_buf[g]))
+        )
         return (g, buf) + tuple(stored(hi, lo, lambda k: buf[k - lo], gc[2:]))
 
     return lax.while_loop(lambda gc: gc[0] > 0, seg_body, (num_seg, buf0) + tuple(c))[2:]
@@ -558,7 +594,9 @@ def save_keep(prob, direction) -> Callable | None:
     return lambda s, y, d: fn(direction * s, y, combine(d, prob.static))
 
 
-def _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop=False, keep=None, diff=None):
+def _save_cotangents(
+    interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop=False, keep=None, diff=None
+):
     """Add the cotangents of the saves that step ``[t, t1]`` covers, last first.
 
     ``sc = (i, y_b, y1_b, d_b, t_b, h_b, s_bar)``: the next save index (counting
@@ -588,8 +626,16 @@ def _save_cotangents(interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_st
             kt, ky, kb = jax.vjp(keep, s, y1, diff)[1](g)  # the save at the step's end: keep(s, y1)
             a_b = [jtu.tree_map(lambda acc, e, i_: acc + select(exact, e, i_), a_b[0], kb, ab)]
         z = lambda v: select(exact, jnp.zeros_like(v), v)  # noqa: E731
-        return (i - 1, y_b + z(yb), y1_b + select(exact, ky, y1b), d_b + z(db), t_b + z(tb), h_b + z(hb),
-                s_b.at[i].add(select(exact & ~end_on_stop, kt, sb)), *a_b)
+        return (
+            i - 1,
+            y_b + z(yb),
+            y1_b + select(exact, ky, y1b),
+            d_b + z(db),
+            t_b + z(tb),
+            h_b + z(hb),
+            s_b.at[i].add(select(exact & ~end_on_stop, kt, sb)),
+            *a_b,
+        )
 
     return lax.while_loop(save_cond, save_body, sc)
 
@@ -696,16 +742,27 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
         sc = (i, jnp.zeros_like(y), y_bar, jnp.zeros_like(dense), zero_t, zero_t, s_bar)
         if pieces_bar is not None:
             pb = [lax.dynamic_index_in_dim(v, k, keepdims=False) for v in pieces_bar]
-            sc = (i, pb[2].astype(dtype), y_bar + pb[3], pb[4], pb[0].astype(tdtype), pb[1].astype(tdtype), s_bar)
+            sc = (
+                i,
+                pb[2].astype(dtype),
+                y_bar + pb[3],
+                pb[4],
+                pb[0].astype(tdtype),
+                pb[1].astype(tdtype),
+                s_bar,
+            )
         end_on_stop = False if (s_stops is None or opts.fixed) else jnp.any(s_stops == t1)
         if keep is not None:
             sc = sc + (jtu.tree_map(jnp.zeros_like, diff),)
         i_next, y_b, y1_b, d_b, t_b, h_b, s_bar, *saves_a = _save_cotangents(
-            interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop, keep, diff)
+            interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop, keep, diff
+        )
         tb, yb, hb, ab = vjp_step((y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),)))
         if saves_a:
             ab = jtu.tree_map(jnp.add, ab, saves_a[0])
-        t_bar, s_bar = _time_cotangents(opts.fixed, s_ts, num, k, i, t1, t_b, h_b + hb, tb, t_bar, s_bar, s_stops)
+        t_bar, s_bar = _time_cotangents(
+            opts.fixed, s_ts, num, k, i, t1, t_b, h_b + hb, tb, t_bar, s_bar, s_stops
+        )
         return (i_next, y_b + yb, t_bar, jtu.tree_map(jnp.add, a_bar, ab), s_bar)
 
     zero_t = jnp.zeros((), tdtype)
@@ -755,13 +812,29 @@ def _ring_rows(max_steps: int, size: int, n: int, dtype, tdtype) -> int:
 def _shared_axes_match(r_axes, x_axes, x_struct) -> bool:
     """Whether every parameter with a tangent has a batched tangent exactly where its primal is batched."""
     ok = []
-    jtu.tree_map(lambda present, ra, xa: ok.append(present is None or (ra is None) == (xa is None)),
-                 x_struct[2], r_axes[2], x_axes[2], is_leaf=lambda v: v is None)
+    jtu.tree_map(
+        lambda present, ra, xa: ok.append(present is None or (ra is None) == (xa is None)),
+        x_struct[2],
+        r_axes[2],
+        x_axes[2],
+        is_leaf=lambda v: v is None,
+    )
     return all(ok)
 
 
-def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size: int, reg_bar=None,
-                   cache=None):
+def replay_batched(
+    method: Direct,
+    loop,
+    prob_static,
+    r,
+    ys_bar,
+    x_struct,
+    r_axes,
+    x_axes,
+    size: int,
+    reg_bar=None,
+    cache=None,
+):
     """The reverse pass of a ``jax.vmap`` batch of solves, the batch explicit.
 
     Returns the batch's ``(dy0, dts, dparams)``: leaves batched along 0 where
@@ -809,7 +882,9 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
         return jax.vmap(call, in_axes=m_axes + rest_axes, axis_size=size)
 
     def rec(prob, y0, ts, diff, limit):
-        return record(Layout(1, ring), loop, prob.f, y0, ts, prob.args(diff), opts, ring=True, stop_after=limit)[1:]
+        return record(
+            Layout(1, ring), loop, prob.f, y0, ts, prob.args(diff), opts, ring=True, stop_after=limit
+        )[1:]
 
     def times(prob, y0, ts, diff):
         ts = jnp.asarray(ts)
@@ -818,8 +893,11 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
 
     direction, s_ts = vm(times)(*members)  # (B,), (B, n_ts)
     s_stops = vm(lambda prob, y0, ts, diff: tstop_times(prob.opts, ts))(*members)  # (B, stops + 1) or None
-    t_last = vm(lambda prob, y0, ts, diff: last_time(prob.opts, time_direction(jnp.asarray(ts)),
-                                                     time_direction(jnp.asarray(ts)) * jnp.asarray(ts)[-1]))(*members)
+    t_last = vm(
+        lambda prob, y0, ts, diff: last_time(
+            prob.opts, time_direction(jnp.asarray(ts)), time_direction(jnp.asarray(ts)) * jnp.asarray(ts)[-1]
+        )
+    )(*members)
     interp = _interp(opts.solver, dtype)
     step_b = vm(lambda prob, y0, ts, diff, t, y, h: step_function(prob, y0, ts)(t, y, h, diff), 0, 0, 0)
     take = jax.vmap(lambda buf, k: lax.dynamic_index_in_dim(buf, k % ring, keepdims=False))
@@ -842,16 +920,26 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
             kk = jnp.maximum(k - 1, lo)  # a member with no step left replays a recorded one, cotangent 0
             t, h, y = take(t_buf, kk), take(h_buf, kk), take(y_buf, kk)
             t1 = jnp.where(kk + 1 >= hi, t_hi, take(t_buf, kk + 1))
-            (y1, dense, *_), vjp_step = jax.vjp(lambda t, y, h, d: step_b(arrays, y0, ts, d, t, y, h), t, y, h, diff)
+            (y1, dense, *_), vjp_step = jax.vjp(
+                lambda t, y, h, d: step_b(arrays, y0, ts, d, t, y, h), t, y, h, diff
+            )
             i2, y_b, y1_b, d_b, t_b, h_b, s_bar2 = jax.vmap(member_saves)(
-                s_ts, ys_bar, t, h, t1, y, y1, dense, i, y_bar, s_bar, active, s_stops)
+                s_ts, ys_bar, t, h, t1, y, y1, dense, i, y_bar, s_bar, active, s_stops
+            )
             cts = (y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),))
             tb, yb, hb, ab = vjp_step(tuple(jnp.where(col(active, v), v, 0) for v in cts))
             t_bar2, s_bar2 = jax.vmap(functools.partial(_time_cotangents, opts.fixed))(
-                s_ts, num, kk, i, t1, t_b, h_b + hb, tb, t_bar, s_bar2, s_stops)
+                s_ts, num, kk, i, t1, t_b, h_b + hb, tb, t_bar, s_bar2, s_stops
+            )
             keep = lambda new, old: jnp.where(col(active, new), new, old)  # noqa: E731
-            return (k - active.astype(k.dtype), i2, keep(y_b + yb, y_bar), keep(t_bar2, t_bar),
-                    keep(s_bar2, s_bar), jtu.tree_map(jnp.add, a_bar, ab))
+            return (
+                k - active.astype(k.dtype),
+                i2,
+                keep(y_b + yb, y_bar),
+                keep(t_bar2, t_bar),
+                keep(s_bar2, s_bar),
+                jtu.tree_map(jnp.add, a_bar, ab),
+            )
 
         return lax.while_loop(lambda c: jnp.any(c[0] > lo), body, (hi,) + c)[1:]
 
@@ -866,8 +954,10 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
         else:
             whole = jnp.full((size,), opts.max_steps, jnp.int32)
             counters, buffers = lax.cond(
-                first, lambda: _reused(kept, lambda *m: vm(rec, 0)(*m, whole), members),
-                lambda: vm(rec, 0)(*members, limit))
+                first,
+                lambda: _reused(kept, lambda *m: vm(rec, 0)(*m, whole), members),
+                lambda: vm(rec, 0)(*members, limit),
+            )
         num = jnp.where(first, counters[:, 2], num)
         status = jnp.where(first, counters[:, 0], status)
         hi = jnp.where(first, num, hi)
@@ -877,8 +967,13 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
         return jnp.any(lo > 0), jnp.zeros((), bool), lo, num, status, back
 
     i32 = jnp.zeros((size,), jnp.int32)
-    back0 = (jnp.full((size,), s_ts.shape[1] - 1, jnp.int32), jnp.zeros((size, n), dtype),
-             jnp.zeros((size,), s_ts.dtype), jnp.zeros_like(s_ts), jtu.tree_map(jnp.zeros_like, diff))
+    back0 = (
+        jnp.full((size,), s_ts.shape[1] - 1, jnp.int32),
+        jnp.zeros((size, n), dtype),
+        jnp.zeros((size,), s_ts.dtype),
+        jnp.zeros_like(s_ts),
+        jtu.tree_map(jnp.zeros_like, diff),
+    )
     c = (jnp.ones((), bool), jnp.ones((), bool), i32, i32, i32, back0)
     _, _, _, _, status, (i_left, y_bar, t_bar, s_bar, a_bar) = lax.while_loop(lambda c: c[0], chunk, c)
 
@@ -888,11 +983,23 @@ def replay_batched(method: Direct, loop, prob_static, r, ys_bar, x_struct, r_axe
     # A failed member has no derivative: NaN cotangents for it, and for the
     # parameters it shares with the others (their cotangent is a sum).
     y_bar = jnp.where(bad[:, None], jnp.nan, y_bar)
-    ts_bar = None if ts is None else jnp.where(bad[:, None], jnp.nan, (direction[:, None] * s_bar).astype(s_ts.dtype))
+    ts_bar = (
+        None
+        if ts is None
+        else jnp.where(bad[:, None], jnp.nan, (direction[:, None] * s_bar).astype(s_ts.dtype))
+    )
     a_bar = jtu.tree_map(
-        lambda v, ax: v if v is None else jnp.where(jnp.any(bad), jnp.nan, v) if ax is None
-        else jnp.where(col(bad, v), jnp.nan, jnp.moveaxis(v, ax, 0)),
-        a_bar, ax_diff, is_leaf=lambda v: v is None)
+        lambda v, ax: (
+            v
+            if v is None
+            else jnp.where(jnp.any(bad), jnp.nan, v)
+            if ax is None
+            else jnp.where(col(bad, v), jnp.nan, jnp.moveaxis(v, ax, 0))
+        ),
+        a_bar,
+        ax_diff,
+        is_leaf=lambda v: v is None,
+    )
     dy0, dts, dparams = keep_present(x_struct, (y_bar, ts_bar, a_bar))
     sum_if = lambda v, ax: None if v is None else (jnp.sum(v, 0) if ax is None else v)  # noqa: E731
     return sum_if(dy0, x_axes[0]), sum_if(dts, x_axes[1]), dparams
@@ -925,7 +1032,13 @@ class _OutputsOp(ProblemOp):
     """Tangent of :func:`_outputs`: the loop's JVP forward, the step replay backwards."""
 
     def __init__(self, method: Direct, loop, prob_static, x_struct, out_struct):
-        self.method, self.loop, self.prob_static, self.x_struct, self.out = method, loop, prob_static, x_struct, out_struct
+        self.method, self.loop, self.prob_static, self.x_struct, self.out = (
+            method,
+            loop,
+            prob_static,
+            x_struct,
+            out_struct,
+        )
 
     def apply(self, r, x):
         r, prob = self.unpack(r)
@@ -937,8 +1050,17 @@ class _OutputsOp(ProblemOp):
         ys_bar, *rest = cts
         pieces_bar = rest[: len(_PIECE_FIELDS)] if opts.dense else None
         reg_bar = rest[-1] if opts.regularise else None
-        out = _replay(self.method, self.loop, prob._replace(opts=opts._replace(dense=False)),
-                      y0, ts, params, ys_bar, pieces_bar, reg_bar)
+        out = _replay(
+            self.method,
+            self.loop,
+            prob._replace(opts=opts._replace(dense=False)),
+            y0,
+            ts,
+            params,
+            ys_bar,
+            pieces_bar,
+            reg_bar,
+        )
         return keep_present(self.x_struct, out)
 
     def vjp_res(self, r, x, c):
@@ -953,8 +1075,18 @@ class _OutputsOp(ProblemOp):
         if opts.dense:
             return None
         ys_bar, *rest = cts
-        return replay_batched(self.method, self.loop, self.prob_static, r, ys_bar, self.x_struct, r_axes, x_axes,
-                              size, rest[-1] if opts.regularise else None)
+        return replay_batched(
+            self.method,
+            self.loop,
+            self.prob_static,
+            r,
+            ys_bar,
+            self.x_struct,
+            r_axes,
+            x_axes,
+            size,
+            rest[-1] if opts.regularise else None,
+        )
 
     def out_struct(self, r, x):
         return self.out

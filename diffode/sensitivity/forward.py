@@ -113,11 +113,15 @@ class ForwardSensitivity(AbstractSensitivity):
 
     def __check_init__(self):
         if not isinstance(self.error_control, bool):
-            raise TypeError(f"ForwardSensitivity: error_control must be True or False, got {self.error_control!r}")
+            raise TypeError(
+                f"ForwardSensitivity: error_control must be True or False, got {self.error_control!r}"
+            )
 
     def _aug_opts(self, opts, n: int):
         controller = opts.controller if self.error_control else _LeadingErrorController(opts.controller, n)
-        return opts._replace(solver=_augmented_solver(opts.solver, n), jac=None, dense=False, controller=controller)
+        return opts._replace(
+            solver=_augmented_solver(opts.solver, n), jac=None, dense=False, controller=controller
+        )
 
     def fused_jvp(self, loop, prob, primals, x):
         """``ys`` and the sensitivity matrix ``S`` for every differentiated input from one augmented
@@ -158,9 +162,11 @@ class ForwardSensitivity(AbstractSensitivity):
             y, S = z[:n], z[n:].reshape(k, n)
             args_of = lambda q_: combine(eqx.combine(q_, fixed), static)  # noqa: E731
             if DP is None:
-                fy, JS = jax.vmap(lambda s: jax.jvp(lambda y_: f(t, y_, args_of(q)), (y,), (s,)),
-                                  out_axes=(None, 0))(S)
+                fy, JS = jax.vmap(
+                    lambda s: jax.jvp(lambda y_: f(t, y_, args_of(q)), (y,), (s,)), out_axes=(None, 0)
+                )(S)
             else:
+
                 def one(s, dp):
                     return jax.jvp(lambda y_, q_: f(t, y_, args_of(q_)), (y, q), (s, unravel_p(dp)))
 
@@ -168,7 +174,9 @@ class ForwardSensitivity(AbstractSensitivity):
             return jnp.concatenate([fy, JS.astype(fy.dtype).reshape(-1)])
 
         aug = Problem(aug_f, None, self._aug_opts(prob.opts, n), prob.known_ts)
-        zs, counters = self.apply(loop, aug, jnp.concatenate([y0, S0.reshape(-1)]), ts, ((diff_p, fixed_p), DP))
+        zs, counters = self.apply(
+            loop, aug, jnp.concatenate([y0, S0.reshape(-1)]), ts, ((diff_p, fixed_p), DP)
+        )
         ys, S = zs[:, :n], zs[:, n:].reshape(zs.shape[0], k, n)
         dys = jnp.einsum("tkn,k->tn", S, jnp.concatenate(coeffs))
         if dts is not None:

@@ -114,7 +114,9 @@ class InterpolatingAdjoint(AbstractAdjoint):
 
     def __check_init__(self):
         if self.checkpoints is not None and (not isinstance(self.checkpoints, int) or self.checkpoints < 1):
-            raise ValueError(f"InterpolatingAdjoint: checkpoints must be None or a positive integer, got {self.checkpoints!r}")
+            raise ValueError(
+                f"InterpolatingAdjoint: checkpoints must be None or a positive integer, got {self.checkpoints!r}"
+            )
         if self.checkpoint_max_steps is not None:
             if self.checkpoints is None:
                 raise ValueError("InterpolatingAdjoint: checkpoint_max_steps needs checkpoints")
@@ -162,7 +164,14 @@ class _Sweep:
     """The backward sweep of :class:`InterpolatingAdjoint` for one cotangent ``ys_bar``."""
 
     def __init__(self, method, loop, prob, ys_bar, y0, ts, diff):
-        self.method, self.loop, self.prob, self.ys_bar, self.ts, self.diff = method, loop, prob, ys_bar, ts, diff
+        self.method, self.loop, self.prob, self.ys_bar, self.ts, self.diff = (
+            method,
+            loop,
+            prob,
+            ys_bar,
+            ts,
+            diff,
+        )
         self.n = y0.shape[0]
         self.mu0 = ravel_pytree(diff)[0].astype(y0.dtype)
         self.aug_opts = adjoint_opts(prob.opts)
@@ -177,10 +186,14 @@ class _Sweep:
         start = (jnp.asarray(i_hi, jnp.int32), self.ts[i_hi], lam + self.ys_bar[i_hi], mu)
 
         def with_status(counters):
-            return start + (jnp.where(status == Status.SUCCESS, counters[0], status) if own_status else status,)
+            return start + (
+                jnp.where(status == Status.SUCCESS, counters[0], status) if own_status else status,
+            )
 
         if self.method.keeps_dense(opts.solver, y_start, solve_ts, opts.max_steps):
-            _, counters, dense = self.loop(self.prob.f, y_start, solve_ts, self.args, opts._replace(dense=True))
+            _, counters, dense = self.loop(
+                self.prob.f, y_start, solve_ts, self.args, opts._replace(dense=True)
+            )
             return self.over_dense(dense, i_lo, with_status(counters))[2:]
         return self.over_record(y_start, solve_ts, i_lo, opts, with_status)[2:]
 
@@ -197,7 +210,9 @@ class _Sweep:
                 f"{type(solver).__name__} does not support. Raise memory_budget (None: no limit), lower "
                 "max_steps (or checkpoint_max_steps), or use BacksolveAdjoint."
             )
-        layout = record_layout("InterpolatingAdjoint", None, self.method.memory_budget, y_start, solve_ts, opts)
+        layout = record_layout(
+            "InterpolatingAdjoint", None, self.method.memory_budget, y_start, solve_ts, opts
+        )
         _, counters, (t_buf, h_buf, y_buf) = record(layout, self.loop, f, y_start, solve_ts, self.args, opts)
         step = step_function(self.prob, y_start, solve_ts)
 
@@ -225,7 +240,9 @@ class _Sweep:
         sdt = dense.t_start.dtype
 
         def body(c):
-            k = jnp.clip(locate(blocks, (self.direction * c[1]).astype(sdt)), 0, jnp.maximum(dense.num_pieces, 1) - 1)
+            k = jnp.clip(
+                locate(blocks, (self.direction * c[1]).astype(sdt)), 0, jnp.maximum(dense.num_pieces, 1) - 1
+            )
             piece = tuple(
                 lax.dynamic_index_in_dim(x, k, keepdims=False)
                 for x in (dense.t_start, dense.h, dense.y0, dense.y1, dense.data)
@@ -263,10 +280,15 @@ class _Sweep:
             return jnp.concatenate([-a_y, -a_p])
 
         # (A zero-length stretch, between repeated save times, takes no step; dt0 only must not be 0.)
-        stretch_opts = self.aug_opts if self.aug_opts.fixed else self.aug_opts._replace(
-            dt0=jnp.where(t_lo == t_hi, 1, t_lo - t_hi).astype(t_hi.dtype))
+        stretch_opts = (
+            self.aug_opts
+            if self.aug_opts.fixed
+            else self.aug_opts._replace(dt0=jnp.where(t_lo == t_hi, 1, t_lo - t_hi).astype(t_hi.dtype))
+        )
         z = jnp.concatenate([lam, mu])
-        zs, counters, _ = self.loop(aug, z, jnp.stack([t_hi, t_lo]), (self.diff, self.prob.static), stretch_opts)
+        zs, counters, _ = self.loop(
+            aug, z, jnp.stack([t_hi, t_lo]), (self.diff, self.prob.static), stretch_opts
+        )
         status = jnp.where(status == Status.SUCCESS, counters[0], status)
         i = i - reached.astype(i.dtype)
         jump = jnp.where(reached & (i > i_lo), self.ys_bar[i], 0)

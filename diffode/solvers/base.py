@@ -19,7 +19,9 @@ class FlatRHS:
     methods on non-autonomous problems).
     """
 
-    def __init__(self, fn: Callable[[Array, Array], Array], jac_fn: Callable[[Array, Array], Array] | None = None):
+    def __init__(
+        self, fn: Callable[[Array, Array], Array], jac_fn: Callable[[Array, Array], Array] | None = None
+    ):
         self.fn = fn
         self.jac_fn = jac_fn
 

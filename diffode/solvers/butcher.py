@@ -47,9 +47,7 @@ class ButcherTableau:
         object.__setattr__(self, "c", c)
         s = b.shape[0]
         if a.shape != (s, s) or c.shape != (s,) or b.ndim != 1:
-            raise ValueError(
-                f"{self.name}: inconsistent shapes a{a.shape}, b{b.shape}, c{c.shape}"
-            )
+            raise ValueError(f"{self.name}: inconsistent shapes a{a.shape}, b{b.shape}, c{c.shape}")
         # Row sums: c_i = sum_j a_ij (the nodes are where the stages are evaluated).
         if not np.allclose(a.sum(axis=1), c, rtol=0, atol=1e-12):
             raise ValueError(f"{self.name}: row sums of a do not equal c")
@@ -64,8 +62,7 @@ class ButcherTableau:
                 raise ValueError(f"{self.name}: b_error must have shape ({s},)")
             if not np.isclose(e.sum(), 0.0, rtol=0, atol=1e-12):
                 raise ValueError(
-                    f"{self.name}: error weights b - b_hat must sum to 0 "
-                    "(both solutions must be consistent)"
+                    f"{self.name}: error weights b - b_hat must sum to 0 (both solutions must be consistent)"
                 )
         if self.b_interp is not None:
             bi = np.asarray(self.b_interp, dtype=np.float64)
@@ -87,11 +84,7 @@ class ButcherTableau:
     @property
     def fsal(self) -> bool:
         """First-same-as-last: the last stage is ``f(t0 + h, y1)``."""
-        return bool(
-            self.explicit
-            and self.c[-1] == 1.0
-            and np.array_equal(self.a[-1], self.b)
-        )
+        return bool(self.explicit and self.c[-1] == 1.0 and np.array_equal(self.a[-1], self.b))
 
     @property
     def embedded(self) -> bool:

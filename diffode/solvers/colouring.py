@@ -40,7 +40,9 @@ def _nonzeros(pattern) -> tuple[int, np.ndarray, np.ndarray]:
         if len(shape) == 2:
             rows, cols = np.nonzero(p)
     if len(shape) != 2 or shape[0] != shape[1]:
-        raise ValueError(f"jac_sparsity must be a square (n, n) array over the raveled state, got shape {shape}")
+        raise ValueError(
+            f"jac_sparsity must be a square (n, n) array over the raveled state, got shape {shape}"
+        )
     return shape[0], rows.astype(np.int64), cols.astype(np.int64)
 
 
@@ -53,8 +55,11 @@ def colour_columns(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     first" ordering), each given the smallest colour none of its neighbours
     (columns sharing a row with it) holds.
     """
+
     def grouped(keys, values):  # values[keys == k] for k = 0 .. n - 1
-        return np.split(values[np.argsort(keys, kind="stable")], np.cumsum(np.bincount(keys, minlength=n))[:-1])
+        return np.split(
+            values[np.argsort(keys, kind="stable")], np.cumsum(np.bincount(keys, minlength=n))[:-1]
+        )
 
     col_rows, row_cols = grouped(cols, rows), grouped(rows, cols)
     colour = np.full(n, -1, np.int64)

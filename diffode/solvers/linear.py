@@ -336,8 +336,16 @@ class GMRES(AbstractLinearSolver):
         nb = jnp.linalg.norm(b)
         scale = jnp.where(nb > 0, nb, 1).astype(b.dtype)
         m = self._preconditioner(state, op, transpose, b)
-        x, _ = jssl.gmres(matvec, b / scale, tol=self._tol(b.dtype), atol=0.0, restart=min(self.restart, b.size),
-                          maxiter=self.maxiter, M=m, solve_method="incremental")
+        x, _ = jssl.gmres(
+            matvec,
+            b / scale,
+            tol=self._tol(b.dtype),
+            atol=0.0,
+            restart=min(self.restart, b.size),
+            maxiter=self.maxiter,
+            M=m,
+            solve_method="incremental",
+        )
         x = x * scale
         # jax's GMRES reports no convergence flag: check the residual it iterated
         # on (preconditioned, when there is a preconditioner) explicitly, with one
@@ -408,14 +416,22 @@ def iteration_matrix(
     jac = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jac)
     shifts = tuple(jnp.full((), jnp.nan, jnp.result_type(s)) for s in shifts)
     scales = tuple(jnp.full((), jnp.nan, jnp.result_type(s)) for s in scales)
-    factors = jax.eval_shape(lambda j: tuple(linear_solver.init(op) for op in _ops(f, t, y, j, shifts, scales)), jac)
+    factors = jax.eval_shape(
+        lambda j: tuple(linear_solver.init(op) for op in _ops(f, t, y, j, shifts, scales)), jac
+    )
     factors = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), factors)
     return IterationMatrix(t, y, jac, shifts, scales, factors)
 
 
 def update(
-    linear_solver: AbstractLinearSolver, f: FlatRHS, t: Array, y: Array, matrix: IterationMatrix | None,
-    new_jac: Bool[Array, ""] | bool, shifts: tuple, scales: tuple,
+    linear_solver: AbstractLinearSolver,
+    f: FlatRHS,
+    t: Array,
+    y: Array,
+    matrix: IterationMatrix | None,
+    new_jac: Bool[Array, ""] | bool,
+    shifts: tuple,
+    scales: tuple,
 ) -> tuple[IterationMatrix, Array, Array]:
     """Make ``matrix`` ready to solve with ``shift_k I - scale_k J`` at ``(t, y)``.
 
@@ -443,7 +459,8 @@ def update(
     for s, s_old, c, c_old in zip(shifts, matrix.shifts, scales, matrix.scales):
         refactor = refactor | (s != s_old) | (c != c_old)
     factors = lax.cond(
-        refactor, lambda: tuple(linear_solver.init(op) for op in _ops(f, t, y, jac, shifts, scales)),
+        refactor,
+        lambda: tuple(linear_solver.init(op) for op in _ops(f, t, y, jac, shifts, scales)),
         lambda: matrix.factors,
     )
     num_jac = (new_jac & linear_solver.forms_jacobian).astype(jnp.int32)
@@ -452,7 +469,11 @@ def update(
 
 
 def solve(
-    linear_solver: AbstractLinearSolver, f: FlatRHS, matrix: IterationMatrix, b: Array, system: int = 0,
+    linear_solver: AbstractLinearSolver,
+    f: FlatRHS,
+    matrix: IterationMatrix,
+    b: Array,
+    system: int = 0,
     transpose: bool = False,
 ) -> tuple[Array, Bool[Array, ""]]:
     """``(x, ok)`` with ``(shift I - scale J) x = b`` for system ``system`` of the last

@@ -37,11 +37,13 @@ from .stage_newton import convergence_test
 # ----------------------------------------------------------------------------
 _SQ6 = np.sqrt(6.0)
 RADAU_C = np.array([(4.0 - _SQ6) / 10.0, (4.0 + _SQ6) / 10.0, 1.0])
-RADAU_A = np.array([
-    [(88.0 - 7.0 * _SQ6) / 360.0, (296.0 - 169.0 * _SQ6) / 1800.0, (-2.0 + 3.0 * _SQ6) / 225.0],
-    [(296.0 + 169.0 * _SQ6) / 1800.0, (88.0 + 7.0 * _SQ6) / 360.0, (-2.0 - 3.0 * _SQ6) / 225.0],
-    [(16.0 - _SQ6) / 36.0, (16.0 + _SQ6) / 36.0, 1.0 / 9.0],
-])
+RADAU_A = np.array(
+    [
+        [(88.0 - 7.0 * _SQ6) / 360.0, (296.0 - 169.0 * _SQ6) / 1800.0, (-2.0 + 3.0 * _SQ6) / 225.0],
+        [(296.0 + 169.0 * _SQ6) / 1800.0, (88.0 + 7.0 * _SQ6) / 360.0, (-2.0 - 3.0 * _SQ6) / 225.0],
+        [(16.0 - _SQ6) / 36.0, (16.0 + _SQ6) / 36.0, 1.0 / 9.0],
+    ]
+)
 # Eigenvalues of A^-1: one real, gamma = 3 + 3^(2/3) - 3^(1/3), and a complex pair
 # alpha +- i beta with alpha = 3 + (3^(1/3) - 3^(2/3)) / 2, beta = (3^(5/6) + 3^(7/6)) / 2
 # (HW IV.8, after (8.16); the constants u1, alpha, beta of RADAU5).
@@ -50,16 +52,20 @@ RADAU_ALPHA = 3.0 + 0.5 * (3.0 ** (1.0 / 3.0) - 3.0 ** (2.0 / 3.0))
 RADAU_BETA = 0.5 * (3.0 ** (5.0 / 6.0) + 3.0 ** (7.0 / 6.0))
 # The transformation T and its inverse as published with RADAU5 (Hairer and
 # Wanner 1996); tests/test_radau.py checks T^-1 A^-1 T against the eigenvalues.
-RADAU_T = np.array([
-    [9.1232394870892942792e-02, -1.4125529502095420843e-01, -3.0029194105147424492e-02],
-    [2.4171793270710701896e-01, 2.0412935229379993199e-01, 3.8294211275726193779e-01],
-    [9.6604818261509293619e-01, 1.0, 0.0],
-])
-RADAU_TI = np.array([
-    [4.3255798900631553510, 3.3919925181580986954e-01, 5.4177053993587487119e-01],
-    [-4.1787185915519047273, -3.2768282076106238708e-01, 4.7662355450055045196e-01],
-    [-5.0287263494578687595e-01, 2.5719269498556054292, -5.9603920482822492497e-01],
-])
+RADAU_T = np.array(
+    [
+        [9.1232394870892942792e-02, -1.4125529502095420843e-01, -3.0029194105147424492e-02],
+        [2.4171793270710701896e-01, 2.0412935229379993199e-01, 3.8294211275726193779e-01],
+        [9.6604818261509293619e-01, 1.0, 0.0],
+    ]
+)
+RADAU_TI = np.array(
+    [
+        [4.3255798900631553510, 3.3919925181580986954e-01, 5.4177053993587487119e-01],
+        [-4.1787185915519047273, -3.2768282076106238708e-01, 4.7662355450055045196e-01],
+        [-5.0287263494578687595e-01, 2.5719269498556054292, -5.9603920482822492497e-01],
+    ]
+)
 # Error estimate (HW IV.8, eqs. (8.19)-(8.20)): with the embedded third-order
 # formula y_hat = y0 + h (gamma0 f(t0, y0) + sum_i b_hat_i f(Y_i)), gamma0 = 1/gamma,
 #   y_hat - y1 = gamma0 h f0 + sum_i e_i z_i,  gamma * e = (-(13 + 7 sqrt6), -13 + 7 sqrt6, -1) / 3,
@@ -182,7 +188,9 @@ class Radau5(AbstractSolver):
         if self.newton_tol is not None and not self.newton_tol > 0:
             raise ValueError(f"Radau5: newton_tol must be positive, got {self.newton_tol!r}")
         if not isinstance(self.linear_solver, AbstractLinearSolver):
-            raise TypeError(f"Radau5: linear_solver must be a diffode linear solver, got {self.linear_solver!r}")
+            raise TypeError(
+                f"Radau5: linear_solver must be a diffode linear solver, got {self.linear_solver!r}"
+            )
 
     @property
     def order(self) -> int:
@@ -270,8 +278,9 @@ class Radau5(AbstractSolver):
             dyno = tol.scaled_norm(dw, y0)
             # The rate is the geometric mean of the last two ratios from the
             # third iteration on (HW IV.8, (8.23)); divergence at theta = 0.99.
-            test = convergence_test(k, dyno, dyno_old, thq_old, theta, faccon, fnewt, kmax,
-                                    mean_rate=True, max_theta=0.99)
+            test = convergence_test(
+                k, dyno, dyno_old, thq_old, theta, faccon, fnewt, kmax, mean_rate=True, max_theta=0.99
+            )
             k = k + 1
             w = w + dw
             # f is checked itself: a matrix-free solve may turn NaN into a zero increment.
@@ -288,9 +297,14 @@ class Radau5(AbstractSolver):
             # custom_root does not differentiate it (the IFT rule below does).
             one = jnp.ones((), dtype)
             carry0 = (
-                jnp.zeros((), jnp.int32), _matmul3(RADAU_TI, z_start), one, one,
-                jnp.asarray(self.jac_reuse_theta, dtype), jnp.maximum(state.faccon, eps) ** 0.8,
-                jnp.array(False), jnp.array(False),
+                jnp.zeros((), jnp.int32),
+                _matmul3(RADAU_TI, z_start),
+                one,
+                one,
+                jnp.asarray(self.jac_reuse_theta, dtype),
+                jnp.maximum(state.faccon, eps) ** 0.8,
+                jnp.array(False),
+                jnp.array(False),
             )
             iters, w, _, _, theta, faccon, _, ok = lax.while_loop(cond, body, carry0)
             # custom_root (jax 0.10) gives aux outputs tangents of their own
@@ -324,13 +338,25 @@ class Radau5(AbstractSolver):
         f1 = f(t0 + h, y1)
         i32 = lambda x: jnp.asarray(x, jnp.int32)
         accepted = RadauState(
-            f0=f1, matrix=matrix, dense=dense, h=h, need_jac=theta > self.jac_reuse_theta,
-            fresh_start=jnp.array(False), faccon=faccon, cold=jnp.array(False),
+            f0=f1,
+            matrix=matrix,
+            dense=dense,
+            h=h,
+            need_jac=theta > self.jac_reuse_theta,
+            fresh_start=jnp.array(False),
+            faccon=faccon,
+            cold=jnp.array(False),
         )
         # After a rejection J is re-evaluated at y0 unless it already was (HW).
         rejected = RadauState(
-            f0=state.f0, matrix=matrix, dense=state.dense, h=state.h, need_jac=~need_jac,
-            fresh_start=jnp.array(True), faccon=faccon, cold=jnp.array(False),
+            f0=state.f0,
+            matrix=matrix,
+            dense=state.dense,
+            h=state.h,
+            need_jac=~need_jac,
+            fresh_start=jnp.array(True),
+            faccon=faccon,
+            cold=jnp.array(False),
         )
         counts = {
             "num_jac_evals": num_jac,

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from .._util import finite_filler
 from . import linear
 from .base import AbstractTableauSolver, FlatRHS, StepResult, Tolerances
-from .._util import finite_filler
 from .explicit_rk import _lincomb, _weighted_rows
 from .linear import LU, AbstractLinearSolver
 
@@ -92,7 +92,9 @@ class RosenbrockTableau:
         a, C, c, d, m, g = self.a, self.C, self.c, self.d, self.m, self.gamma
         s = m.shape[0] if m.ndim == 1 else -1
         if s < 1 or a.shape != (s, s) or C.shape != (s, s) or c.shape != (s,) or d.shape != (s,):
-            raise ValueError(f"{self.name}: inconsistent shapes a{a.shape}, C{C.shape}, c{c.shape}, d{d.shape}, m{m.shape}")
+            raise ValueError(
+                f"{self.name}: inconsistent shapes a{a.shape}, C{C.shape}, c{c.shape}, d{d.shape}, m{m.shape}"
+            )
         if np.any(np.triu(a) != 0) or np.any(np.triu(C) != 0):
             raise ValueError(f"{self.name}: a and C must be strictly lower triangular")
         if not g > 0:
@@ -142,7 +144,9 @@ class RosenbrockTableau:
             want2 = np.zeros(r + 2)
             want2[1], want2[2] = -g, 0.5
             if not (close(bth.sum(axis=0), want1) and close(beta @ bth, want2)):
-                raise ValueError(f"{self.name}: h_interp violates the order conditions of the continuous extension")
+                raise ValueError(
+                    f"{self.name}: h_interp violates the order conditions of the continuous extension"
+                )
 
     @property
     def num_stages(self) -> int:
@@ -176,9 +180,17 @@ def _rodas_tableau(name, gamma, a_rows, c_rows, c, d, h_rows, order, embedded_or
     m_error = np.zeros(s)
     m_error[7] = 1.0
     return RosenbrockTableau(
-        gamma=gamma, a=a, C=C, c=np.array([0.0, *c, 1.0, 1.0, 1.0]), d=np.array([*d, 0.0, 0.0, 0.0]),
-        m=m, order=order, m_error=m_error, embedded_order=embedded_order,
-        h_interp=np.array(h_rows), name=name,
+        gamma=gamma,
+        a=a,
+        C=C,
+        c=np.array([0.0, *c, 1.0, 1.0, 1.0]),
+        d=np.array([*d, 0.0, 0.0, 0.0]),
+        m=m,
+        order=order,
+        m_error=m_error,
+        embedded_order=embedded_order,
+        h_interp=np.array(h_rows),
+        name=name,
     )
 
 
@@ -198,7 +210,13 @@ RODAS5P_TABLEAU = _rodas_tableau(
         [2.849394379747939, 0.45842242204463923],
         [-6.954028509809101, 2.489845061869568, -10.358996098473584],
         [2.8029986275628964, 0.5072464736228206, -0.3988312541770524, -0.04721187230404641],
-        [-7.502846399306121, 2.561846144803919, -11.627539656261098, -0.18268767659942256, 0.030198172008377946],
+        [
+            -7.502846399306121,
+            2.561846144803919,
+            -11.627539656261098,
+            -0.18268767659942256,
+            0.030198172008377946,
+        ],
     ],
     c_rows=[
         [-14.155112264123755],
@@ -206,20 +224,57 @@ RODAS5P_TABLEAU = _rodas_tableau(
         [147.12150275711716, -1.41221402718213, 71.68940251302358],
         [165.43517024871676, -0.4592823456491126, 42.90938336958603, -5.961986721573306],
         [24.854864614690072, -3.0009227002832186, 47.4931110020768, 5.5814197821558125, -0.6610691825249471],
-        [30.91273214028599, -3.1208243349937974, 77.79954646070892, 34.28646028294783, -19.097331116725623,
-         -28.087943162872662],
-        [37.80277123390563, -3.2571969029072276, 112.26918849496327, 66.9347231244047, -40.06618937091002,
-         -54.66780262877968, -9.48861652309627],
+        [
+            30.91273214028599,
+            -3.1208243349937974,
+            77.79954646070892,
+            34.28646028294783,
+            -19.097331116725623,
+            -28.087943162872662,
+        ],
+        [
+            37.80277123390563,
+            -3.2571969029072276,
+            112.26918849496327,
+            66.9347231244047,
+            -40.06618937091002,
+            -54.66780262877968,
+            -9.48861652309627,
+        ],
     ],
     c=[0.6358126895828704, 0.4095798393397535, 0.9769306725060716, 0.4288403609558664],
     d=[0.21193756319429014, -0.42387512638858027, -0.3384627126235924, 1.8046452872882734, 2.325825639765069],
     h_rows=[
-        [25.948786856663858, -2.5579724845846235, 10.433815404888879, -2.3679251022685204,
-         0.524948541321073, 1.1241088310450404, 0.4272876194431874, -0.17202221070155493],
-        [-9.91568850695171, -0.9689944594115154, 3.0438037242978453, -24.495224566215796,
-         20.176138334709044, 15.98066361424651, -6.789040303419874, -6.710236069923372],
-        [11.419903575922262, 2.8879645146136994, 72.92137995996029, 80.12511834622643,
-         -52.072871366152654, -59.78993625266729, -0.15582684282751913, 4.883087185713722],
+        [
+            25.948786856663858,
+            -2.5579724845846235,
+            10.433815404888879,
+            -2.3679251022685204,
+            0.524948541321073,
+            1.1241088310450404,
+            0.4272876194431874,
+            -0.17202221070155493,
+        ],
+        [
+            -9.91568850695171,
+            -0.9689944594115154,
+            3.0438037242978453,
+            -24.495224566215796,
+            20.176138334709044,
+            15.98066361424651,
+            -6.789040303419874,
+            -6.710236069923372,
+        ],
+        [
+            11.419903575922262,
+            2.8879645146136994,
+            72.92137995996029,
+            80.12511834622643,
+            -52.072871366152654,
+            -59.78993625266729,
+            -0.15582684282751913,
+            4.883087185713722,
+        ],
     ],
     order=5,
     embedded_order=4,
@@ -248,20 +303,57 @@ RODAS5_TABLEAU = _rodas_tableau(
         [32.22751541853323, -4.943732386540191, 19.44922031041879],
         [-20.69865579590063, -8.816374604402768, 1.260436877740897, -0.7495647613787146],
         [-46.22004352711257, -17.49534862857472, -289.6389582892057, 93.60855400400906, 318.3822534212147],
-        [34.20013733472935, -14.15535402717690, 57.82335640988400, 25.83362985412365, 1.408950972071624,
-         -6.551835421242162],
-        [42.57076742291101, -13.80770672017997, 93.98938432427124, 18.77919633714503, -31.58359187223370,
-         -6.685968952921985, -5.810979938412932],
+        [
+            34.20013733472935,
+            -14.15535402717690,
+            57.82335640988400,
+            25.83362985412365,
+            1.408950972071624,
+            -6.551835421242162,
+        ],
+        [
+            42.57076742291101,
+            -13.80770672017997,
+            93.98938432427124,
+            18.77919633714503,
+            -31.58359187223370,
+            -6.685968952921985,
+            -5.810979938412932,
+        ],
     ],
     c=[0.38, 0.3878509998321533, 0.4839718937873840, 0.4570477008819580],
     d=[0.19, -0.1823079225333714636, -0.319231832186874912, 0.3449828624725343, -0.377417564392089818],
     h_rows=[
-        [27.354592673333357, -6.925207756232857, 26.40037733258859, 0.5635230501052979,
-         -4.699151156849391, -1.6008677469422725, -1.5306074446748028, -1.3929872940716344],
-        [44.19024239501722, 1.3677947663381929e-13, 202.93261852171622, -35.5669339789154,
-         -181.91095152160645, 3.4116351403665033, 2.5793540257308067, 2.2435122582734066],
-        [-44.0988150021747, -5.755396159656812e-13, -181.26175034586677, 56.99302194811676,
-         183.21182741427398, -7.480257918273637, -5.792426076169686, -5.32503859794143],
+        [
+            27.354592673333357,
+            -6.925207756232857,
+            26.40037733258859,
+            0.5635230501052979,
+            -4.699151156849391,
+            -1.6008677469422725,
+            -1.5306074446748028,
+            -1.3929872940716344,
+        ],
+        [
+            44.19024239501722,
+            1.3677947663381929e-13,
+            202.93261852171622,
+            -35.5669339789154,
+            -181.91095152160645,
+            3.4116351403665033,
+            2.5793540257308067,
+            2.2435122582734066,
+        ],
+        [
+            -44.0988150021747,
+            -5.755396159656812e-13,
+            -181.26175034586677,
+            56.99302194811676,
+            183.21182741427398,
+            -7.480257918273637,
+            -5.792426076169686,
+            -5.32503859794143,
+        ],
     ],
     order=5,
     embedded_order=4,
@@ -338,13 +430,15 @@ class Rosenbrock(AbstractTableauSolver):
         hi = self.tableau.h_interp
         return jnp.zeros((0 if hi is None else hi.shape[0],) + y0.shape, y0.dtype)
 
-    def step(self, f: FlatRHS, t0: Array, y0: Array, h: Array, state: tuple, tol: Tolerances | None = None
-             ) -> StepResult:
+    def step(
+        self, f: FlatRHS, t0: Array, y0: Array, h: Array, state: tuple, tol: Tolerances | None = None
+    ) -> StepResult:
         tab = self.tableau
         gh = tab.gamma * h
         one = jnp.ones((), y0.dtype)
-        matrix, num_jac, num_lu = linear.update(self.linear_solver, f, t0, y0, None, True, (one,),
-                                                (jnp.asarray(gh, y0.dtype),))
+        matrix, num_jac, num_lu = linear.update(
+            self.linear_solver, f, t0, y0, None, True, (one,), (jnp.asarray(gh, y0.dtype),)
+        )
         need_ft = bool(np.any(tab.d != 0))
         # gamma h^2 df/dt, scaled per stage by the literal d_i.
         # h df/dt first (the barrier keeps XLA from reassociating): gamma h^2
@@ -365,7 +459,11 @@ class Rosenbrock(AbstractTableauSolver):
         # One reduction for both (inf - inf is NaN, so nothing cancels); a
         # spurious overflow of the sum needs values near the largest float.
         finite = solved & jnp.all(jnp.isfinite(y1 if y_error is None else y1 + y_error))
-        counts = {"num_jac_evals": num_jac, "num_lu_decomps": num_lu, "num_newton_iters": jnp.zeros((), jnp.int32)}
+        counts = {
+            "num_jac_evals": num_jac,
+            "num_lu_decomps": num_lu,
+            "num_newton_iters": jnp.zeros((), jnp.int32),
+        }
         return StepResult(y1, y_error, dense, (), (), finite, tab.num_stages, counts)
 
     def loops_stages(self) -> bool:

@@ -39,7 +39,15 @@ from .base import AbstractTableauSolver, StepResult
 from .butcher import ButcherTableau
 from .explicit_rk import hermite
 from .linear import LU, AbstractLinearSolver
-from .stage_newton import CONVERGED, FAILED, NONFINITE, RUNNING, effective_kappa, first_eta, stage_newton_iteration
+from .stage_newton import (
+    CONVERGED,
+    FAILED,
+    NONFINITE,
+    RUNNING,
+    effective_kappa,
+    first_eta,
+    stage_newton_iteration,
+)
 
 
 class SDIRKState(NamedTuple):
@@ -167,7 +175,9 @@ class SDIRK(AbstractTableauSolver):
             return k_impl - jax.vmap(lambda t, y: f(t, y))(ts, ys)
 
         def newton(_residual, _guess):
-            ks, eta, theta_max, iters, status = self._newton_stages(f, t0, y0, h, gh, ks0, matrix, tol, kappa, state.eta)
+            ks, eta, theta_max, iters, status = self._newton_stages(
+                f, t0, y0, h, gh, ks0, matrix, tol, kappa, state.eta
+            )
             # Integer aux outputs would get int tangents in custom_root's JVP
             # rule (JAX wants float0): pass them as (exact) floats.
             return ks[first:], (eta, theta_max, iters.astype(dtype), status.astype(dtype))
@@ -191,9 +201,7 @@ class SDIRK(AbstractTableauSolver):
         accepted_state = SDIRKState(f1, slow, eta, matrix)
         # A rejected attempt restarts from the same (t0, y0): a J computed there
         # is still exact, so only an older one is worth recomputing.
-        rejected_state = SDIRKState(
-            f0, (~ok | slow) & ~fresh, select(ok, eta, jnp.ones((), dtype)), matrix
-        )
+        rejected_state = SDIRKState(f0, (~ok | slow) & ~fresh, select(ok, eta, jnp.ones((), dtype)), matrix)
         counts = dict(num_jac_evals=num_jac, num_lu_decomps=num_lu, num_newton_iters=iters)
         return StepResult(y1, y_error, jnp.stack([f0, f1]), accepted_state, rejected_state, ok, iters, counts)
 
@@ -229,7 +237,18 @@ class SDIRK(AbstractTableauSolver):
             base = y0 + h * (a_strict[i] @ ks)
             ti = t0 + c[i] * h
             z, ndz, theta, eta, st = stage_newton_iteration(
-                f, self.linear_solver, matrix, ti, base, z, gh, tol, k, ndz_prev, first_eta(eta), self.max_iters,
+                f,
+                self.linear_solver,
+                matrix,
+                ti,
+                base,
+                z,
+                gh,
+                tol,
+                k,
+                ndz_prev,
+                first_eta(eta),
+                self.max_iters,
                 kappa,
             )
             conv = st == CONVERGED
@@ -315,8 +334,12 @@ def _stage_predictors(tab: ButcherTableau, max_nodes: int = 3) -> np.ndarray:
 # b - b_trap = (-1/2, 1/2).
 # ----------------------------------------------------------------------------
 IMPLICIT_EULER_TABLEAU = ButcherTableau(
-    a=[[0.0, 0.0], [0.0, 1.0]], b=[0.0, 1.0], c=[0.0, 1.0], order=1,
-    b_error=[-0.5, 0.5], name="ImplicitEuler",
+    a=[[0.0, 0.0], [0.0, 1.0]],
+    b=[0.0, 1.0],
+    c=[0.0, 1.0],
+    order=1,
+    b_error=[-0.5, 0.5],
+    name="ImplicitEuler",
 )
 
 # ----------------------------------------------------------------------------
@@ -331,33 +354,57 @@ IMPLICIT_EULER_TABLEAU = ButcherTableau(
 # prints 0.4358665215), the other coefficients are the paper's closed forms.
 # ----------------------------------------------------------------------------
 _G3 = 0.43586652150845899942
-_KVAERNO3_A = np.array([
-    [0.0, 0.0, 0.0, 0.0],
-    [_G3, _G3, 0.0, 0.0],
-    [(-4 * _G3**2 + 6 * _G3 - 1) / (4 * _G3), (-2 * _G3 + 1) / (4 * _G3), _G3, 0.0],
-    [(6 * _G3 - 1) / (12 * _G3), -1 / ((24 * _G3 - 12) * _G3), (-6 * _G3**2 + 6 * _G3 - 1) / (6 * _G3 - 3), _G3],
-])
+_KVAERNO3_A = np.array(
+    [
+        [0.0, 0.0, 0.0, 0.0],
+        [_G3, _G3, 0.0, 0.0],
+        [(-4 * _G3**2 + 6 * _G3 - 1) / (4 * _G3), (-2 * _G3 + 1) / (4 * _G3), _G3, 0.0],
+        [
+            (6 * _G3 - 1) / (12 * _G3),
+            -1 / ((24 * _G3 - 12) * _G3),
+            (-6 * _G3**2 + 6 * _G3 - 1) / (6 * _G3 - 3),
+            _G3,
+        ],
+    ]
+)
 KVAERNO3_TABLEAU = ButcherTableau(
-    a=_KVAERNO3_A, b=_KVAERNO3_A[3], c=_KVAERNO3_A.sum(axis=1), order=3,
-    b_error=_KVAERNO3_A[3] - _KVAERNO3_A[2], name="Kvaerno3",
+    a=_KVAERNO3_A,
+    b=_KVAERNO3_A[3],
+    c=_KVAERNO3_A.sum(axis=1),
+    order=3,
+    b_error=_KVAERNO3_A[3] - _KVAERNO3_A[2],
+    name="Kvaerno3",
 )
 
 # ESDIRK 5(4), seven stages, gamma = 0.26 (coefficients as tabulated in the
 # paper, also in diffrax and OrdinaryDiffEq).
 _G5 = 0.26
-_KVAERNO5_A = np.array([
-    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [_G5, _G5, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [0.13, 0.84033320996790809, _G5, 0.0, 0.0, 0.0, 0.0],
-    [0.22371961478320505, 0.47675532319799699, -0.06470895363112615, _G5, 0.0, 0.0, 0.0],
-    [0.16648564323248321, 0.10450018841591720, 0.03631482272098715, -0.13090704451073998, _G5, 0.0, 0.0],
-    [0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141, 0.61943039072480676, _G5, 0.0],
-    [0.13659751177640291, 0.0, -0.05496908796538376, -0.04118626728321046, 0.62993304899016403,
-     0.06962479448202728, _G5],
-])
+_KVAERNO5_A = np.array(
+    [
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [_G5, _G5, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.13, 0.84033320996790809, _G5, 0.0, 0.0, 0.0, 0.0],
+        [0.22371961478320505, 0.47675532319799699, -0.06470895363112615, _G5, 0.0, 0.0, 0.0],
+        [0.16648564323248321, 0.10450018841591720, 0.03631482272098715, -0.13090704451073998, _G5, 0.0, 0.0],
+        [0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141, 0.61943039072480676, _G5, 0.0],
+        [
+            0.13659751177640291,
+            0.0,
+            -0.05496908796538376,
+            -0.04118626728321046,
+            0.62993304899016403,
+            0.06962479448202728,
+            _G5,
+        ],
+    ]
+)
 KVAERNO5_TABLEAU = ButcherTableau(
-    a=_KVAERNO5_A, b=_KVAERNO5_A[6], c=_KVAERNO5_A.sum(axis=1), order=5,
-    b_error=_KVAERNO5_A[6] - _KVAERNO5_A[5], name="Kvaerno5",
+    a=_KVAERNO5_A,
+    b=_KVAERNO5_A[6],
+    c=_KVAERNO5_A.sum(axis=1),
+    order=5,
+    b_error=_KVAERNO5_A[6] - _KVAERNO5_A[5],
+    name="Kvaerno5",
 )
 
 

@@ -162,10 +162,10 @@ def _grouped(levels: list[np.ndarray]) -> list[np.ndarray]:
 def band_structure(n: int, lower: int, upper: int) -> BlockStructure:
     """Contiguous blocks of ``max(lower, upper, 1)`` unknowns for a band."""
     i = np.arange(n)
-    rows = np.concatenate([i[max(0, -d): n - max(0, d)] for d in range(-lower, upper + 1)])
-    cols = np.concatenate([i[max(0, d): n + min(0, d)] for d in range(-lower, upper + 1)])
+    rows = np.concatenate([i[max(0, -d) : n - max(0, d)] for d in range(-lower, upper + 1)])
+    cols = np.concatenate([i[max(0, d) : n + min(0, d)] for d in range(-lower, upper + 1)])
     m = max(lower, upper, 1)
-    return BlockStructure(Sparsity.from_nonzeros(n, rows, cols), [i[s: s + m] for s in range(0, n, m)])
+    return BlockStructure(Sparsity.from_nonzeros(n, rows, cols), [i[s : s + m] for s in range(0, n, m)])
 
 
 # ----------------------------------------------------------------------------
@@ -224,7 +224,9 @@ def _solve(fac: BlockFactors, b: Array) -> Array:
     """``A x = b`` for ``b`` of shape ``(K, m)``: ``L z = b`` forwards, ``U x = z`` backwards."""
     b = b.astype(jnp.result_type(b, fac.inverse))
     below_prev = jnp.concatenate([jnp.zeros_like(fac.below[:1]), fac.below[:-1]])  # block (k, k-1)
-    z = _sweep(lambda z, blk: blk[0] @ (blk[2] - blk[1] @ z), jnp.zeros_like(b[0]), (fac.inverse, below_prev, b))
+    z = _sweep(
+        lambda z, blk: blk[0] @ (blk[2] - blk[1] @ z), jnp.zeros_like(b[0]), (fac.inverse, below_prev, b)
+    )
     return _sweep(lambda x, blk: blk[1] - blk[0] @ x, jnp.zeros_like(b[0]), (fac.gain, z), reverse=True)
 
 
@@ -233,8 +235,12 @@ def _solve_transpose(fac: BlockFactors, b: Array) -> Array:
     b = b.astype(jnp.result_type(b, fac.inverse))
     gain_prev = jnp.concatenate([jnp.zeros_like(fac.gain[:1]), fac.gain[:-1]])  # G_{k-1}
     w = _sweep(lambda w, blk: blk[1] - blk[0].T @ w, jnp.zeros_like(b[0]), (gain_prev, b))
-    return _sweep(lambda x, blk: blk[0].T @ (blk[2] - blk[1].T @ x), jnp.zeros_like(b[0]),
-                  (fac.inverse, fac.below, w), reverse=True)
+    return _sweep(
+        lambda x, blk: blk[0].T @ (blk[2] - blk[1].T @ x),
+        jnp.zeros_like(b[0]),
+        (fac.inverse, fac.below, w),
+        reverse=True,
+    )
 
 
 def _flat_operand(x) -> bool:
@@ -336,7 +342,9 @@ class BandedLU(BlockTridiagonalLU):
 
     def __check_init__(self):
         if self.lower < 0 or self.upper < 0:
-            raise ValueError(f"BandedLU: half-bandwidths must be non-negative, got {self.lower}, {self.upper}")
+            raise ValueError(
+                f"BandedLU: half-bandwidths must be non-negative, got {self.lower}, {self.upper}"
+            )
 
     def structure(self, n):
         return band_structure(n, self.lower, self.upper)
@@ -382,7 +390,7 @@ class SensitivityLU(AbstractDirectSolver):
     def _top(self, f, z: Array):
         """The right-hand side of the leading block as a function of ``y`` alone (it does
         not depend on the sensitivities; XLA drops their part of the computation)."""
-        n, rest = self.n, z[self.n:]
+        n, rest = self.n, z[self.n :]
         return FlatRHS(lambda t, y: f(t, jnp.concatenate([y, rest.astype(y.dtype)]))[:n])
 
     def _inner_op(self, op: ShiftedJacobian) -> ShiftedJacobian:

@@ -6,10 +6,10 @@
 
 from ._base import AbstractSteadyStateMethod
 from ._result import STEADY_STATE_MESSAGES, SteadyState, SteadyStateStatus
+from ._steady_state import steady_state
 from .integrate import IntegrateToSteady
 from .newton import Newton
 from .pseudo_transient import PseudoTransient
-from ._steady_state import steady_state
 
 __all__ = [
     "AbstractSteadyStateMethod",

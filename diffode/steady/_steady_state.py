@@ -12,8 +12,10 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, PyTree
 
 from .._solution import Stats
-from .._validate import all_finite as _all_finite, check_max_steps, check_y0, rhs_structure_problem as _rhs_structure_problem
 from .._util import select
+from .._validate import all_finite as _all_finite
+from .._validate import check_max_steps, check_y0
+from .._validate import rhs_structure_problem as _rhs_structure_problem
 from ._base import AbstractSteadyStateMethod
 from ._result import STAT_NAMES, STEADY_STATE_MESSAGES, SteadyState
 from ._result import SteadyStateStatus as S
@@ -65,7 +67,9 @@ def steady_state(
     """
     method = Newton() if method is None else method
     if not isinstance(method, AbstractSteadyStateMethod):
-        raise TypeError(f"method must be a diffode steady-state method (e.g. diffode.Newton()), got {method!r}")
+        raise TypeError(
+            f"method must be a diffode steady-state method (e.g. diffode.Newton()), got {method!r}"
+        )
     if max_steps is None:
         max_steps = method.default_max_steps
     max_steps = check_max_steps(max_steps)
@@ -94,8 +98,12 @@ def _steady_state(f, y0, args, method, tol, max_steps, t, throw) -> SteadyState:
         if throw:
             raise ValueError(f"{STEADY_STATE_MESSAGES[S.RHS_STRUCTURE_MISMATCH]} {problem}")
         nan = _failed(jnp.full_like(y_flat, jnp.nan), (t, eqx.filter(args, eqx.is_inexact_array)))
-        return SteadyState(unravel(nan), jnp.asarray(S.RHS_STRUCTURE_MISMATCH, jnp.int32),
-                           Stats(jnp.zeros(len(STAT_NAMES), jnp.int32), STAT_NAMES), jnp.asarray(jnp.nan, dtype))
+        return SteadyState(
+            unravel(nan),
+            jnp.asarray(S.RHS_STRUCTURE_MISMATCH, jnp.int32),
+            Stats(jnp.zeros(len(STAT_NAMES), jnp.int32), STAT_NAMES),
+            jnp.asarray(jnp.nan, dtype),
+        )
 
     arrays, statics = eqx.partition(args, eqx.is_array)
     diff, other = eqx.partition(arrays, eqx.is_inexact_array)

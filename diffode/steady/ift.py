@@ -37,8 +37,9 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._util import check_status, float0_zeros, select
+from .._util import failure_scale as status_scale
 from ..solvers.linear import AbstractLinearSolver
-from .._util import check_status, failure_scale as status_scale, float0_zeros, select
 from ._base import AbstractSteadyStateMethod, jacobian_operator, max_abs
 from ._result import SINGULAR_DERIVATIVE_MESSAGE, STEADY_STATE_MESSAGE_LIST
 from ._result import SteadyStateStatus as S
@@ -54,8 +55,14 @@ def failure_scale(status: Array, throw: bool, dtype) -> Array:
 
 
 def ift_tangent(
-    g: Residual, linear_solver: AbstractLinearSolver, y: Array, theta: Any, other: Any, dtheta: Any,
-    throw: bool, converged: Array,
+    g: Residual,
+    linear_solver: AbstractLinearSolver,
+    y: Array,
+    theta: Any,
+    other: Any,
+    dtheta: Any,
+    throw: bool,
+    converged: Array,
 ) -> Array:
     """``dy* = -J^{-1} (dg/dtheta) dtheta`` at the root ``y`` (see the module docstring).
 
@@ -84,8 +91,15 @@ def ift_tangent(
 
 
 def find_root(
-    method: AbstractSteadyStateMethod, g: Residual, y0: Array, theta: Any, other: Any, tol: Array, bad: Array,
-    max_steps: int, throw: bool,
+    method: AbstractSteadyStateMethod,
+    g: Residual,
+    y0: Array,
+    theta: Any,
+    other: Any,
+    tol: Array,
+    bad: Array,
+    max_steps: int,
+    throw: bool,
 ) -> tuple[Array, Array, Array, Array]:
     """``(y*, status, counters, residual)``, not differentiable, raising on failure when ``throw``.
 
@@ -102,8 +116,15 @@ def find_root(
 
 
 def implicit_root(
-    method: AbstractSteadyStateMethod, g: Residual, y0: Array, theta: Any, other: Any, tol: Array, bad: Array,
-    max_steps: int, throw: bool,
+    method: AbstractSteadyStateMethod,
+    g: Residual,
+    y0: Array,
+    theta: Any,
+    other: Any,
+    tol: Array,
+    bad: Array,
+    max_steps: int,
+    throw: bool,
 ) -> tuple[Array, Array, Array, Array]:
     """:func:`find_root`, differentiable in ``theta`` by :func:`ift_tangent` times :func:`failure_scale`.
 

@@ -7,12 +7,12 @@ import jax.lax as lax
 import jax.numpy as jnp
 
 from .._controller import PIDController
+from .._integrate import IntegrateOptions, integrate
+from .._solution import Status
+from .._util import select
+from ..solvers.base import AbstractSolver
 from ..solvers.linear import LU, AbstractLinearSolver
 from ..solvers.rosenbrock import Rodas5P
-from .._solution import Status
-from .._integrate import IntegrateOptions, integrate
-from ..solvers.base import AbstractSolver
-from .._util import select
 from ._base import AbstractSteadyStateMethod, counters, max_abs
 from ._result import STAT_NAMES
 from ._result import SteadyStateStatus as S
@@ -62,8 +62,13 @@ class IntegrateToSteady(AbstractSteadyStateMethod):
     def find(self, g, y0, tol, max_steps):
         dtype = y0.dtype
         opts = IntegrateOptions(
-            solver=self.solver, controller=PIDController(), rtol=self.rtol, atol=self.atol, dt0=None,
-            fixed=False, max_steps=self.max_ode_steps,
+            solver=self.solver,
+            controller=PIDController(),
+            rtol=self.rtol,
+            atol=self.atol,
+            dt0=None,
+            fixed=False,
+            max_steps=self.max_ode_steps,
         )
 
         def autonomous(t, y, args):
@@ -72,8 +77,13 @@ class IntegrateToSteady(AbstractSteadyStateMethod):
         f0 = g(y0)
         r0 = max_abs(f0)
         status0 = select(~jnp.isfinite(r0), S.NONFINITE_RHS, select(r0 <= tol, S.SUCCESS, -1))
-        init = (jnp.asarray(0, jnp.int32), y0, jnp.asarray(self.t1, dtype), status0.astype(jnp.int32),
-                counters(num_fevals=1))
+        init = (
+            jnp.asarray(0, jnp.int32),
+            y0,
+            jnp.asarray(self.t1, dtype),
+            status0.astype(jnp.int32),
+            counters(num_fevals=1),
+        )
         at = {name: i for i, name in enumerate(STAT_NAMES)}
 
         def body(c):
@@ -86,11 +96,13 @@ class IntegrateToSteady(AbstractSteadyStateMethod):
             k1 = k + 1
             failed = ode[0] != Status.SUCCESS
             status = select(
-                failed, S.ODE_FAILED,
+                failed,
+                S.ODE_FAILED,
                 select(r <= tol, S.SUCCESS, select(k1 >= max_steps, S.MAX_STEPS_REACHED, -1)),
             ).astype(jnp.int32)
-            cnt = cnt + counters(num_iterations=1, num_fevals=ode[4] + 2, num_rejected=ode[3],
-                                 num_ode_steps=ode[1])
+            cnt = cnt + counters(
+                num_iterations=1, num_fevals=ode[4] + 2, num_rejected=ode[3], num_ode_steps=ode[1]
+            )
             cnt = cnt.at[at["ode_status"]].set(ode[0])
             return k1, select(failed, y, y_end), 4 * span, status, cnt
 

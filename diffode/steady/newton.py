@@ -6,8 +6,8 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 
-from ..solvers.linear import LU, AbstractLinearSolver
 from .._util import select
+from ..solvers.linear import LU, AbstractLinearSolver
 from ._base import AbstractSteadyStateMethod, counters, jacobian_operator, linear_solve, max_abs
 from ._result import SteadyStateStatus as S
 
@@ -45,7 +45,9 @@ class Newton(AbstractSteadyStateMethod):
 
     def __check_init__(self):
         if not isinstance(self.linear_solver, AbstractLinearSolver):
-            raise TypeError(f"Newton: linear_solver must be a diffode linear solver, got {self.linear_solver!r}")
+            raise TypeError(
+                f"Newton: linear_solver must be a diffode linear solver, got {self.linear_solver!r}"
+            )
         if not 0 < self.armijo < 0.5:
             raise ValueError(f"Newton: armijo must lie in (0, 0.5), got {self.armijo}")
         if not 0 < self.min_lambda < 1:
@@ -63,8 +65,14 @@ class Newton(AbstractSteadyStateMethod):
         r0 = max_abs(f0)
         status0 = select(~jnp.isfinite(r0), S.NONFINITE_RHS, select(r0 <= tol, S.SUCCESS, -1))
         # carry: iteration, y, f(y), phi(y), status (-1: running), counters
-        init = (jnp.asarray(0, jnp.int32), y0, f0, phi_of(f0), status0.astype(jnp.int32),
-                counters(num_fevals=1))
+        init = (
+            jnp.asarray(0, jnp.int32),
+            y0,
+            f0,
+            phi_of(f0),
+            status0.astype(jnp.int32),
+            counters(num_fevals=1),
+        )
 
         def line_search(y, delta, phi, lam0):
             # carry: lam, y_t, f_t, phi_t, accepted, any finite trial, evaluations
@@ -100,13 +108,25 @@ class Newton(AbstractSteadyStateMethod):
             r = max_abs(f_t)
             k1 = k + 1
             status = select(
-                ~solved, S.SINGULAR_JACOBIAN,
-                select(~any_finite, S.NONFINITE_RHS,
-                       select(~ok, S.NO_PROGRESS,
-                              select(r <= tol, S.SUCCESS, select(k1 >= max_steps, S.MAX_STEPS_REACHED, -1)))),
+                ~solved,
+                S.SINGULAR_JACOBIAN,
+                select(
+                    ~any_finite,
+                    S.NONFINITE_RHS,
+                    select(
+                        ~ok,
+                        S.NO_PROGRESS,
+                        select(r <= tol, S.SUCCESS, select(k1 >= max_steps, S.MAX_STEPS_REACHED, -1)),
+                    ),
+                ),
             ).astype(jnp.int32)
-            cnt = cnt + counters(num_iterations=1, num_fevals=select(solved, nev, 0), num_jac_evals=jac_per_iter,
-                                 num_linear_solves=1, num_rejected=select(solved, nback, 0))
+            cnt = cnt + counters(
+                num_iterations=1,
+                num_fevals=select(solved, nev, 0),
+                num_jac_evals=jac_per_iter,
+                num_linear_solves=1,
+                num_rejected=select(solved, nback, 0),
+            )
             y, fy, phi = select(ok, y_t, y), select(ok, f_t, fy), select(ok, phi_t, phi)
             return k1, y, fy, phi, status, cnt
 

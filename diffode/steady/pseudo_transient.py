@@ -6,8 +6,8 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 
-from ..solvers.linear import LU, AbstractLinearSolver
 from .._util import select
+from ..solvers.linear import LU, AbstractLinearSolver
 from ._base import AbstractSteadyStateMethod, counters, jacobian_operator, linear_solve, max_abs
 from ._result import SteadyStateStatus as S
 
@@ -70,8 +70,16 @@ class PseudoTransient(AbstractSteadyStateMethod):
         dt_floor = jnp.finfo(dtype).eps * dt0
         status0 = select(~jnp.isfinite(r0), S.NONFINITE_RHS, select(r0 <= tol, S.SUCCESS, -1))
         # carry: iteration, y, f(y), |f(y)|_2, dt, last rejection was non-finite, status (-1: running), counters
-        init = (jnp.asarray(0, jnp.int32), y0, f0, jnp.linalg.norm(f0), dt0, jnp.asarray(False),
-                status0.astype(jnp.int32), counters(num_fevals=1))
+        init = (
+            jnp.asarray(0, jnp.int32),
+            y0,
+            f0,
+            jnp.linalg.norm(f0),
+            dt0,
+            jnp.asarray(False),
+            status0.astype(jnp.int32),
+            counters(num_fevals=1),
+        )
 
         def body(c):
             k, y, fy, nf, dt, saw_nan, _, cnt = c
@@ -91,11 +99,17 @@ class PseudoTransient(AbstractSteadyStateMethod):
             k1 = k + 1
             why_stuck = select(saw_nan, S.NONFINITE_RHS, select(solved, S.NO_PROGRESS, S.SINGULAR_JACOBIAN))
             status = select(
-                ok & (r <= tol), S.SUCCESS,
+                ok & (r <= tol),
+                S.SUCCESS,
                 select(stuck, why_stuck, select(k1 >= max_steps, S.MAX_STEPS_REACHED, -1)),
             ).astype(jnp.int32)
-            cnt = cnt + counters(num_iterations=1, num_fevals=1, num_jac_evals=jac_per_iter, num_linear_solves=1,
-                                 num_rejected=select(ok, 0, 1))
+            cnt = cnt + counters(
+                num_iterations=1,
+                num_fevals=1,
+                num_jac_evals=jac_per_iter,
+                num_linear_solves=1,
+                num_rejected=select(ok, 0, 1),
+            )
             return k1, y, fy, nf, dt_new, saw_nan, status, cnt
 
         _, y, _, _, _, _, status, cnt = lax.while_loop(lambda c: c[6] < 0, body, init)

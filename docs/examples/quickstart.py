@@ -33,7 +33,9 @@ sol = simulate(args)
 print(f"status: {int(sol.status)} ({sol.message})")
 print({k: int(v) for k, v in sol.stats.items()})
 for i in (0, 25, 50, 100):
-    print(f"t = {float(ts[i]):5.2f}   prey = {float(sol.ys[i, 0]):.8f}   predator = {float(sol.ys[i, 1]):.8f}")
+    print(
+        f"t = {float(ts[i]):5.2f}   prey = {float(sol.ys[i, 0]):.8f}   predator = {float(sol.ys[i, 1]):.8f}"
+    )
 
 
 def loss(args):
