@@ -35,6 +35,12 @@ with that method's). Three studies:
     ``ForwardSensitivity`` stops paying for implicit solvers: ``params`` (``A, B,
     alpha``, ``p = 3``), ``field`` (``A`` one value per grid point, so ``p = N + 2``)
     and ``y0`` (the initial state and ``A, B, alpha``, ``p = 2 N + 3``).
+``bruss2d_p``
+    The 2-D Brusselator of ``benchmarks/brusselator.py`` (``2 N^2`` states, N = 4, 8,
+    16, ``Rodas5P`` with its dense Jacobian, 12 saves, a forcing switched on at
+    ``t = 1.1``) with the feed rate ``B`` on a coarser ``M x M`` grid: at a fixed
+    number of states, ``p = M^2 + 2`` grows from 3 to 66 (``ForwardSensitivity``,
+    ``Direct`` and ``Auto``).
 
 Timing (``benchmarks/_timing.py``): one discarded warm-up gradient per method takes
 the process's one-time costs. Per case, every candidate is first called once from a
@@ -51,7 +57,7 @@ Run::
 
     python -m benchmarks.auto_threshold            # full run, writes benchmarks/auto_threshold.json
     python -m benchmarks.auto_threshold --quick    # reduced set (a few minutes); --json PATH to save
-    python -m benchmarks.auto_threshold --study stiff   # one study (tanh, neural, stiff)
+    python -m benchmarks.auto_threshold --study stiff   # one study (tanh, neural, stiff, stiff_p, bruss2d_p)
 
 Nothing is asserted: the script exits 0 whatever it measures.
 """
@@ -106,6 +112,10 @@ QUICK_STIFF_SOLVERS = ("Rodas5P",)
 STIFF_P_CASES = tuple((n, w) for n in (16, 64) for w in ("params", "field", "y0"))
 QUICK_STIFF_P_CASES = ((16, "field"),)
 STIFF_P_METHODS = ["ForwardSensitivity", "Direct", "InterpolatingAdjoint", "Auto"]
+# bruss2d_p study: (N, M): the 2-D Brusselator on N x N with the feed rate on an M x M grid
+BRUSS2D_P_CASES = ((4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4), (8, 8), (16, 1), (16, 2), (16, 4), (16, 8))
+QUICK_BRUSS2D_P_CASES = ((4, 2),)
+BRUSS2D_P_METHODS = ["ForwardSensitivity", "Direct", "Auto"]
 SOLVE_LIMIT_S = 60.0  # a plain solve slower than this (one call, after compiling) is not differentiated
 SLOW_CALL_S = 2.0  # fewer run repeats when a candidate's call takes longer than this
 
@@ -238,6 +248,50 @@ def stiff_p_case(big_n: int, wrt: str, solver_name: str) -> dict[str, Any]:
         wrt=wrt,
         make=make,
         args=(args, y0),
+    )
+
+
+def bruss2d_p_case(big_n: int, m: int) -> dict[str, Any]:
+    """The 2-D Brusselator of ``benchmarks/brusselator.py`` (``2 N^2`` states, ``Rodas5P``,
+    dense Jacobian) with the feed rate ``B`` given on an ``M x M`` grid (each value shared
+    by an ``N/M x N/M`` block of cells): ``p = M^2 + 2`` differentiated inputs at a fixed
+    number of states."""
+    from .brusselator import PARAMS, T1, T_ON, Bruss
+
+    b = Bruss(big_n)
+    rhs, block, ts = b.rhs(), big_n // m, jnp.linspace(0.0, T1, 12)
+
+    def f(t, y, a):
+        scale, A, B = a
+        return rhs(t, y, (scale, A, jnp.repeat(jnp.repeat(B, block, 0), block, 1)))
+
+    def make(method):
+        def loss(args, y0):
+            sol = diffode.solve(
+                f,
+                y0,
+                ts,
+                args,
+                solver=diffode.Rodas5P(),
+                rtol=1e-6,
+                atol=1e-8,
+                tstops=[T_ON],
+                sensitivity=method,
+            )
+            return jnp.sum(sol.ys**2)
+
+        return jax.jit(jax.grad(loss))
+
+    args = (jnp.asarray(PARAMS[0]), jnp.asarray(PARAMS[1]), jnp.full((m, m), PARAMS[2]))
+    return dict(
+        case=f"N={big_n}, B on {m}x{m}",
+        n=2 * big_n * big_n,
+        p=m * m + 2,
+        batch=1,
+        solver="Rodas5P",
+        big_n=big_n,
+        make=make,
+        args=(args, jnp.asarray(b.y0())),
     )
 
 
@@ -470,7 +524,27 @@ def run_stiff_p(quick: bool, save: Callable[[], None], out: list) -> None:
             save()
 
 
-STUDIES = {"tanh": run_tanh, "neural": run_neural, "stiff": run_stiff, "stiff_p": run_stiff_p}
+def run_bruss2d_p(quick: bool, save: Callable[[], None], out: list) -> None:
+    for big_n, m in QUICK_BRUSS2D_P_CASES if quick else BRUSS2D_P_CASES:
+        print(f"# bruss2d_p N = {big_n}, M = {m}", file=sys.stderr, flush=True)
+        rec = measure(
+            bruss2d_p_case(big_n, m),
+            BRUSS2D_P_METHODS,
+            compile_repeats=1,
+            run_repeats=3 if quick else 5,
+            min_time=0.1,
+        )
+        out.append(rec)
+        save()
+
+
+STUDIES = {
+    "tanh": run_tanh,
+    "neural": run_neural,
+    "stiff": run_stiff,
+    "stiff_p": run_stiff_p,
+    "bruss2d_p": run_bruss2d_p,
+}
 
 
 def environment() -> dict[str, Any]:
@@ -532,10 +606,11 @@ def report(out: dict[str, Any]) -> str:
         neural="Batched neural ODE (MLP depth 2), `vmap` over y0, Tsit5",
         stiff="Brusselator 1-D, 2N states, p = 3",
         stiff_p="Brusselator 1-D, 2N states, p differentiated inputs",
+        bruss2d_p="Brusselator 2-D, 2N^2 states, Rodas5P, the feed rate on an M x M grid (p = M^2 + 2)",
     )
     for s, recs in out["studies"].items():
         lines.append(f"\n### {titles[s]}\n")
-        extra = "| batch " if s == "neural" else ("| solver " if s.startswith("stiff") else "")
+        extra = "| batch " if s == "neural" else ("| solver " if s.startswith(("stiff", "bruss")) else "")
         lines.append(
             f"| case {extra}| n | p | n·(p+1) | Auto picks | "
             + " | ".join(f"{m} run ms (× fastest)" for m in METHODS)
@@ -559,7 +634,7 @@ def report(out: dict[str, Any]) -> str:
             ex = (
                 f"| {rec['batch']} "
                 if s == "neural"
-                else (f"| {rec['solver']} " if s.startswith("stiff") else "")
+                else (f"| {rec['solver']} " if s.startswith(("stiff", "bruss")) else "")
             )
             case = {
                 "stiff": f"N={rec.get('big_n')}",

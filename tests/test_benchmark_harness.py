@@ -40,3 +40,15 @@ def test_quick_run_writes_results_and_survives_a_failure(tmp_path, monkeypatch):
     with open(tmp_path / "adjoints.csv") as fh:
         assert len(list(csv.DictReader(fh))) == len(rows)
     assert os.path.getsize(tmp_path / "adjoints_run.png") > 0
+
+
+def test_merge_replaces_only_the_rows_measured_again(tmp_path):
+    first = adjoints.run(["lotka_volterra"], ["diffode Auto", "jax odeint"], quick=True, out=str(tmp_path))
+    kept = next(r for r in first if r["method"] == "jax odeint")
+    rows = adjoints.run(["lotka_volterra"], ["diffode Auto"], quick=True, out=str(tmp_path), merge=True)
+    assert [r["method"] for r in rows] == ["diffode Auto", "jax odeint"]
+    again = next(r for r in rows if r["method"] == "jax odeint")
+    assert (
+        again["run_ms"] == kept["run_ms"] and again["reference"] == kept["reference"]
+    )  # read back from the CSV
+    assert "Lotka-Volterra: reference SciPy Radau" in (tmp_path / "RESULTS.md").read_text()
