@@ -903,14 +903,18 @@ def run(problem_names, method_filter, quick: bool, out: str, merge: bool = False
             for name in names:
                 guess = _extrapolated_s(rows, case, name)
                 if guess > CAP_S:
+                    why = (
+                        f"extrapolated from the previous size to {guess:.0f} s a call (cap {CAP_S:.0f} s)"
+                        if math.isfinite(guess)
+                        else "failed or skipped at a smaller size"
+                    )
                     row = dict(
                         problem=case.problem,
                         case=case.label,
                         n=case.n,
                         p=case.p,
                         method=name,
-                        status=f"skipped: extrapolated from the previous size to {guess:.0f} s a call "
-                        f"(cap {CAP_S:.0f} s)",
+                        status=f"skipped: {why}",
                     )
                 else:
                     row = measure(case, name, METHODS[name], reference, quick)
@@ -928,13 +932,13 @@ def run(problem_names, method_filter, quick: bool, out: str, merge: bool = False
 
 def _extrapolated_s(rows: list[dict], case: Case, name: str) -> float:
     """The run time (s) of ``name`` on ``case`` extrapolated from its last size of the same
-    problem as (states ratio)^1.5, or 0 when there is none; a skipped smaller size
-    propagates (infinity)."""
+    problem as (states ratio)^1.5, or 0 when there is none; a smaller size that failed or
+    was skipped for its time propagates (infinity)."""
     prev = [r for r in rows if r["problem"] == case.problem and r["method"] == name]
     if not prev:
         return 0.0
-    if str(prev[-1]["status"]).startswith("skipped: extrapolated"):
-        return math.inf
+    if str(prev[-1]["status"]).startswith(("skipped: extrapolated", "skipped: failed", "failed")):
+        return math.inf  # a larger size would take longer, or fail the same way
     if not prev[-1].get("run_ms"):
         return 0.0
     return 1e-3 * prev[-1]["run_ms"] * (case.n / prev[-1]["n"]) ** 1.5
