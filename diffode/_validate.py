@@ -35,6 +35,11 @@ def check_y0(y0) -> None:
         raise ValueError("y0 has no array leaves")
 
 
+def _shape(x) -> tuple:
+    """The shape of an array, a ``jax.ShapeDtypeStruct`` or a Python scalar."""
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
 def rhs_structure_problem(out, y0, name: str = "f") -> str | None:
     """Compare the output of ``f`` (or of the function ``name``) with ``y0`` (at trace time);
     describe any mismatch."""
@@ -42,8 +47,8 @@ def rhs_structure_problem(out, y0, name: str = "f") -> str | None:
     if want != got:
         return f"{name} returned structure {got}, but y0 has structure {want}."
     for (path, a), b in zip(jtu.tree_leaves_with_path(y0), jtu.tree_leaves(out)):
-        if jnp.shape(a) != jnp.shape(b):
-            return f"{name} returned shape {jnp.shape(b)} at y{jtu.keystr(path)}, but y0 has shape {jnp.shape(a)}."
+        if _shape(a) != _shape(b):
+            return f"{name} returned shape {_shape(b)} at y{jtu.keystr(path)}, but y0 has shape {_shape(a)}."
         if not jnp.issubdtype(jnp.result_type(b), jnp.floating) and not jnp.issubdtype(
             jnp.result_type(b), jnp.integer
         ):
