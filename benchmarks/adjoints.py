@@ -778,7 +778,124 @@ def markdown(rows: list[dict], notes: list[str], quick: bool) -> str:
                 f"{_fmt(r.get('fevals_grad'), '.0f')} | {err} |"
             )
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + findings(rows))
+
+
+def _best(rows: list[dict], pred) -> dict | None:
+    ok = [r for r in rows if r["status"] == "ok" and r.get("run_ms") and pred(r["method"])]
+    return min(ok, key=lambda r: r["run_ms"]) if ok else None
+
+
+def _is_diffode(m: str) -> bool:
+    return m.startswith("diffode")
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """The discussion: what the tables say, computed from them, so that it stays true when
+    they are regenerated."""
+    lines = ["### Findings", "", "Computed from the tables above.", ""]
+    lines += [
+        "| case | n | p | fastest | diffode's fastest / fastest peer: run | compile (JAX peers) "
+        "| Auto / diffode's fastest |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
+    losses = []
+    for label in dict.fromkeys(r["case"] for r in rows):
+        group = [r for r in rows if r["case"] == label]
+        best, ours = _best(group, lambda m: True), _best(group, _is_diffode)
+        peer, auto = _best(group, lambda m: not _is_diffode(m)), _best(group, lambda m: m == "diffode Auto")
+        if best is None:
+            continue
+        run = ours["run_ms"] / peer["run_ms"] if ours and peer else None
+        jax_peers = [
+            r["compile_s"]
+            for r in group
+            if r.get("compile_s") and not _is_diffode(r["method"]) and not r["method"].startswith("torch")
+        ]
+        comp = ours["compile_s"] / min(jax_peers) if ours and jax_peers else None
+        lines.append(
+            f"| {label} | {best['n']} | {best['p']} | {best['method']} ({best['run_ms']:.3g} ms) | "
+            f"{_fmt(run, '.2f')} | {_fmt(comp, '.2f')} | {_fmt(auto['run_ms'] / ours['run_ms'] if auto and ours else None, '.2f')} |"
+        )
+        if run is not None and run > 1:
+            losses.append(f"{label} (run time {run:.2f}x {peer['method']})")
+        if comp is not None and comp > 1:
+            losses.append(f"{label} (compile time {comp:.2f}x the fastest-compiling JAX peer)")
+    lines.append("")
+    lines.append(
+        "- Where diffode loses: "
+        + (
+            "; ".join(losses) + "."
+            if losses
+            else "no case in this run: diffode's fastest "
+            "method beat every peer's fastest in run time and in compile time."
+        )
+    )
+    reverse = ("diffode Direct", "diffode InterpolatingAdjoint", "diffode BacksolveAdjoint")
+    fastest_reverse = {}
+    for label in dict.fromkeys(r["case"] for r in rows):
+        b = _best([r for r in rows if r["case"] == label], lambda m: m in reverse)
+        if b:
+            fastest_reverse.setdefault(b["method"], []).append(label)
+    lines.append(
+        "- The fastest of diffode's reverse modes (Direct, InterpolatingAdjoint, BacksolveAdjoint): "
+        + "; ".join(f"{m} on {', '.join(cs)}" for m, cs in fastest_reverse.items())
+        + "."
+    )
+    failed = {}
+    for r in rows:
+        if str(r["status"]).startswith("failed"):
+            failed.setdefault(r["method"], []).append(r["case"])
+    for m, cases in failed.items():
+        lines.append(f"- {m} failed on: {', '.join(cases)}.")
+    for problem, what in (("brusselator", "3 parameters"), ("brusselator_field", "the feed rate a field")):
+        group = [r for r in rows if r["problem"] == problem]
+        sizes = sorted({(r["n"], r["p"]) for r in group})
+        if len(sizes) < 2:
+            continue
+        lines += ["", f"Scaling, 2-D Brusselator with {what} (run ms; ForwardSensitivity / Direct):", ""]
+        lines += [
+            "| n | p | n (p + 1) | ForwardSensitivity | Direct | InterpolatingAdjoint | Auto | Forward / Direct |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n, p in sizes:
+            get = {r["method"]: r.get("run_ms") for r in group if r["n"] == n and r.get("status") == "ok"}
+            f, d = get.get("diffode ForwardSensitivity"), get.get("diffode Direct")
+            lines.append(
+                f"| {n} | {p} | {n * (p + 1)} | {_fmt(f, '.3g')} | {_fmt(d, '.3g')} | "
+                f"{_fmt(get.get('diffode InterpolatingAdjoint'), '.3g')} | {_fmt(get.get('diffode Auto'), '.3g')} | "
+                f"{_fmt(f / d if f and d else None, '.2f')} |"
+            )
+    platform = jax.default_backend()
+    lines += [
+        "",
+        "- No GPU column: this run had no GPU (JAX's backend was "
+        f"`{platform}`); the device machine was not available to this project when it was generated."
+        if platform == "cpu"
+        else f"- JAX's backend in this run: `{platform}`.",
+        "",
+        DISCUSSION,
+    ]
+    return lines
+
+
+#: What the measurements mean; the numbers are in the tables and findings above.
+DISCUSSION = """\
+**Reading the results.** On small problems (a few states and parameters) forward
+sensitivities are the cheapest exact derivatives: one augmented solve whose extra work is a
+`jvp` per stage, against a reverse pass that replays every step. As the parameters grow the
+augmented system grows with them while `Direct`'s reverse pass does not, so the crossover
+moves with `n` and `p` together: the Brusselator scaling tables show where, and `Auto`'s rule
+(its docstring) is set from them and from `benchmarks/auto_threshold.py`. `Direct`
+differentiates the discrete solution exactly and replays the recorded steps without
+re-solving anything. The continuous adjoints
+(`InterpolatingAdjoint`, `BacksolveAdjoint`) integrate a second system backwards with its own
+error control, which costs evaluations of `f` (see the gradient column) and, on stiff
+problems, factorisations of a larger system; `BacksolveAdjoint` additionally re-solves the
+state backwards, which is unstable on stiff problems, and both libraries' backsolve fail
+there, as Ma et al. (2018) found in Julia. The torch peers run eagerly, paying Python and
+kernel-launch overhead at every stage, which dominates on small problems; their compile
+column is their first call, so it is not compared; they have no stiff solvers."""
 
 
 def plots(rows: list[dict], out: str) -> list[str]:
