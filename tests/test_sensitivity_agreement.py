@@ -105,21 +105,27 @@ def test_continuous_adjoints_match_expm(method):
 
 def test_auto_choice():
     # choose(n, p): n states, p differentiated inputs; the rule measured in
-    # benchmarks/auto_threshold_stiff_p.json (see Auto's docstring).
+    # benchmarks/auto_threshold_bruss2d_p.json and auto_threshold_stiff_p.json (see Auto's docstring).
     auto = diffode.Auto()
     assert isinstance(auto.choose(2, 4), diffode.ForwardSensitivity)
     assert isinstance(auto.choose(64, 1000), diffode.Direct)
     assert isinstance(auto.choose(64, 3, diffode.Tsit5()), diffode.Direct)
-    # Implicit solvers with a direct linear solver: forward sensitivities up to p = 32,
-    # whatever n (each step factorises the n x n block only).
+    # Implicit solvers with a direct linear solver: forward sensitivities up to p = n / 8
+    # (each step factorises the n x n block only; the crossover grows with n).
     for solver in (
         diffode.Kvaerno5(),
         diffode.Rodas5P(),
         diffode.Radau5(),
         diffode.Rodas5P(linear_solver=diffode.BandedLU(1, 1)),
     ):
-        assert isinstance(auto.choose(2048, 32, solver), diffode.ForwardSensitivity)
-        assert not isinstance(auto.choose(2048, 33, solver), diffode.ForwardSensitivity)
+        for n in (128, 512, 2048):
+            assert isinstance(auto.choose(n, n // 8, solver), diffode.ForwardSensitivity)
+            assert not isinstance(auto.choose(n, n // 8 + 1, solver), diffode.ForwardSensitivity)
+    # The measured cases: POLLU (20 states, 25 rates) and the Brusselator (128 states,
+    # 18 parameters) go to Direct; the Brusselator with 3 parameters to forward sensitivities.
+    assert isinstance(auto.choose(20, 25, diffode.Rodas5P()), diffode.Direct)
+    assert isinstance(auto.choose(128, 18, diffode.Rodas5P()), diffode.Direct)
+    assert isinstance(auto.choose(128, 3, diffode.Rodas5P()), diffode.ForwardSensitivity)
     # Past it: the SDIRK family's replay repeats its Newton iterations, so the interpolating adjoint...
     assert isinstance(auto.choose(64, 1000, diffode.Kvaerno5()), diffode.InterpolatingAdjoint)
     # ...but Rosenbrock and Radau5 steps replay faster than the adjoint solves.

@@ -29,10 +29,11 @@ class Auto(AbstractSensitivity):
     and the parameters that carry a tangent), in forward and reverse mode alike:
 
     * :class:`ForwardSensitivity` when ``n * (p + 1) <= max_forward_size`` (128), or
-      when the solver is implicit with a direct linear solver and ``p <=
-      max_forward_params`` (32): one forward solve of the augmented system, whose
+      when the solver is implicit with a direct linear solver and ``p <= n /
+      states_per_forward_param`` (8): one forward solve of the augmented system, whose
       steps factorise only the ``n x n`` block
-      (:class:`~diffode.solvers.structured.SensitivityLU`);
+      (:class:`~diffode.solvers.structured.SensitivityLU`), so its extra cost per
+      parameter is small against a factorisation while ``p`` is small against ``n``;
     * otherwise forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``)
       differentiates through the solver's steps, and reverse mode is
       :class:`Direct` for explicit solvers, ``Rosenbrock`` solvers, ``Radau5`` and
@@ -41,8 +42,9 @@ class Auto(AbstractSensitivity):
       dense or iterative linear solver. Backsolve is never picked: re-solving ``y``
       backwards is unstable for stiff problems and gains only memory.
 
-    The rule is measured by ``python -m benchmarks.auto_threshold`` (gradient run
-    times, interleaved, 2-core CPU, float64; tables in ``benchmarks/README.md``):
+    The rule is measured (gradient run times, interleaved, 2-core CPU, float64;
+    ``python -m benchmarks.auto_threshold``, tables in ``benchmarks/README.md``, and
+    ``python -m benchmarks.adjoints``, tables in ``benchmarks/RESULTS.md``):
 
     * unbatched ``y' = tanh(W y + b)`` with Tsit5: ``ForwardSensitivity`` was 1.4x
       faster than ``Direct`` at ``n (p + 1) = 84`` and 1.9x slower at 584; from 584
@@ -50,22 +52,21 @@ class Auto(AbstractSensitivity):
     * a neural ODE (MLP 2-16-16-2 or 2-64-64-2, ``vmap`` over 32 or 256 initial
       states, shared parameters): ``Direct`` fastest, 60-100x ahead of
       ``ForwardSensitivity`` and 60-430x ahead of ``InterpolatingAdjoint``;
-    * the stiff 1-D Brusselator with ``n`` = 32 and 128 states and ``p`` = 3, ``N +
-      2`` or ``2 N + 3`` (``benchmarks/auto_threshold_stiff_p.json``):
-      ``ForwardSensitivity`` was the fastest with ``p = 3`` for ``Rodas5P``,
-      ``Kvaerno5`` and ``Radau5`` (``Direct`` 1.4-9x, ``InterpolatingAdjoint``
-      2.6-10x slower), and within 1.2x of the fastest up to ``p = 35``
-      (``Kvaerno5``: the fastest up to ``p = 66``); at ``p = 131`` it was 2.2-4.2x
-      slower than the fastest;
+    * the stiff 2-D Brusselator with ``Rodas5P`` at a fixed number of states and a
+      growing number of parameters (``auto_threshold_bruss2d_p.json``), the ratio of
+      ``ForwardSensitivity``'s time to ``Direct``'s: ``n = 32``: 0.91, 1.25, 2.15 at
+      ``p = 3, 6, 18``; ``n = 128``: 0.45, 0.57, 0.94, 2.51 at ``p = 3, 6, 18, 66``;
+      ``n = 512``: 0.39, 0.41, 0.59, 1.07 at ``p = 3, 6, 18, 66``. The crossover
+      grows with ``n``, at about ``p = n / 8``;
+    * the stiff 1-D Brusselator (``auto_threshold_stiff_p.json``): with ``Rodas5P``
+      the same ratio was 0.74, 1.08, 1.14 at ``n = 32``, ``p = 3, 18, 35`` and 0.32,
+      1.34, 2.93 at ``n = 128``, ``p = 3, 66, 131``; with ``Kvaerno5``,
+      ``ForwardSensitivity`` stayed within 10% of the fastest up to ``p = 66`` at
+      ``n = 128`` and was 4x slower than ``InterpolatingAdjoint`` at ``p = 131``;
     * past forward sensitivities, ``Direct`` beat ``InterpolatingAdjoint`` by
       2.9-10x with ``Rodas5P`` and 1.3-4.6x with ``Radau5``, while with ``Kvaerno5``
       ``InterpolatingAdjoint`` was 1.3-4.7x faster than ``Direct`` (whose replay
-      repeats the Newton iterations of every stage);
-    * the 2-D Brusselator (``benchmarks/brusselator.py``, ``p = 3``, ``Rodas5P``
-      with ``jac_sparsity``, so :class:`~diffode.SparseLU`): ``Direct`` 4x
-      (N = 8, ``n = 128``) and 10x (N = 16, ``n = 512``) faster than
-      ``InterpolatingAdjoint``, whose augmented backward system has another size
-      than the pattern and is factorised densely.
+      repeats the Newton iterations of every stage).
 
     ``memory_budget`` (bytes, default ``DEFAULT_MEMORY_BUDGET`` = 1 GiB, ``None``: no
     limit) is passed to the reverse-mode method: it bounds what the reverse pass
@@ -73,7 +74,7 @@ class Auto(AbstractSensitivity):
     """
 
     max_forward_size: int = eqx.field(static=True, default=128)
-    max_forward_params: int = eqx.field(static=True, default=32)
+    states_per_forward_param: int = eqx.field(static=True, default=8)
     memory_budget: int | None = eqx.field(static=True, default=DEFAULT_MEMORY_BUDGET)
 
     def __check_init__(self):
@@ -82,7 +83,8 @@ class Auto(AbstractSensitivity):
     def choose(self, n: int, p: int, solver=None) -> AbstractSensitivity:
         """The reverse-mode method for ``n`` states, ``p`` differentiated input entries and
         ``solver`` (``None``: an explicit one)."""
-        if n * (p + 1) <= self.max_forward_size or (_factorises(solver) and p <= self.max_forward_params):
+        few = p * self.states_per_forward_param <= n
+        if n * (p + 1) <= self.max_forward_size or (_factorises(solver) and few):
             return ForwardSensitivity()
         return self._adjoint(solver)
 
