@@ -984,6 +984,16 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
+def _earlier_merges(path: str, problem_names) -> list[str]:
+    """The "Merged:" notes of the adjoints section in ``path`` for other problems than these."""
+    if not os.path.exists(path):
+        return []
+    text = open(path).read()
+    section = text[text.find("<!-- begin adjoints -->") : text.find("<!-- end adjoints -->")]
+    merged = [line[2:] for line in section.splitlines() if line.startswith("- Merged: ")]
+    return [m for m in merged if m.split(" measured by")[0][len("Merged: ") :] not in problem_names]
+
+
 def run(problem_names, method_filter, quick: bool, out: str, merge: bool = False) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     names = [
@@ -1010,6 +1020,13 @@ def run(problem_names, method_filter, quick: bool, out: str, merge: bool = False
     )
     if merge and os.path.exists(os.path.join(out, "adjoints.csv")):
         rows = read_rows(os.path.join(out, "adjoints.csv"))  # re-measured rows replace theirs
+        notes += _earlier_merges(os.path.join(out, "RESULTS.md"), problem_names)
+        notes.append(
+            f"Merged: {', '.join(problem_names)} measured by a later run "
+            f"(`--merge --problems {' '.join(problem_names)}"
+            + (f" --methods {' '.join(repr(m) for m in method_filter)}" if method_filter else "")
+            + f"`, sizes {BRUSSELATOR_N}); the other rows are the first run's."
+        )
     start = time.time()
     for pname in problem_names:
         for case in PROBLEMS[pname](quick):
