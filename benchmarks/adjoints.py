@@ -996,11 +996,12 @@ def _earlier_merges(path: str, problem_names) -> list[str]:
 
 def run(problem_names, method_filter, quick: bool, out: str, merge: bool = False) -> list[dict]:
     os.makedirs(out, exist_ok=True)
+    exact = bool(method_filter) and all(s in METHODS for s in method_filter)  # full names: just those
     names = [
         m
         for m in METHODS
         if (not method_filter and (not quick or m in QUICK_METHODS))
-        or any(s in m for s in method_filter or ())
+        or (m in method_filter if exact else any(s in m for s in method_filter or ()))
     ]
     rows, notes = (
         [],
@@ -1100,7 +1101,11 @@ def write(rows: list[dict], notes: list[str], quick: bool, out: str, final: bool
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.adjoints", description=__doc__.split("\n\n")[0])
     ap.add_argument("--problems", nargs="*", choices=list(PROBLEMS), default=list(PROBLEMS))
-    ap.add_argument("--methods", nargs="*", help="keep the methods whose name contains one of these")
+    ap.add_argument(
+        "--methods",
+        nargs="*",
+        help="keep the methods whose name contains one of these (only those named, when all are full names)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one sample each (a smoke run)")
     ap.add_argument(
         "--merge",
