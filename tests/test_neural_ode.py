@@ -90,13 +90,25 @@ def small_window(monkeypatch):
     monkeypatch.setattr(direct_module, "WINDOW_STEPS", (4, 4))
 
 
+@pytest.fixture
+def small_groups(monkeypatch):
+    """Groups of 2 in the batched reverse pass (5 members: 3 groups, the last one
+    overlapping the second), as a batch of 64 or more runs it."""
+    monkeypatch.setattr(direct_module, "GROUP_MIN", 1)
+    assert direct_module._group_size(5) == 2
+
+
+@pytest.mark.parametrize("groups", ["whole", "grouped"])
 @pytest.mark.parametrize("windows", ["one", "several"])
-def test_batched_direct_matches_unbatched(windows, request):
+def test_batched_direct_matches_unbatched(windows, groups, request):
     """grad of a loss over a vmapped batch (shared module parameters, per-member y0,
     args and shared ts), by the batched reverse pass, against the same gradient
-    assembled from unbatched reverse passes, and against forward mode."""
+    assembled from unbatched reverse passes, and against forward mode; the batch
+    whole and in groups of members ordered by their number of steps."""
     if windows == "several":
         request.getfixturevalue("small_window")
+    if groups == "grouped":
+        request.getfixturevalue("small_groups")
     method = diffode.Direct()
     grad = eqx.filter_jit(eqx.filter_grad(lambda a: _loss(a[0], a[1], a[2], a[3], method)))
     got = grad((MODEL, Y0S, TS, SCALES))
@@ -120,9 +132,12 @@ def test_batched_direct_matches_unbatched(windows, request):
     np.testing.assert_allclose(got[3], fwd, rtol=1e-9)
 
 
-def test_batched_failure_is_not_silent():
+@pytest.mark.parametrize("groups", ["whole", "grouped"])
+def test_batched_failure_is_not_silent(groups, request):
     """One member fails (max_steps) with throw=False: its y0 cotangent is NaN, the
     others' are exact, and the shared parameters' cotangent (a sum) is NaN."""
+    if groups == "grouped":
+        request.getfixturevalue("small_groups")
     scales = SCALES.at[4].set(400.0)
 
     def loss(model, y0s):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import diffode
+from diffode.sensitivity import direct as direct_module
 
 SWITCH = 1.0
 
@@ -100,9 +101,12 @@ def test_gradients_across_the_switch(method):
     assert abs(float(lin(jnp.array([1.0, 0.0]))) - float(ref[1][0])) < 1e-7 * abs(float(ref[1][0]))
 
 
-def test_batched_gradients_match_members_and_float32():
-    """jit(vmap(grad)) over initial states (the batched reverse pass of Direct) equals the
-    members' own gradients; float32 runs and agrees with float64 to float32 accuracy."""
+@pytest.mark.parametrize("group_min", [32, 1])
+def test_batched_gradients_match_members_and_float32(group_min, monkeypatch):
+    """jit(vmap(grad)) over initial states (the batched reverse pass of Direct, the batch
+    whole and in groups of one member) equals the members' own gradients; float32 runs
+    and agrees with float64 to float32 accuracy."""
+    monkeypatch.setattr(direct_module, "GROUP_MIN", group_min)
 
     def loss(y0, p, dtype=jnp.float64):
         sol = diffode.solve(
