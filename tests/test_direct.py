@@ -245,7 +245,8 @@ def test_reverse_pass_reads_the_forward_record():
         jax.effects_barrier()
         return calls[0], out
 
-    fevals = int(diffode.solve(f, y0, ts, p, rtol=1e-6, atol=1e-8).stats["num_fevals"])
+    stats = diffode.solve(f, y0, ts, p, rtol=1e-6, atol=1e-8).stats
+    fevals, accepted = int(stats["num_fevals"]), int(stats["num_accepted"])
     ref = jax.jacfwd(loss)(p)
     nestings = {
         "grad": jax.grad(loss),
@@ -254,7 +255,10 @@ def test_reverse_pass_reads_the_forward_record():
     }
     for name, grad in nestings.items():
         n, g = count(jax.jit(grad))
-        # A second forward solve would make n >= 2 * fevals (measured: 1528 against 668 before the
-        # record was kept; 860 now).
-        assert fevals < n < 1.5 * fevals, (name, n, fevals)
+        # The replay evaluates f at most once per stage of each accepted step (7 for Tsit5,
+        # the first stage included; the batched replay unrolls the stages, the unbatched one
+        # loops over them and its callbacks run fewer times). A second forward solve would
+        # add fevals more (measured: 1528 against 668 before the record was kept; now 860
+        # unbatched, 1340 batched, with 96 accepted steps: 668 + 7 x 96 = 1340).
+        assert fevals < n <= fevals + 7 * accepted, (name, n, fevals, accepted)
         assert _rel(g, ref) < 1e-10, name

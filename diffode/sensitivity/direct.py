@@ -12,6 +12,7 @@ optimal control and the transformed adjoint system", Numer. Math. 87, 2000).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -938,8 +939,16 @@ def replay_batched(
 
     group = _group_size(size)
 
+    # The steps' VJPs with the stages unrolled (the forward solve's stage loop suits one
+    # small member; the VJP of a batch's step runs 10-20% faster without it, and the
+    # rounding of the recomputed stages does not move the recorded steps).
+    solver_r = opts.solver
+    if isinstance(solver_r, ExplicitRK) and solver_r.stage_loop is None:
+        solver_r = dataclasses.replace(solver_r, stage_loop=False)
+    opts_r = opts._replace(solver=solver_r)
+
     def step_map(prob, y0, ts, diff, t, y, h):
-        return step_function(prob, y0, ts)(t, y, h, diff)
+        return step_function(prob._replace(opts=opts_r), y0, ts)(t, y, h, diff)
 
     step_g = vm(step_map, 0, 0, 0, size=group)
 
