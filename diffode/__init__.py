@@ -1,6 +1,7 @@
 """diffode: differentiable ODE solvers and sensitivities in JAX."""
 
 from ._controller import PIDController, max_norm, rms_norm
+from ._ensemble import solve_ensemble
 from ._events import Event
 from ._regularisers import Regularisers
 from ._solution import MESSAGES, Solution, Stats, Status
@@ -90,6 +91,7 @@ __all__ = [
     "Regularisers",
     "Solution",
     "solve",
+    "solve_ensemble",
     "Sparsity",
     "Stats",
     "Status",

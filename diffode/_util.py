@@ -13,6 +13,33 @@ import numpy as np
 from jax.custom_batching import custom_vmap
 
 
+def _plus(a, b):
+    # a + b, written so that XLA does not recognise a reduction over it as a sum
+    # (see fused_sum). Negation is exact, so this is the same IEEE sum.
+    return a - (-b)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def fused_sum(x, axes: tuple[int, ...]):
+    """``jnp.sum(x, axes)``, as a reduction that XLA's CPU backend keeps in its own fused loop.
+
+    XLA's CPU backend (jaxlib 0.10) hands a plain sum (or max, min) whose input or
+    output has 4096 elements or more to a library kernel (YNNPACK), outside its
+    fusion, at a fixed cost per call. Under ``jax.vmap`` a small member's sums grow
+    with the batch, and in a step loop that cost dominates (see
+    ``explicit_rk._sum_rows``). The library takes only a reduction computed by a
+    bare ``add``, so this one adds as ``a - (-b)``. Its derivative is a plain sum (a
+    linear map that reverse mode can transpose).
+    """
+    return lax.reduce(x, np.zeros((), x.dtype), _plus, tuple(a % x.ndim for a in axes))
+
+
+@fused_sum.defjvp
+def _fused_sum_jvp(axes, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return fused_sum(x, axes), jnp.sum(dx, axis=axes)
+
+
 def select(pred, on_true, on_false):
     """``jnp.where`` for a scalar ``pred`` without a nested jit (cheaper to trace and compile).
 

@@ -10,7 +10,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 
-from .._util import finite_filler
+from .._util import finite_filler, fused_sum
 from .base import AbstractTableauSolver, StepResult
 from .butcher import ButcherTableau
 
@@ -36,16 +36,29 @@ _SMALL_ROWS = 64
 UNROLL_MIN_SIZE = 16384
 
 
+def _sum_rows(x):
+    """``jnp.sum(x, axis=0)`` kept in XLA's fused loops (:func:`~diffode._util.fused_sum`).
+
+    Under ``jax.vmap`` the input grows with the batch (stages x components x
+    members): a batched Tsit5 solve of Lotka-Volterra (7 x 2 x members elements)
+    with a plain sum fell from 75,000 to 13,000 members a second between 292 and
+    293 members with the stage loop, and from 91,000 to 38,000 with the stages
+    unrolled (whose saves interpolate with this sum).
+    """
+    return fused_sum(x, (0,))
+
+
 def _weighted_rows(w, rows):
     """``sum_i w[i] * rows[i]`` for traced weights ``w`` and rows stacked along axis 0.
 
-    Short rows: one multiply-and-reduce kernel (one kernel fewer than a dot).
+    Short rows: one multiply-and-reduce kernel (one kernel fewer than a dot),
+    also under ``jax.vmap`` at any batch size (see :func:`_sum_rows`).
     Longer rows: a dot. XLA's CPU backend runs a reduction over the leading
     axis in a library kernel that is twice as slow as the dot on rows of 2048
     and some 40 times slower on rows of 1e5.
     """
     if math.prod(rows.shape[1:]) <= _SMALL_ROWS:
-        return jnp.sum(w.reshape((-1,) + (1,) * (rows.ndim - 1)) * rows, axis=0)
+        return _sum_rows(w.reshape((-1,) + (1,) * (rows.ndim - 1)) * rows)
     return jnp.tensordot(w, rows, axes=1, precision=lax.Precision.HIGHEST)
 
 
