@@ -23,7 +23,9 @@ other benchmarks): Lotka-Volterra (2 states, 4 parameters), a PK/PD model (5 sta
 11 parameters), POLLU (20 states, 25 log rate constants, stiff), the 2-D Brusselator
 on an N x N grid (2 N^2 states, stiff) with 3 parameters and with the feed rate a field
 (N^2 + 2 parameters: states and parameters grow together), and an MLP neural ODE over
-a batch (thousands of parameters).
+a batch (thousands of parameters). From N = 16 (``SPARSE_FROM_N``) diffode's Brusselator
+solves pass ``jac_sparsity`` (the stencil pattern), as a user would; diffrax has no
+sparse Jacobians and solves them dense.
 
 Metrics per case and method: compile time (cold first call, ``jax.clear_caches()``
 first) and run time (median per call, interleaved, ``jax.block_until_ready``), the
@@ -34,7 +36,7 @@ of evaluations counts once), and the gradient's error relative to a
 reference: the forward sensitivity equations solved by SciPy's Radau at rtol 1e-12
 (independent of diffode's solvers) where the augmented system has at most
 ``SCIPY_REFERENCE_MAX`` states, else diffode's ``Radau5`` with
-``ForwardSensitivity`` at rtol 1e-11 (past 50,000 sensitivities ``Rodas5P`` with ``Direct``,
+``ForwardSensitivity`` at rtol 1e-11 (past 50,000 sensitivities or 1024 states ``Rodas5P`` with ``Direct``,
 the neural ODE ``Tsit5`` with ``Direct``, both at rtol 1e-10).
 
 Peers, in the same run when installed (``pip install -e ".[bench]"``): diffrax
@@ -100,6 +102,9 @@ class Case:
     loss: Callable = lambda ys: jnp.sum(ys**2) / ys.size  # noqa: E731
     tstops: tuple = ()
     batched: bool = False  # y0 has a leading batch axis (vmapped solves, shared params)
+    #: Extra keywords of diffode's solves (the Brusselator's ``jac_sparsity``: coloured
+    #: Jacobians and ``SparseLU``, as a user of a PDE discretisation would write it).
+    diffode_kw: tuple = ()
 
     @property
     def n(self) -> int:
@@ -136,6 +141,10 @@ def pollu_case(quick: bool) -> list[Case]:
 
 #: The Brusselator grids (N x N) of a full run; ``--sizes`` replaces them.
 BRUSSELATOR_N = [2, 4, 8, 16, 32]
+#: From this N on, diffode's Brusselator solves take ``jac_sparsity`` (coloured Jacobians
+#: and ``SparseLU``). Below it dense Jacobians are faster: ``Direct`` at N = 2 and 4 took
+#: 9.3 and 59.5 ms a gradient with the pattern, against 6.5 and 28.1 ms dense.
+SPARSE_FROM_N = 16
 
 
 def brusselator_cases(quick: bool) -> list[Case]:
@@ -157,6 +166,7 @@ def brusselator_cases(quick: bool) -> list[Case]:
                 1e-6,
                 1e-8,
                 tstops=(T_ON,),
+                diffode_kw=(("jac_sparsity", b.sparsity()),) if N >= SPARSE_FROM_N else (),
             )
         )
     return out
@@ -184,6 +194,7 @@ def brusselator_field_cases(quick: bool) -> list[Case]:
                 1e-6,
                 1e-8,
                 tstops=(T_ON,),
+                diffode_kw=(("jac_sparsity", b.sparsity()),) if N >= SPARSE_FROM_N else (),
             )
         )
     return out
@@ -258,6 +269,7 @@ def diffode_solve_one(case: Case, method=None) -> Callable:
             sensitivity=method,
             tstops=list(case.tstops) or None,
             max_steps=20_000,
+            **dict(case.diffode_kw),
         ).ys
 
     return solve_one
@@ -558,7 +570,9 @@ def reference_gradient(case: Case):
     if case.batched:
         method, solver, rtol = diffode.Direct(), diffode.Tsit5(), 1e-10
         what = "diffode Tsit5 + Direct, rtol 1e-10"
-    elif case.n * (case.p + 1) > 50_000:  # too many sensitivities to carry: reverse mode
+    elif case.n * (case.p + 1) > 50_000 or case.n > 1024:
+        # Too many sensitivities to carry, or a state too large for Radau5's forward
+        # sensitivities (N = 32: over 18 minutes against 38 s at N = 16): reverse mode.
         method, solver, rtol = diffode.Direct(), diffode.Rodas5P(), 1e-10
         what = "diffode Rodas5P + Direct, rtol 1e-10"
     else:
@@ -578,6 +592,7 @@ def reference_gradient(case: Case):
             sensitivity=method,
             tstops=list(case.tstops) or None,
             max_steps=200_000,
+            **dict(case.diffode_kw),
         ).ys
 
     return _flat(jax.jit(jax.grad(_batched(case, solve_one)))(case.params)), what
@@ -1072,10 +1087,14 @@ def run(
 
 
 def _extrapolated_s(rows: list[dict], case: Case, name: str) -> float:
-    """The run time (s) of ``name`` on ``case`` extrapolated from its last size of the same
-    problem as (states ratio)^1.5, or 0 when there is none; a smaller size that failed or
-    was skipped for its time propagates (infinity)."""
-    prev = [r for r in rows if r["problem"] == case.problem and r["method"] == name]
+    """The run time (s) of ``name`` on ``case`` extrapolated from its largest smaller size of
+    the same problem as (states ratio)^1.5, or 0 when there is none; a smaller size that
+    failed or was skipped for its time propagates (infinity). Rows of this size or larger
+    (an earlier run's, under ``--merge``) do not count."""
+    prev = sorted(
+        (r for r in rows if r["problem"] == case.problem and r["method"] == name and int(r["n"]) < case.n),
+        key=lambda r: int(r["n"]),
+    )
     if not prev:
         return 0.0
     if str(prev[-1]["status"]).startswith(("skipped: extrapolated", "skipped: failed", "failed")):
