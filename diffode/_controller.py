@@ -10,15 +10,17 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._util import fused_sum, select
+from ._util import LIBRARY_REDUCTION_MIN, fused_sum, select
 
 
 def rms_norm(x: Float[Array, " n"]) -> Float[Array, ""]:
     """Root-mean-square norm, the default error norm (Hairer, Norsett and Wanner, II.4)."""
     if x.size == 0:
         return jnp.zeros((), x.dtype)
-    # The sum stays in XLA's fused loop: under a vmap of 2,048 or more members of 2
-    # components a plain one went to a library kernel at a fixed cost per step.
+    if x.size >= LIBRARY_REDUCTION_MIN:
+        return jnp.sqrt(jnp.mean(jnp.square(x)))  # a large state: the library kernel is faster
+    # A small member's sum stays in XLA's fused loop: under a vmap of 2,048 or more members
+    # of 2 components a plain one went to a library kernel at a fixed cost per step.
     return jnp.sqrt(fused_sum(jnp.square(x), tuple(range(x.ndim))) / x.size)
 
 

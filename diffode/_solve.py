@@ -252,11 +252,8 @@ def _solve(
 
     rtol, atol = (_flat_tolerance(name, tol, y0) for name, tol in (("rtol", rtol), ("atol", atol)))
     rtol = _resolvable_rtol(rtol, dtype)
-    if batched and isinstance(solver, ExplicitRK) and solver.stage_loop is None:
-        # A batch's step is large even when its members are small: unrolled stages run
-        # 6-20% faster there (Lotka-Volterra, 100 to 10,000 members), for about 10% more
-        # compile time.
-        solver = dataclasses.replace(solver, stage_loop=False)
+    if batched and isinstance(solver, ExplicitRK):
+        solver = solver.unrolled()
     opts = IntegrateOptions(
         solver=solver,
         controller=controller,

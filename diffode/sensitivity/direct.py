@@ -12,7 +12,6 @@ optimal control and the transformed adjoint system", Numer. Math. 87, 2000).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -939,13 +938,10 @@ def replay_batched(
 
     group = _group_size(size)
 
-    # The steps' VJPs with the stages unrolled: the VJP of a batch's step runs 10-20%
-    # faster without the stage loop. `solve` already unrolls a batch's stages when it sees
-    # the vmap; this also covers a batch it could not see (a jit between vmap and solve),
-    # and the rounding of the recomputed stages does not move the recorded steps.
-    solver_r = opts.solver
-    if isinstance(solver_r, ExplicitRK) and solver_r.stage_loop is None:
-        solver_r = dataclasses.replace(solver_r, stage_loop=False)
+    # The steps' VJPs with the stages unrolled. `solve` already unrolls a batch's stages
+    # when it sees the vmap; this also covers a batch it could not see (a jit between vmap
+    # and solve), and the rounding of the recomputed stages does not move the recorded steps.
+    solver_r = opts.solver.unrolled() if isinstance(opts.solver, ExplicitRK) else opts.solver
     opts_r = opts._replace(solver=solver_r)
 
     def step_map(prob, y0, ts, diff, t, y, h):
