@@ -130,6 +130,13 @@ def test_batched_direct_matches_unbatched(windows, groups, request):
     # Forward mode through the loop: the same discrete derivative, by another path.
     fwd = jax.jit(jax.jacfwd(lambda s: _loss(MODEL, Y0S, TS, s, method)))(SCALES)
     np.testing.assert_allclose(got[3], fwd, rtol=1e-9)
+    # ts not differentiated (the training-loop case): the reverse pass leaves out the
+    # time cotangents, and the other derivatives are those above.
+    fixed_ts = eqx.filter_jit(eqx.filter_grad(lambda a: _loss(a[0], a[1], TS, a[2], method)))
+    no_ts = fixed_ts((MODEL, Y0S, SCALES))
+    assert _max_rel(no_ts[0], ref_model) < 1e-10
+    np.testing.assert_allclose(no_ts[1], got[1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(no_ts[2], got[3], rtol=1e-10)
 
 
 @pytest.mark.parametrize("groups", ["whole", "grouped"])

@@ -271,7 +271,8 @@ class Direct(AbstractSensitivity):
 
     def cotangent(self, loop, prob, r, ys_bar, x_struct, cache=None):
         y0, ts, params, _ = r
-        return keep_present(x_struct, _replay(self, loop, prob, y0, ts, params, ys_bar, cache=cache))
+        out = _replay(self, loop, prob, y0, ts, params, ys_bar, cache=cache, times=x_struct[1] is not None)
+        return keep_present(x_struct, out)
 
     def cotangent_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size, cache=None):
         return replay_batched(self, loop, prob_static, r, ys_bar, x_struct, r_axes, x_axes, size, cache=cache)
@@ -595,13 +596,14 @@ def save_keep(prob, direction) -> Callable | None:
 
 
 def _save_cotangents(
-    interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop=False, keep=None, diff=None
+    interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop=False, keep=None, diff=None, times=True
 ):
     """Add the cotangents of the saves that step ``[t, t1]`` covers, last first.
 
     ``sc = (i, y_b, y1_b, d_b, t_b, h_b, s_bar)``: the next save index (counting
     down), the cotangents of the step's start, end, interpolation data, start
-    time and size, and of the internal save times; returned updated. A save at
+    time and size, and of the internal save times; returned updated. With ``times=False``
+    (no time is differentiated) ``sc = (i, y_b, y1_b, d_b)``. A save at
     the step's end point is the end state itself, not interpolated; when that end
     is a tstop (``end_on_stop``), the save time's cotangent is still the
     interpolant's (as the loop's save there is differentiated). With ``keep``
@@ -611,6 +613,14 @@ def _save_cotangents(
 
     def save_cond(sc):
         return (sc[0] >= 1) & (s_ts[sc[0]] > t)
+
+    def state_save_body(sc):
+        i, y_b, y1_b, d_b = sc
+        s, g = s_ts[i], ys_bar[i]
+        yb, y1b, db = jax.vjp(lambda y, y1, d: interp(t, h, s, y, y1, d), y, y1, dense)[1](g)
+        exact = s == t1
+        z = lambda v: select(exact, jnp.zeros_like(v), v)  # noqa: E731
+        return i - 1, y_b + z(yb), y1_b + select(exact, g, y1b), d_b + z(db)
 
     def save_body(sc):
         i, y_b, y1_b, d_b, t_b, h_b, s_b, *a_b = sc
@@ -637,6 +647,8 @@ def _save_cotangents(
             *a_b,
         )
 
+    if not times and keep is None:
+        return lax.while_loop(save_cond, state_save_body, sc)
     return lax.while_loop(save_cond, save_body, sc)
 
 
@@ -694,7 +706,16 @@ def _reused(value, compute: Callable, inputs: tuple):
     return kept(inputs, value)
 
 
-def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=None, cache=None):
+def _step_vjp(step, t, y, h, diff, times: bool):
+    """``jax.vjp`` of ``step(t, y, h, diff)``, its pullback returning ``(tb, yb, hb, ab)``;
+    with ``times=False`` the step's time and size are constants (``tb``, ``hb`` are ``None``)."""
+    if times:
+        return jax.vjp(step, t, y, h, diff)
+    out, pull = jax.vjp(lambda y, d: step(t, y, h, d), y, diff)
+    return out, lambda cts: (lambda yb, ab: (None, yb, None, ab))(*pull(cts))
+
+
+def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=None, cache=None, times=True):
     """``(dy0, dts, dparams)`` for the cotangent ``ys_bar``: the recorded steps, run backwards.
 
     ``pieces_bar`` (optional) holds cotangents of the dense output's rows
@@ -702,7 +723,8 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
     (optional) is the cotangent of the regularisers (``prob.opts.regularise``),
     a sum of one term per accepted step. ``cache`` (optional): the record the
     forward solve kept (:meth:`Direct.record`); without it, or in another layout,
-    the forward solve runs again to record its steps.
+    the forward solve runs again to record its steps. ``times=False``: ``ts`` has no
+    tangent, so the steps' times are constants and their cotangents are left out.
     """
     opts = prob.opts
     ts_given = ts
@@ -737,7 +759,7 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
         """Cotangents through step k (start y) and the saves it covers."""
         i, y_bar, t_bar, a_bar, s_bar = c
         t, h, t1 = t_buf[k], h_buf[k], t_next(k)
-        (y1, dense, *_), vjp_step = jax.vjp(step_map, t, y, h, diff)
+        (y1, dense, *_), vjp_step = _step_vjp(step_map, t, y, h, diff, times)
         zero_t = jnp.zeros((), tdtype)
         sc = (i, jnp.zeros_like(y), y_bar, jnp.zeros_like(dense), zero_t, zero_t, s_bar)
         if pieces_bar is not None:
@@ -754,15 +776,19 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
         end_on_stop = False if (s_stops is None or opts.fixed) else jnp.any(s_stops == t1)
         if keep is not None:
             sc = sc + (jtu.tree_map(jnp.zeros_like, diff),)
-        i_next, y_b, y1_b, d_b, t_b, h_b, s_bar, *saves_a = _save_cotangents(
-            interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop, keep, diff
+        elif not times:
+            sc = sc[:4]  # (i, y_b, y1_b, d_b): the saves' time cotangents are not formed
+        i_next, y_b, y1_b, d_b, *rest = _save_cotangents(
+            interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop, keep, diff, times
         )
         tb, yb, hb, ab = vjp_step((y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),)))
-        if saves_a:
-            ab = jtu.tree_map(jnp.add, ab, saves_a[0])
-        t_bar, s_bar = _time_cotangents(
-            opts.fixed, s_ts, num, k, i, t1, t_b, h_b + hb, tb, t_bar, s_bar, s_stops
-        )
+        if keep is not None:
+            ab = jtu.tree_map(jnp.add, ab, rest[3])
+        if times:
+            t_b, h_b, s_bar = rest[:3]
+            t_bar, s_bar = _time_cotangents(
+                opts.fixed, s_ts, num, k, i, t1, t_b, h_b + hb, tb, t_bar, s_bar, s_stops
+            )
         return (i_next, y_b + yb, t_bar, jtu.tree_map(jnp.add, a_bar, ab), s_bar)
 
     zero_t = jnp.zeros((), tdtype)
@@ -931,12 +957,16 @@ def replay_batched(
 
     def member_saves(s_ts, g, t, h, t1, y, y1, dense, i, y_bar, s_bar, active, s_stops):
         zero_t = jnp.zeros((), s_ts.dtype)
-        sc = (select(active, i, 0), jnp.zeros_like(y), y_bar, jnp.zeros_like(dense), zero_t, zero_t, s_bar)
+        sc = (select(active, i, 0), jnp.zeros_like(y), y_bar, jnp.zeros_like(dense))
+        if times:
+            sc += (zero_t, zero_t, s_bar)
         end_on_stop = False if (s_stops is None or opts.fixed) else jnp.any(s_stops == t1)
-        out = _save_cotangents(interp, s_ts, g, t, h, t1, y, y1, dense, sc, end_on_stop)
+        out = _save_cotangents(interp, s_ts, g, t, h, t1, y, y1, dense, sc, end_on_stop, times=times)
         return (select(active, out[0], i),) + tuple(out[1:])
 
     group = _group_size(size)
+    # Without a tangent for ts the step times and sizes are constants: no time cotangents.
+    times = x_struct[1] is not None
 
     # The steps' VJPs with the stages unrolled. `solve` already unrolls a batch's stages
     # when it sees the vmap; this also covers a batch it could not see (a jit between vmap
@@ -987,20 +1017,25 @@ def replay_batched(
                 m_axes,
                 is_leaf=lambda v: v is None,
             )
-            (y1, dense, *_), vjp_step = jax.vjp(
-                lambda t, y, h, d: step_g(g_arrays, g_y0, g_ts, d, t, y, h), t, y, h, g_diff
+            (y1, dense, *_), vjp_step = _step_vjp(
+                lambda t, y, h, d: step_g(g_arrays, g_y0, g_ts, d, t, y, h), t, y, h, g_diff, times
             )
-            g_i, g_y_bar, g_t_bar, g_s_bar = get(i), get(y_bar), get(t_bar), get(s_bar)
+            g_i, g_y_bar = get(i), get(y_bar)
             g_s_ts, g_stops = get(s_ts), None if s_stops is None else get(s_stops)
-            i2, y_b, y1_b, d_b, t_b, h_b, s_bar2 = jax.vmap(member_saves)(
+            g_s_bar = get(s_bar) if times else None
+            i2, y_b, y1_b, d_b, *time_b = jax.vmap(member_saves)(
                 g_s_ts, get(ys_bar), t, h, t1, y, y1, dense, g_i, g_y_bar, g_s_bar, active, g_stops
             )
             cts = (y1_b, d_b) + (() if reg_bar is None else (get(reg_bar).astype(dtype),))
             tb, yb, hb, ab = vjp_step(tuple(jnp.where(col(active, v), v, 0) for v in cts))
-            t_bar2, s_bar2 = jax.vmap(functools.partial(_time_cotangents, opts.fixed))(
-                g_s_ts, get(num), kk, g_i, t1, t_b, h_b + hb, tb, g_t_bar, s_bar2, g_stops
-            )
             keep = lambda new, old: jnp.where(col(active, new), new, old)  # noqa: E731
+            if times:
+                t_b, h_b, s_bar2 = time_b
+                g_t_bar = get(t_bar)
+                t_bar2, s_bar2 = jax.vmap(functools.partial(_time_cotangents, opts.fixed))(
+                    g_s_ts, get(num), kk, g_i, t1, t_b, h_b + hb, tb, g_t_bar, s_bar2, g_stops
+                )
+                t_bar, s_bar = put(t_bar, keep(t_bar2, g_t_bar)), put(s_bar, keep(s_bar2, g_s_bar))
             # A shared parameter's cotangent comes summed over the group; a batched one's
             # rows are the group's members (zero for the inactive ones).
             a_bar = jtu.tree_map(
@@ -1018,8 +1053,8 @@ def replay_batched(
                 jnp.where(last_group, 0, start + group),
                 put(i, i2),
                 put(y_bar, keep(y_b + yb, g_y_bar)),
-                put(t_bar, keep(t_bar2, g_t_bar)),
-                put(s_bar, keep(s_bar2, g_s_bar)),
+                t_bar,
+                s_bar,
                 a_bar,
             )
 
@@ -1143,6 +1178,7 @@ class _OutputsOp(ProblemOp):
             ys_bar,
             pieces_bar,
             reg_bar,
+            times=self.x_struct[1] is not None,
         )
         return keep_present(self.x_struct, out)
 
