@@ -60,10 +60,20 @@ class _Recorder:
     and the state ``y`` at every ``stride``-th accepted step (rows ``0, 1, ...``); with
     ``window > 0`` also every state of the last ``window`` steps, step ``k`` in row
     ``k % (window + 1)`` of a second buffer (the spare row takes a finished vmapped
-    member's writes)."""
+    member's writes). With ``first_stages`` (explicit Runge-Kutta) a state's row also
+    holds the step's first stage ``f(t_k, y_k)``, the solver state it starts from:
+    ``(2, n)`` rows, the state first."""
 
     def __init__(
-        self, solver, max_steps: int, stride: int, rows: int, tdtype, ring: bool = False, window: int = 0
+        self,
+        solver,
+        max_steps: int,
+        stride: int,
+        rows: int,
+        tdtype,
+        ring: bool = False,
+        window: int = 0,
+        first_stages: bool = False,
     ):
         self.solver, self.max_steps, self.stride, self.rows, self.tdtype = (
             solver,
@@ -74,6 +84,7 @@ class _Recorder:
         )
         self.ring = ring  # step k in row k % rows (stride 1): the last `rows` steps
         self.window = window
+        self.first_stages = first_stages
         self.stat_names = solver.stat_names
 
     def __getattr__(self, name):  # order, error_order, embedded, ...
@@ -97,7 +108,8 @@ class _Recorder:
         # steps left.
         time_rows = self.rows if self.ring else self.max_steps + 1
         y_rows = self.rows if self.ring else self.rows + 1  # last row: discarded writes
-        y_buf = jnp.zeros((y_rows,) + y0.shape, y0.dtype).at[0].set(y0)
+        row0 = jnp.stack([y0, f0]) if self.first_stages else y0
+        y_buf = jnp.zeros((y_rows,) + row0.shape, y0.dtype).at[0].set(row0)
         if self.window:
             y_buf = (y_buf, jnp.zeros((self.window + 1,) + y0.shape, y0.dtype))
         return (
@@ -122,7 +134,7 @@ class _Recorder:
         if self.window:
             y_buf = (put(y_buf[0], y0, row), put(y_buf[1], y0, count % (self.window + 1)))
         else:
-            y_buf = put(y_buf, y0, row)
+            y_buf = put(y_buf, jnp.stack([y0, inner]) if self.first_stages else y0, row)
         accepted = (res.state, count + 1, t_buf, h_buf, y_buf)
         rejected = (res.rejected_state, count, t_buf, h_buf, y_buf)
         return res._replace(state=accepted, rejected_state=rejected)
@@ -134,6 +146,19 @@ def _memoryless(solver) -> bool:
     Newton iteration: its Jacobian and starting values), and no Newton ``while_loop`` is
     differentiated (``Radau5`` differentiates its stages by the implicit function theorem)."""
     return isinstance(solver, (ExplicitRK, Rosenbrock, Radau5, SDIRK))
+
+
+def _keeps_first_stages(opts) -> bool:
+    """Whether a batched record keeps each step's first stage ``f(t_k, y_k)`` next to its
+    state (:class:`_Recorder`): for explicit Runge-Kutta solves without tstops, where it is
+    the previous step's last stage, so that the replayed step takes it as an input instead
+    of evaluating ``f`` again (:func:`replay_batched`)."""
+    return isinstance(opts.solver, ExplicitRK) and opts.tstops is None and opts.t_stop is None
+
+
+def _ring_bytes(ring: int, n: int, dtype, first_stages: bool) -> int:
+    """Bytes of one member's ring of ``ring`` rows (states, first stages, two times)."""
+    return ring * ((2 if first_stages else 1) * n * jnp.dtype(dtype).itemsize + 16)
 
 
 #: The default ``memory_budget`` of the reverse-mode methods (bytes): 1 GiB.
@@ -256,17 +281,21 @@ class Direct(AbstractSensitivity):
         size = opts.batched or vmap_size(y0, ts, params)
         ts_ = prob_times(prob, ts)
         if size:
-            ring = _ring_rows(opts.max_steps, size, y0.shape[-1], y0.dtype, jnp.result_type(ts_))
+            stages = _keeps_first_stages(opts)
+            ring = _ring_rows(opts.max_steps, size, y0.shape[-1], y0.dtype, jnp.result_type(ts_), stages)
             if (
                 self.memory_budget is not None
-                and ring * (y0.shape[-1] * y0.dtype.itemsize + 16) > self.memory_budget
+                and _ring_bytes(ring, y0.shape[-1], y0.dtype, stages) > self.memory_budget
             ):
                 return None
-            layout, meta = Layout(1, ring), ("ring", ring)
+            layout, meta = Layout(1, ring), ("ring", ring, stages)
         else:
             layout = record_layout("Direct", self.checkpoints, self.memory_budget, y0, ts_, opts)
             meta = ("full", layout)
-        ys, counters, bufs = record(layout, loop, prob.f, y0, ts_, prob.args(params), opts, ring=bool(size))
+        stages = meta[0] == "ring" and meta[2]
+        ys, counters, bufs = record(
+            layout, loop, prob.f, y0, ts_, prob.args(params), opts, ring=bool(size), first_stages=stages
+        )
         return ys, counters, meta, (counters, bufs)
 
     def cotangent(self, loop, prob, r, ys_bar, x_struct, cache=None):
@@ -429,12 +458,22 @@ def _too_small(name, what, need, budget, max_steps, state_bytes) -> str:
     )
 
 
-def record(layout: Layout, loop, f, y0, ts, args, opts, ring: bool = False, stop_after=None):
+def record(
+    layout: Layout, loop, f, y0, ts, args, opts, ring: bool = False, stop_after=None, first_stages=False
+):
     """The forward solve plus its record ``(t_buf, h_buf, y_buf)`` of the accepted steps,
     the states laid out as ``layout`` says; with ``ring``, the last ``layout.rows``
-    steps (stride 1), the solve stopped after ``stop_after`` + 1 accepted steps."""
+    steps (stride 1), the solve stopped after ``stop_after`` + 1 accepted steps; with
+    ``first_stages``, each state with its step's first stage (:class:`_Recorder`)."""
     rec = _Recorder(
-        opts.solver, opts.max_steps, layout.stride, layout.rows, jnp.result_type(ts), ring, layout.window
+        opts.solver,
+        opts.max_steps,
+        layout.stride,
+        layout.rows,
+        jnp.result_type(ts),
+        ring,
+        layout.window,
+        first_stages,
     )
     opts = opts._replace(solver=rec, dense=False, return_state=True, regularise=False, stop_after=stop_after)
     ys, counters, _, state = loop(f, y0, ts, args, opts)
@@ -450,7 +489,8 @@ def record_layout(name, checkpoints, budget, y0, ts, opts) -> Layout:
 
 def step_function(prob, y0, ts) -> Callable:
     """``step(t, y, h, diff) -> (y1, dense)``: one step of the solve from ``y0`` saving at
-    ``ts``, exactly as the loop takes it (``diff`` the differentiated arguments); with
+    ``ts``, exactly as the loop takes it (``diff`` the differentiated arguments; an optional
+    fifth argument, without tstops, is the first stage ``f(t, y)``, else computed); with
     ``prob.opts.regularise``, ``(y1, dense, regularisers)``, the step's term of
     :class:`~diffode._regularisers.Regularisers`."""
     static, f, opts = prob.static, prob.f, prob.opts
@@ -461,10 +501,10 @@ def step_function(prob, y0, ts) -> Callable:
 
     s_stops = tstop_times(opts, ts)
 
-    def step(t, y, h, a):
+    def step(t, y, h, a, f0=None):
         rhs = internal_rhs(f, combine(a, static), direction, dtype, opts.jac)
         if s_stops is None:
-            state = solver.init(rhs, t, y, rhs(t, y))
+            state = solver.init(rhs, t, y, rhs(t, y) if f0 is None else f0)
             step_rhs = rhs
         else:
             # As in the loop: a step from a tstop starts with f just after it, and the
@@ -827,11 +867,11 @@ def _window_steps(max_steps: int, size: int, row_bytes: int) -> int:
     return min(max_steps, max(least, min(most, WINDOW_BYTES // max(1, size * row_bytes))))
 
 
-def _ring_rows(max_steps: int, size: int, n: int, dtype, tdtype) -> int:
+def _ring_rows(max_steps: int, size: int, n: int, dtype, tdtype, first_stages: bool = False) -> int:
     """Rows of each member's ring buffer in a batched reverse pass: the window
     (:func:`_window_steps`), the start of the step after it, and the row a finished
     member writes."""
-    row_bytes = n * jnp.dtype(dtype).itemsize + 2 * jnp.dtype(tdtype).itemsize
+    row_bytes = (2 if first_stages else 1) * n * jnp.dtype(dtype).itemsize + 2 * jnp.dtype(tdtype).itemsize
     return _window_steps(max_steps, size, row_bytes) + 2
 
 
@@ -918,14 +958,21 @@ def replay_batched(
         lambda ax: None if ax is None else 0, (ax_arrays, ax_y0, ax_ts, ax_diff), is_leaf=lambda v: v is None
     )
     tdtype = jnp.result_type(prob_static.known_ts if ts is None else ts)
+    stages = _keeps_first_stages(opts)
     kept = None
     if cache is not None and cache[0][0] == "ring":
         ring, kept = cache[0][1], cache[1]
     else:
-        ring = _ring_rows(opts.max_steps, size, n, dtype, tdtype)
+        ring = _ring_rows(opts.max_steps, size, n, dtype, tdtype, stages)
     width = ring - 2
-    if method.memory_budget is not None and ring * (n * dtype.itemsize + 16) > method.memory_budget:
+    if method.memory_budget is not None and _ring_bytes(ring, n, dtype, stages) > method.memory_budget:
         return None
+    # Without a tangent for ts the step times and sizes are constants: no time cotangents.
+    times = x_struct[1] is not None
+    # A replayed step takes its first stage from the record (the previous step's last
+    # stage) when it is there and no time is differentiated: its cotangent then goes to
+    # that last stage, and the first step's to f(t0, y0) after the loop.
+    reuse = stages and not times
 
     def vm(fn, *rest_axes, size=size):
         def call(arrays, y0, ts, diff, *rest):
@@ -936,15 +983,24 @@ def replay_batched(
 
     def rec(prob, y0, ts, diff, limit):
         return record(
-            Layout(1, ring), loop, prob.f, y0, ts, prob.args(diff), opts, ring=True, stop_after=limit
+            Layout(1, ring),
+            loop,
+            prob.f,
+            y0,
+            ts,
+            prob.args(diff),
+            opts,
+            ring=True,
+            stop_after=limit,
+            first_stages=stages,
         )[1:]
 
-    def times(prob, y0, ts, diff):
+    def internal_times(prob, y0, ts, diff):
         ts = jnp.asarray(ts)
         direction = time_direction(ts)
         return jnp.broadcast_to(direction, ()).astype(ts.dtype), direction * ts
 
-    direction, s_ts = vm(times)(*members)  # (B,), (B, n_ts)
+    direction, s_ts = vm(internal_times)(*members)  # (B,), (B, n_ts)
     s_stops = vm(lambda prob, y0, ts, diff: tstop_times(prob.opts, ts))(*members)  # (B, stops + 1) or None
     t_last = vm(
         lambda prob, y0, ts, diff: last_time(
@@ -965,8 +1021,6 @@ def replay_batched(
         return (select(active, out[0], i),) + tuple(out[1:])
 
     group = _group_size(size)
-    # Without a tangent for ts the step times and sizes are constants: no time cotangents.
-    times = x_struct[1] is not None
 
     # The steps' VJPs with the stages unrolled. `solve` already unrolls a batch's stages
     # when it sees the vmap; this also covers a batch it could not see (a jit between vmap
@@ -974,10 +1028,10 @@ def replay_batched(
     solver_r = opts.solver.unrolled() if isinstance(opts.solver, ExplicitRK) else opts.solver
     opts_r = opts._replace(solver=solver_r)
 
-    def step_map(prob, y0, ts, diff, t, y, h):
-        return step_function(prob._replace(opts=opts_r), y0, ts)(t, y, h, diff)
+    def step_map(prob, y0, ts, diff, t, y, h, *f0):
+        return step_function(prob._replace(opts=opts_r), y0, ts)(t, y, h, diff, *f0)
 
-    step_g = vm(step_map, 0, 0, 0, size=group)
+    step_g = vm(step_map, 0, 0, 0, *((0,) if reuse else ()), size=group)
 
     def window_back(buffers, num, lo, hi, t_hi, c):
         """Steps ``hi - 1`` down to ``lo`` of every member, from the window ``buffers``.
@@ -996,7 +1050,7 @@ def replay_batched(
         count_sorted = count[order]
 
         def body(c):
-            r, start, i, y_bar, t_bar, s_bar, a_bar = c
+            r, start, i, y_bar, t_bar, s_bar, a_bar, f0_bar = c
             if whole:
                 rows, active = None, count > r
                 get = lambda v: v  # noqa: E731
@@ -1010,6 +1064,8 @@ def replay_batched(
                 ring_at = lambda buf, k: buf[rows, k % ring]  # noqa: E731
             kk = jnp.maximum(get(hi) - 1 - r, get(lo))  # an inactive member's cotangent is 0
             t, h, y = ring_at(t_buf, kk), ring_at(h_buf, kk), ring_at(y_buf, kk)
+            if stages:
+                y, f0 = y[:, 0], y[:, 1]
             t1 = jnp.where(kk + 1 >= get(hi), get(t_hi), ring_at(t_buf, kk + 1))
             g_arrays, g_y0, g_ts, g_diff = jtu.tree_map(
                 lambda v, ax: v if (v is None or ax is None) else get(v),
@@ -1017,18 +1073,31 @@ def replay_batched(
                 m_axes,
                 is_leaf=lambda v: v is None,
             )
-            (y1, dense, *_), vjp_step = _step_vjp(
-                lambda t, y, h, d: step_g(g_arrays, g_y0, g_ts, d, t, y, h), t, y, h, g_diff, times
-            )
+            if reuse:
+                (y1, dense, *_), pull = jax.vjp(
+                    lambda y, f0, d: step_g(g_arrays, g_y0, g_ts, d, t, y, h, f0), y, f0, g_diff
+                )
+                vjp_step = lambda cts: (lambda yb, fb, ab: (None, (yb, fb), None, ab))(*pull(cts))  # noqa: E731
+            else:
+                (y1, dense, *_), vjp_step = _step_vjp(
+                    lambda t, y, h, d: step_g(g_arrays, g_y0, g_ts, d, t, y, h), t, y, h, g_diff, times
+                )
             g_i, g_y_bar = get(i), get(y_bar)
             g_s_ts, g_stops = get(s_ts), None if s_stops is None else get(s_stops)
             g_s_bar = get(s_bar) if times else None
             i2, y_b, y1_b, d_b, *time_b = jax.vmap(member_saves)(
                 g_s_ts, get(ys_bar), t, h, t1, y, y1, dense, g_i, g_y_bar, g_s_bar, active, g_stops
             )
+            if reuse:
+                # The next step's first stage is this step's last one.
+                g_f0_bar = get(f0_bar)
+                d_b = d_b.at[:, -1].add(g_f0_bar)
             cts = (y1_b, d_b) + (() if reg_bar is None else (get(reg_bar).astype(dtype),))
             tb, yb, hb, ab = vjp_step(tuple(jnp.where(col(active, v), v, 0) for v in cts))
             keep = lambda new, old: jnp.where(col(active, new), new, old)  # noqa: E731
+            if reuse:
+                yb, f0b = yb
+                f0_bar = put(f0_bar, keep(f0b, g_f0_bar))
             if times:
                 t_b, h_b, s_bar2 = time_b
                 g_t_bar = get(t_bar)
@@ -1056,6 +1125,7 @@ def replay_batched(
                 t_bar,
                 s_bar,
                 a_bar,
+                f0_bar,
             )
 
         zero = jnp.zeros((), jnp.int32)
@@ -1091,11 +1161,26 @@ def replay_batched(
         jnp.zeros((size,), s_ts.dtype),
         jnp.zeros_like(s_ts),
         jtu.tree_map(jnp.zeros_like, diff),
+        jnp.zeros((size, n), dtype) if reuse else None,
     )
     c = (jnp.ones((), bool), jnp.ones((), bool), i32, i32, i32, back0)
-    _, _, _, _, status, (i_left, y_bar, t_bar, s_bar, a_bar) = lax.while_loop(lambda c: c[0], chunk, c)
+    _, _, _, _, status, back = lax.while_loop(lambda c: c[0], chunk, c)
+    i_left, y_bar, t_bar, s_bar, a_bar, f0_bar = back
 
     y_bar = y_bar + jax.vmap(_start_saves)(ys_bar, i_left)
+    if reuse:
+        # The first step's first stage f(t0, y0), which the loop evaluates before its first
+        # step, differentiated for every member (a shared y0 as one row per member).
+        def first_stage(prob, y0, ts, diff, y):
+            direction = time_direction(ts)
+            rhs = internal_rhs(prob.f, prob.args(diff), direction, dtype, opts.jac)
+            return rhs(direction * jnp.asarray(ts)[0], y)
+
+        y_rows = jnp.broadcast_to(y0, (size, n))
+        _, pull = jax.vjp(lambda y, d: vm(first_stage, 0)(arrays, y0, ts, d, y), y_rows, diff)
+        y_b0, a_b0 = pull(f0_bar)
+        y_bar = y_bar + y_b0
+        a_bar = jtu.tree_map(jnp.add, a_bar, a_b0)
     s_bar = s_bar.at[:, 0].add(t_bar)
     bad = status != Status.SUCCESS
     # A failed member has no derivative: NaN cotangents for it, and for the
