@@ -156,9 +156,14 @@ def _keeps_first_stages(opts) -> bool:
     return isinstance(opts.solver, ExplicitRK) and opts.tstops is None and opts.t_stop is None
 
 
+def _row_bytes(n: int, dtype, time_bytes: int, first_stages: bool) -> int:
+    """Bytes of one row of a batched record: the state (and first stage), two times."""
+    return (2 if first_stages else 1) * n * jnp.dtype(dtype).itemsize + 2 * time_bytes
+
+
 def _ring_bytes(ring: int, n: int, dtype, first_stages: bool) -> int:
-    """Bytes of one member's ring of ``ring`` rows (states, first stages, two times)."""
-    return ring * ((2 if first_stages else 1) * n * jnp.dtype(dtype).itemsize + 16)
+    """Bytes of one member's ring of ``ring`` rows, as ``memory_budget`` counts them (8-byte times)."""
+    return ring * _row_bytes(n, dtype, 8, first_stages)
 
 
 #: The default ``memory_budget`` of the reverse-mode methods (bytes): 1 GiB.
@@ -280,8 +285,8 @@ class Direct(AbstractSensitivity):
         opts = prob.opts
         size = opts.batched or vmap_size(y0, ts, params)
         ts_ = prob_times(prob, ts)
+        stages = bool(size) and _keeps_first_stages(opts)
         if size:
-            stages = _keeps_first_stages(opts)
             ring = _ring_rows(opts.max_steps, size, y0.shape[-1], y0.dtype, jnp.result_type(ts_), stages)
             if (
                 self.memory_budget is not None
@@ -292,7 +297,6 @@ class Direct(AbstractSensitivity):
         else:
             layout = record_layout("Direct", self.checkpoints, self.memory_budget, y0, ts_, opts)
             meta = ("full", layout)
-        stages = meta[0] == "ring" and meta[2]
         ys, counters, bufs = record(
             layout, loop, prob.f, y0, ts_, prob.args(params), opts, ring=bool(size), first_stages=stages
         )
@@ -746,13 +750,19 @@ def _reused(value, compute: Callable, inputs: tuple):
     return kept(inputs, value)
 
 
-def _step_vjp(step, t, y, h, diff, times: bool):
-    """``jax.vjp`` of ``step(t, y, h, diff)``, its pullback returning ``(tb, yb, hb, ab)``;
-    with ``times=False`` the step's time and size are constants (``tb``, ``hb`` are ``None``)."""
+def _step_vjp(step, t, y, h, diff, times: bool, f0=None):
+    """``jax.vjp`` of ``step(t, y, h, diff)`` (``step(t, y, h, diff, f0)`` with a first stage
+    ``f0``), its pullback returning ``(tb, yb, hb, ab, f0b)``; with ``times=False`` the step's
+    time and size are constants (``tb``, ``hb`` are ``None``), and ``f0b`` is ``None``
+    without ``f0``."""
     if times:
-        return jax.vjp(step, t, y, h, diff)
-    out, pull = jax.vjp(lambda y, d: step(t, y, h, d), y, diff)
-    return out, lambda cts: (lambda yb, ab: (None, yb, None, ab))(*pull(cts))
+        out, pull = jax.vjp(step, t, y, h, diff)
+        return out, lambda cts: (*pull(cts), None)
+    if f0 is None:
+        out, pull = jax.vjp(lambda y, d: step(t, y, h, d), y, diff)
+        return out, lambda cts: (lambda yb, ab: (None, yb, None, ab, None))(*pull(cts))
+    out, pull = jax.vjp(lambda y, d, f0: step(t, y, h, d, f0), y, diff, f0)
+    return out, lambda cts: (lambda yb, ab, fb: (None, yb, None, ab, fb))(*pull(cts))
 
 
 def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=None, cache=None, times=True):
@@ -821,7 +831,7 @@ def _replay(method, loop, prob, y0, ts, diff, ys_bar, pieces_bar=None, reg_bar=N
         i_next, y_b, y1_b, d_b, *rest = _save_cotangents(
             interp, s_ts, ys_bar, t, h, t1, y, y1, dense, sc, end_on_stop, keep, diff, times
         )
-        tb, yb, hb, ab = vjp_step((y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),)))
+        tb, yb, hb, ab, _ = vjp_step((y1_b, d_b) + (() if reg_bar is None else (reg_bar.astype(dtype),)))
         if keep is not None:
             ab = jtu.tree_map(jnp.add, ab, rest[3])
         if times:
@@ -871,7 +881,7 @@ def _ring_rows(max_steps: int, size: int, n: int, dtype, tdtype, first_stages: b
     """Rows of each member's ring buffer in a batched reverse pass: the window
     (:func:`_window_steps`), the start of the step after it, and the row a finished
     member writes."""
-    row_bytes = (2 if first_stages else 1) * n * jnp.dtype(dtype).itemsize + 2 * jnp.dtype(tdtype).itemsize
+    row_bytes = _row_bytes(n, dtype, jnp.dtype(tdtype).itemsize, first_stages)
     return _window_steps(max_steps, size, row_bytes) + 2
 
 
@@ -958,11 +968,11 @@ def replay_batched(
         lambda ax: None if ax is None else 0, (ax_arrays, ax_y0, ax_ts, ax_diff), is_leaf=lambda v: v is None
     )
     tdtype = jnp.result_type(prob_static.known_ts if ts is None else ts)
-    stages = _keeps_first_stages(opts)
     kept = None
     if cache is not None and cache[0][0] == "ring":
-        ring, kept = cache[0][1], cache[1]
+        (_, ring, stages), kept = cache
     else:
+        stages = _keeps_first_stages(opts)
         ring = _ring_rows(opts.max_steps, size, n, dtype, tdtype, stages)
     width = ring - 2
     if method.memory_budget is not None and _ring_bytes(ring, n, dtype, stages) > method.memory_budget:
@@ -1073,15 +1083,15 @@ def replay_batched(
                 m_axes,
                 is_leaf=lambda v: v is None,
             )
-            if reuse:
-                (y1, dense, *_), pull = jax.vjp(
-                    lambda y, f0, d: step_g(g_arrays, g_y0, g_ts, d, t, y, h, f0), y, f0, g_diff
-                )
-                vjp_step = lambda cts: (lambda yb, fb, ab: (None, (yb, fb), None, ab))(*pull(cts))  # noqa: E731
-            else:
-                (y1, dense, *_), vjp_step = _step_vjp(
-                    lambda t, y, h, d: step_g(g_arrays, g_y0, g_ts, d, t, y, h), t, y, h, g_diff, times
-                )
+            (y1, dense, *_), vjp_step = _step_vjp(
+                lambda t, y, h, d, *f0: step_g(g_arrays, g_y0, g_ts, d, t, y, h, *f0),
+                t,
+                y,
+                h,
+                g_diff,
+                times,
+                f0 if reuse else None,
+            )
             g_i, g_y_bar = get(i), get(y_bar)
             g_s_ts, g_stops = get(s_ts), None if s_stops is None else get(s_stops)
             g_s_bar = get(s_bar) if times else None
@@ -1093,10 +1103,9 @@ def replay_batched(
                 g_f0_bar = get(f0_bar)
                 d_b = d_b.at[:, -1].add(g_f0_bar)
             cts = (y1_b, d_b) + (() if reg_bar is None else (get(reg_bar).astype(dtype),))
-            tb, yb, hb, ab = vjp_step(tuple(jnp.where(col(active, v), v, 0) for v in cts))
+            tb, yb, hb, ab, f0b = vjp_step(tuple(jnp.where(col(active, v), v, 0) for v in cts))
             keep = lambda new, old: jnp.where(col(active, new), new, old)  # noqa: E731
             if reuse:
-                yb, f0b = yb
                 f0_bar = put(f0_bar, keep(f0b, g_f0_bar))
             if times:
                 t_b, h_b, s_bar2 = time_b
