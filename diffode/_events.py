@@ -254,7 +254,6 @@ def jump_solve(
     change on flat states (``None`` for terminal events); ``conds`` are the condition
     events' flat conditions, in order.
     """
-    known = ts is None
     ts = jnp.asarray(prob_times(prob, ts))
     direction = time_direction(ts)
     s_ts = direction * ts
@@ -274,11 +273,9 @@ def jump_solve(
     ]
 
     def at_start(s0, y):
-        """The saves at a segment's start ``s0``: ``y`` there, and, when the save times are
-        differentiated, their derivative ``f`` with respect to their time (and ``-f`` with
-        respect to ``s0``), as everywhere else."""
-        if known:
-            return y
+        """The saves at a segment's start ``s0``: ``y`` there, with derivative ``f`` with
+        respect to their time and ``-f`` with respect to ``s0`` (an event time, differentiated
+        even when the save times are constants), as everywhere else."""
         t0 = direction * s0
         shift = (ts - lax.stop_gradient(ts)) - (t0 - lax.stop_gradient(t0))
         return y + shift[:, None].astype(y.dtype) * prob.f(t0, y, a)

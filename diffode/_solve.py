@@ -186,7 +186,9 @@ def _solve(
         raise TypeError(f"solver must be a diffode solver, got {solver!r}")
     max_steps = check_max_steps(max_steps)
 
-    ts = jnp.asarray(ts.value if isinstance(ts, _KnownTimes) else ts)
+    # Save times known before tracing stay NumPy: constants of the program (jnp.asarray
+    # would make them a traced value inside the jit).
+    ts = ts.value if isinstance(ts, _KnownTimes) else jnp.asarray(ts)
     if ts.ndim != 1 or ts.shape[0] == 0:
         raise ValueError(f"ts must be a non-empty 1-D array, got shape {ts.shape}")
     check_y0(y0)
@@ -589,6 +591,10 @@ def solve(f, y0, ts, args=None, **options) -> Solution:
         # it unbatched and batches the traced program), so it is passed on: the
         # loop takes its batched form (see "The loop" in docs/design.md).
         batched = vmap_size(f, y0, ts, args, opts["rtol"], opts["atol"], opts["dt0"])
+        if not _any_abstract(ts):
+            # Save times the caller closed over (a training loss): constants of the program,
+            # checked at trace time, as in the eager call.
+            ts = _KnownTimes(ts)
         return _solve_jitted(f, y0, ts, args, batched=batched, **opts)
     # Called eagerly (a research script): one compiled program per problem
     # structure, reused by every later call with the same f, shapes and options;

@@ -19,8 +19,13 @@ def is_inexact(x) -> bool:
 
 
 def all_finite(tree) -> Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if is_inexact(x)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    """Whether every floating-point entry of ``tree`` is finite: one reduction over all leaves
+    (a neural network's parameters are many leaves, and a reduction each is a kernel each)."""
+    leaves = [x for x in jtu.tree_leaves(tree) if is_inexact(x)]
+    if not leaves:
+        return jnp.array(True)
+    wide = jnp.result_type(*leaves)  # widening keeps a finite value finite
+    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(wide) for x in leaves])))
 
 
 def check_y0(y0) -> None:

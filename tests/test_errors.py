@@ -390,6 +390,37 @@ def test_known_and_traced_ts_agree(reverse):
     np.testing.assert_allclose(np.asarray(known), exact, rtol=1e-8)
 
 
+@pytest.mark.parametrize("where", ["eager", "jit", "vmap"])
+def test_closed_over_ts_reach_the_solve_as_constants(where, monkeypatch):
+    """Save times a jitted or vmapped function closes over are constants of the solve (its
+    ``known_ts``), as in an eager call; traced ones are not. The solve's checks and its time
+    direction are then decided at trace time, and the compiled program is smaller."""
+    import diffode._solve as solve_module
+
+    seen = []
+    real = solve_module.known_value
+    monkeypatch.setattr(solve_module, "known_value", lambda x: seen.append(real(x)) or seen[-1])
+    f = lambda t, y, a: decay(t, y, a)  # noqa: E731  (a new f: the solves' caches miss)
+    if where == "eager":
+        diffode.solve(f, Y0, TS, ARGS)
+    elif where == "jit":
+        jax.jit(lambda y0: diffode.solve(f, y0, TS, ARGS).ys)(Y0)
+    else:
+        jax.vmap(lambda y0: diffode.solve(f, y0, TS, ARGS).ys)(jnp.stack([Y0, 2 * Y0]))
+    assert seen and all(v is not None for v in seen)
+    np.testing.assert_array_equal(seen[-1], np.asarray(TS))
+    seen.clear()
+    jax.jit(lambda y0, t: diffode.solve(f, y0, t, ARGS).ys)(Y0, TS)
+    assert seen and all(v is None for v in seen)
+
+
+def test_nonfinite_args_of_mixed_precision():
+    """A NaN in a float32 leaf of args beside a float64 one: reported as bad input."""
+    args = (jnp.asarray(0.5, jnp.float64), jnp.asarray([1.0, NAN], jnp.float32))
+    sol = diffode.solve(lambda t, y, a: -a[0] * y * a[1][0], Y0, TS, args, throw=False)
+    assert int(sol.status) == Status.NONFINITE_INPUT
+
+
 def test_solve_with_constant_inputs_inside_jit_raises():
     """A jitted function that closes over every input of a failing solve: the check runs in
     the caller's program (no input is a tracer, but the solve is still traced)."""

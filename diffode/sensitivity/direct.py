@@ -1011,6 +1011,11 @@ def replay_batched(
         return jnp.broadcast_to(direction, ()).astype(ts.dtype), direction * ts
 
     direction, s_ts = vm(internal_times)(*members)  # (B,), (B, n_ts)
+    # Save times the members share (or known at trace time), as one row for every member.
+    shared_ts = None
+    if ax_ts is None:
+        ts_one = prob_times(prob_static, ts)
+        shared_ts = time_direction(jnp.asarray(ts_one)) * jnp.asarray(ts_one)
     s_stops = vm(lambda prob, y0, ts, diff: tstop_times(prob.opts, ts))(*members)  # (B, stops + 1) or None
     t_last = vm(
         lambda prob, y0, ts, diff: last_time(
@@ -1056,7 +1061,7 @@ def replay_batched(
         t_buf, h_buf, y_buf = buffers
         count = hi - lo
         whole = group == size
-        order = jnp.argsort(-count)
+        order = jnp.argsort(-count).astype(jnp.int32)
         count_sorted = count[order]
 
         def body(c):
@@ -1069,7 +1074,7 @@ def replay_batched(
             else:
                 pos = jnp.minimum(start, size - group) + jnp.arange(group)
                 rows, active = order[pos], (pos >= start) & (count_sorted[pos] > r)
-                get = lambda v: jnp.take(v, rows, axis=0)  # noqa: E731
+                get = lambda v: v[rows]  # noqa: E731
                 put = lambda v, new: v.at[rows].set(new)  # noqa: E731
                 ring_at = lambda buf, k: buf[rows, k % ring]  # noqa: E731
             kk = jnp.maximum(get(hi) - 1 - r, get(lo))  # an inactive member's cotangent is 0
@@ -1093,10 +1098,25 @@ def replay_batched(
                 f0 if reuse else None,
             )
             g_i, g_y_bar = get(i), get(y_bar)
-            g_s_ts, g_stops = get(s_ts), None if s_stops is None else get(s_stops)
+            g_s_ts = get(s_ts) if (times or shared_ts is None) else None
+            g_stops = None if s_stops is None else get(s_stops)
             g_s_bar = get(s_bar) if times else None
-            i2, y_b, y1_b, d_b, *time_b = jax.vmap(member_saves)(
-                g_s_ts, get(ys_bar), t, h, t1, y, y1, dense, g_i, g_y_bar, g_s_bar, active, g_stops
+            i2, y_b, y1_b, d_b, *time_b = jax.vmap(
+                member_saves, in_axes=(0 if shared_ts is None else None,) + (0,) * 12
+            )(
+                g_s_ts if shared_ts is None else shared_ts,
+                get(ys_bar),
+                t,
+                h,
+                t1,
+                y,
+                y1,
+                dense,
+                g_i,
+                g_y_bar,
+                g_s_bar,
+                active,
+                g_stops,
             )
             if reuse:
                 # The next step's first stage is this step's last one.
@@ -1125,7 +1145,9 @@ def replay_batched(
                 m_axes[3],
                 is_leaf=lambda v: v is None,
             )
-            last_group = start + group >= jnp.sum(count_sorted > r)
+            # The members with steps left after this pass are a prefix of the order.
+            nxt = start + group
+            last_group = (nxt >= size) | (count_sorted[jnp.minimum(nxt, size - 1)] <= r)
             return (
                 r + last_group.astype(r.dtype),
                 jnp.where(last_group, 0, start + group),
@@ -1167,8 +1189,8 @@ def replay_batched(
     back0 = (
         jnp.full((size,), s_ts.shape[1] - 1, jnp.int32),
         jnp.zeros((size, n), dtype),
-        jnp.zeros((size,), s_ts.dtype),
-        jnp.zeros_like(s_ts),
+        jnp.zeros((size,), s_ts.dtype) if times else None,
+        jnp.zeros_like(s_ts) if times else None,
         jtu.tree_map(jnp.zeros_like, diff),
         jnp.zeros((size, n), dtype) if reuse else None,
     )
@@ -1190,16 +1212,14 @@ def replay_batched(
         y_b0, a_b0 = pull(f0_bar)
         y_bar = y_bar + y_b0
         a_bar = jtu.tree_map(jnp.add, a_bar, a_b0)
-    s_bar = s_bar.at[:, 0].add(t_bar)
     bad = status != Status.SUCCESS
     # A failed member has no derivative: NaN cotangents for it, and for the
     # parameters it shares with the others (their cotangent is a sum).
     y_bar = jnp.where(bad[:, None], jnp.nan, y_bar)
-    ts_bar = (
-        None
-        if ts is None
-        else jnp.where(bad[:, None], jnp.nan, (direction[:, None] * s_bar).astype(s_ts.dtype))
-    )
+    ts_bar = None
+    if times:
+        s_bar = s_bar.at[:, 0].add(t_bar)
+        ts_bar = jnp.where(bad[:, None], jnp.nan, (direction[:, None] * s_bar).astype(s_ts.dtype))
     a_bar = jtu.tree_map(
         lambda v, ax: (
             v
