@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import jax
@@ -21,10 +22,13 @@ def is_inexact(x) -> bool:
 def all_finite(tree) -> Array:
     """Whether every floating-point entry of ``tree`` is finite: one reduction over all leaves
     (a neural network's parameters are many leaves, and a reduction each is a kernel each)."""
-    leaves = [x for x in jtu.tree_leaves(tree) if is_inexact(x)]
+    leaves = [jnp.asarray(x) for x in jtu.tree_leaves(tree) if is_inexact(x)]
     if not leaves:
         return jnp.array(True)
-    wide = jnp.result_type(*leaves)  # widening keeps a finite value finite
+    # The widest of the leaves' own dtypes (a Python float counts as what it converts to,
+    # not as a weak type that would round it to a narrower leaf's): widening keeps a
+    # finite value finite.
+    wide = functools.reduce(jnp.promote_types, [x.dtype for x in leaves])
     return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(wide) for x in leaves])))
 
 

@@ -415,10 +415,14 @@ def test_closed_over_ts_reach_the_solve_as_constants(where, monkeypatch):
 
 
 def test_nonfinite_args_of_mixed_precision():
-    """A NaN in a float32 leaf of args beside a float64 one: reported as bad input."""
+    """A NaN in a float32 leaf of args beside a float64 one: reported as bad input. A finite
+    Python float too large for float32 beside a float32 leaf is not."""
     args = (jnp.asarray(0.5, jnp.float64), jnp.asarray([1.0, NAN], jnp.float32))
     sol = diffode.solve(lambda t, y, a: -a[0] * y * a[1][0], Y0, TS, args, throw=False)
     assert int(sol.status) == Status.NONFINITE_INPUT
+    args = (1e39, jnp.asarray([0.5], jnp.float32))
+    sol = diffode.solve(lambda t, y, a: -a[1][0] * y + 0 * a[0], Y0, TS, args, throw=False)
+    assert int(sol.status) == Status.SUCCESS
 
 
 def test_solve_with_constant_inputs_inside_jit_raises():
