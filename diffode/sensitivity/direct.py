@@ -1010,12 +1010,14 @@ def replay_batched(
         direction = time_direction(ts)
         return jnp.broadcast_to(direction, ()).astype(ts.dtype), direction * ts
 
-    direction, s_ts = vm(internal_times)(*members)  # (B,), (B, n_ts)
-    # Save times the members share (or known at trace time), as one row for every member.
-    shared_ts = None
     if ax_ts is None:
-        ts_one = prob_times(prob_static, ts)
-        shared_ts = time_direction(jnp.asarray(ts_one)) * jnp.asarray(ts_one)
+        # Save times the members share (or known at trace time): one row, read by every member.
+        direction_one, shared_ts = internal_times(prob_static, None, prob_times(prob_static, ts), None)
+        direction = jnp.broadcast_to(direction_one, (size,))
+        s_ts = jnp.broadcast_to(shared_ts, (size,) + shared_ts.shape)
+    else:
+        shared_ts = None
+        direction, s_ts = vm(internal_times)(*members)  # (B,), (B, n_ts)
     s_stops = vm(lambda prob, y0, ts, diff: tstop_times(prob.opts, ts))(*members)  # (B, stops + 1) or None
     t_last = vm(
         lambda prob, y0, ts, diff: last_time(
@@ -1101,10 +1103,9 @@ def replay_batched(
             g_s_ts = get(s_ts) if (times or shared_ts is None) else None
             g_stops = None if s_stops is None else get(s_stops)
             g_s_bar = get(s_bar) if times else None
-            i2, y_b, y1_b, d_b, *time_b = jax.vmap(
-                member_saves, in_axes=(0 if shared_ts is None else None,) + (0,) * 12
-            )(
-                g_s_ts if shared_ts is None else shared_ts,
+            saves_ts, saves_axis = (g_s_ts, 0) if shared_ts is None else (shared_ts, None)
+            i2, y_b, y1_b, d_b, *time_b = jax.vmap(member_saves, in_axes=(saves_axis,) + (0,) * 12)(
+                saves_ts,
                 get(ys_bar),
                 t,
                 h,
