@@ -84,14 +84,32 @@ def test_vmap_of_vmap_and_dense():
 
 
 @pytest.fixture
-def small_window(monkeypatch):
-    """A 4-step window, so that members with more steps re-run their forward solve."""
+def fresh_traces():
+    """JAX's trace caches cleared before and after: a solve traced in another test (the
+    same function, inputs and options) would otherwise be reused without reading the
+    settings a test patches."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+@pytest.fixture
+def small_window(fresh_traces, monkeypatch):
+    """A 4-step window, so that members with more steps take the steps of each earlier
+    window again, from its checkpoint with the recorded times."""
     monkeypatch.setattr(direct_module, "WINDOW_BYTES", 1)
     monkeypatch.setattr(direct_module, "WINDOW_STEPS", (4, 4))
 
 
 @pytest.fixture
-def small_groups(monkeypatch):
+def rerun_window(small_window, monkeypatch):
+    """The 4-step window without every step's time (as for a batch whose step times do
+    not fit ``TIMES_BYTES``): each earlier window re-runs the forward solve."""
+    monkeypatch.setattr(direct_module, "TIMES_BYTES", 1)
+
+
+@pytest.fixture
+def small_groups(fresh_traces, monkeypatch):
     """Groups of 2 in the batched reverse pass (5 members: 3 groups, the last one
     overlapping the second), as a batch of 64 or more runs it."""
     monkeypatch.setattr(direct_module, "GROUP_MIN", 1)
@@ -99,21 +117,24 @@ def small_groups(monkeypatch):
 
 
 @pytest.mark.parametrize("groups", ["whole", "grouped"])
-@pytest.mark.parametrize("windows", ["one", "several"])
+@pytest.mark.parametrize("windows", ["one", "several", "rerun"])
 def test_batched_direct_matches_unbatched(windows, groups, request):
     """grad of a loss over a vmapped batch (shared module parameters, per-member y0,
     args and shared ts), by the batched reverse pass, against the same gradient
     assembled from unbatched reverse passes, and against forward mode; the batch
-    whole and in groups of members ordered by their number of steps."""
+    whole and in groups of members ordered by their number of steps; one window, several
+    stepped forward again from checkpoints, several from re-run forward solves."""
     if windows == "several":
         request.getfixturevalue("small_window")
+    if windows == "rerun":
+        request.getfixturevalue("rerun_window")
     if groups == "grouped":
         request.getfixturevalue("small_groups")
     method = diffode.Direct()
     grad = eqx.filter_jit(eqx.filter_grad(lambda a: _loss(a[0], a[1], a[2], a[3], method)))
     got = grad((MODEL, Y0S, TS, SCALES))
     counts = jax.vmap(lambda y, s: _solve(MODEL, y, TS, s).stats["num_accepted"])(Y0S, SCALES)
-    if windows == "several":
+    if windows != "one":
         assert int(jnp.max(counts)) > 8
 
     def one(a):
@@ -281,6 +302,33 @@ def test_regularise_errors():
         _solve(MODEL, Y0S[0], TS, 1.0, regularise=True, solver=diffode.Kvaerno5())
     with pytest.raises(ValueError, match="Direct"):
         _solve(MODEL, Y0S[0], TS, 1.0, regularise=True, sensitivity=diffode.InterpolatingAdjoint())
+
+
+def test_batched_record_layouts():
+    """The batched record keeps every step's time (and no size) exactly when the loop lands
+    on a time only at the end and the times fit; otherwise the ring that re-runs the
+    forward solve for earlier windows. Reference: the rule in ``batched_layout``."""
+    from types import SimpleNamespace
+
+    plain = SimpleNamespace(fixed=False, tstops=None, t_stop=None, events=None, max_steps=4096)
+
+    def layout(opts, size=256, dtype=jnp.float64, tdtype=jnp.float64):
+        return direct_module.batched_layout(opts, size, 2, dtype, tdtype, True)
+
+    stepped = layout(plain)
+    assert stepped.step_times and stepped.window == 170 and stepped.stride == 170
+    assert layout(plain, dtype=jnp.float32, tdtype=jnp.float32).step_times
+    for opts in (
+        SimpleNamespace(**(vars(plain) | dict(fixed=True))),
+        SimpleNamespace(**(vars(plain) | dict(tstops=(0.5,)))),
+        SimpleNamespace(**(vars(plain) | dict(t_stop=0.5))),
+    ):
+        assert not layout(opts).step_times
+    assert not layout(plain, dtype=jnp.float32).step_times  # float32 states, float64 times
+    # 2**27 bytes of times, 4097 per member in float64: a batch of 4095 fits, 4096 does not.
+    assert layout(plain, size=4095).step_times and not layout(plain, size=4096).step_times
+    ring = layout(plain, size=4096)
+    assert (ring.stride, ring.rows) == (1, ring.rows) and ring.rows >= 18
 
 
 def test_batched_direct_fixed_steps_and_times():

@@ -23,7 +23,15 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax import lax
 
-from .._integrate import internal_rhs, landing_times, last_time, left_of, next_float, time_direction
+from .._integrate import (
+    internal_rhs,
+    known_value,
+    landing_times,
+    last_time,
+    left_of,
+    next_float,
+    time_direction,
+)
 from .._regularisers import step_regularisers
 from .._solution import DenseOutput, Status
 from .._util import float0_zeros, select, vmap_size
@@ -62,7 +70,13 @@ class _Recorder:
     ``k % (window + 1)`` of a second buffer (the spare row takes a finished vmapped
     member's writes). With ``first_stages`` (explicit Runge-Kutta) a state's row also
     holds the step's first stage ``f(t_k, y_k)``, the solver state it starts from:
-    ``(2, n)`` rows, the state first."""
+    ``(2, n)`` rows, the state first (in both buffers).
+
+    With ``t_last`` (internal time; adaptive steps that land on it and nowhere else,
+    :func:`_lands_last`) every step is taken with the size ``t_{k+1} - t_k`` of the
+    times the loop gives it (``t_last`` when it lands, else ``t_k + h``, the loop's own
+    expressions; the two sizes differ by a rounding at most), so that the recorded
+    times are the whole record of the step sizes: no size is kept."""
 
     def __init__(
         self,
@@ -74,6 +88,7 @@ class _Recorder:
         ring: bool = False,
         window: int = 0,
         first_stages: bool = False,
+        t_last=None,
     ):
         self.solver, self.max_steps, self.stride, self.rows, self.tdtype = (
             solver,
@@ -85,6 +100,7 @@ class _Recorder:
         self.ring = ring  # step k in row k % rows (stride 1): the last `rows` steps
         self.window = window
         self.first_stages = first_stages
+        self.t_last = t_last
         self.stat_names = solver.stat_names
 
     def __getattr__(self, name):  # order, error_order, embedded, ...
@@ -111,30 +127,34 @@ class _Recorder:
         row0 = jnp.stack([y0, f0]) if self.first_stages else y0
         y_buf = jnp.zeros((y_rows,) + row0.shape, y0.dtype).at[0].set(row0)
         if self.window:
-            y_buf = (y_buf, jnp.zeros((self.window + 1,) + y0.shape, y0.dtype))
+            y_buf = (y_buf, jnp.zeros((self.window + 1,) + row0.shape, y0.dtype))
         return (
             self.solver.init(f, t0, y0, f0),
             jnp.zeros((), jnp.int32),
             jnp.zeros((time_rows,), self.tdtype).at[0].set(t0),
-            jnp.zeros((time_rows,), self.tdtype),
+            jnp.zeros((0 if self.t_last is not None else time_rows,), self.tdtype),
             y_buf,
         )
 
     def step(self, f, t0, y0, h, state, tol):
         inner, count, t_buf, h_buf, y_buf = state
+        if self.t_last is not None:
+            h = select(h == self.t_last - t0, self.t_last, t0 + h) - t0
         res = self.solver.step(f, t0, y0, h, inner, tol)
         put = lambda buf, v, i: lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), i, 0)
         at = count % self.rows if self.ring else count
         t_buf = put(t_buf, t0, at)
-        h_buf = put(h_buf, h, at)
+        if self.t_last is None:
+            h_buf = put(h_buf, h, at)
         if self.stride == 1:
             row = at
         else:
             row = select(count % self.stride == 0, count // self.stride, self.rows)
+        y_row = jnp.stack([y0, inner]) if self.first_stages else y0
         if self.window:
-            y_buf = (put(y_buf[0], y0, row), put(y_buf[1], y0, count % (self.window + 1)))
+            y_buf = (put(y_buf[0], y_row, row), put(y_buf[1], y_row, count % (self.window + 1)))
         else:
-            y_buf = put(y_buf, jnp.stack([y0, inner]) if self.first_stages else y0, row)
+            y_buf = put(y_buf, y_row, row)
         accepted = (res.state, count + 1, t_buf, h_buf, y_buf)
         rejected = (res.rejected_state, count, t_buf, h_buf, y_buf)
         return res._replace(state=accepted, rejected_state=rejected)
@@ -287,18 +307,16 @@ class Direct(AbstractSensitivity):
         ts_ = prob_times(prob, ts)
         stages = bool(size) and _keeps_first_stages(opts)
         if size:
-            ring = _ring_rows(opts.max_steps, size, y0.shape[-1], y0.dtype, jnp.result_type(ts_), stages)
-            if (
-                self.memory_budget is not None
-                and _ring_bytes(ring, y0.shape[-1], y0.dtype, stages) > self.memory_budget
-            ):
+            layout = batched_layout(opts, size, y0.shape[-1], y0.dtype, jnp.result_type(ts_), stages)
+            if not _within(self.memory_budget, layout, opts.max_steps, y0.shape[-1], y0.dtype, stages):
                 return None
-            layout, meta = Layout(1, ring), ("ring", ring, stages)
+            meta = ("batched", layout, stages)
         else:
             layout = record_layout("Direct", self.checkpoints, self.memory_budget, y0, ts_, opts)
             meta = ("full", layout)
+        ring = bool(size) and not layout.step_times
         ys, counters, bufs = record(
-            layout, loop, prob.f, y0, ts_, prob.args(params), opts, ring=bool(size), first_stages=stages
+            layout, loop, prob.f, y0, ts_, prob.args(params), opts, ring=ring, first_stages=stages
         )
         return ys, counters, meta, (counters, bufs)
 
@@ -341,6 +359,7 @@ class Layout(NamedTuple):
     rows: int
     depth: int = 0
     window: int = 0
+    step_times: bool = False  # the steps' sizes are their times' differences (_Recorder's t_last)
 
     def states(self) -> int:
         """States held at most: the stored ones, the window of the last steps and the
@@ -468,21 +487,34 @@ def record(
     """The forward solve plus its record ``(t_buf, h_buf, y_buf)`` of the accepted steps,
     the states laid out as ``layout`` says; with ``ring``, the last ``layout.rows``
     steps (stride 1), the solve stopped after ``stop_after`` + 1 accepted steps; with
-    ``first_stages``, each state with its step's first stage (:class:`_Recorder`)."""
+    ``first_stages``, each state with its step's first stage (:class:`_Recorder`); with
+    ``layout.step_times``, each step's size is the difference of its recorded times."""
+    tdtype = jnp.result_type(ts)
     rec = _Recorder(
         opts.solver,
         opts.max_steps,
         layout.stride,
         layout.rows,
-        jnp.result_type(ts),
+        tdtype,
         ring,
         layout.window,
         first_stages,
+        _internal_end(ts, tdtype) if layout.step_times else None,
     )
     opts = opts._replace(solver=rec, dense=False, return_state=True, regularise=False, stop_after=stop_after)
     ys, counters, _, state = loop(f, y0, ts, args, opts)
     _, _, t_buf, h_buf, y_buf = state
     return ys, counters, (t_buf, h_buf, y_buf)
+
+
+def _internal_end(ts, tdtype):
+    """The loop's end time (internal time) of a solve saving at ``ts``, as the loop computes
+    it (:func:`~diffode._integrate.integrate`; no stop time)."""
+    known = known_value(ts)
+    if known is not None:
+        return jnp.asarray(time_direction(known) * known[-1], tdtype)
+    ts = jnp.asarray(ts)
+    return time_direction(ts) * ts[-1]
 
 
 def record_layout(name, checkpoints, budget, y0, ts, opts) -> Layout:
@@ -877,12 +909,50 @@ def _window_steps(max_steps: int, size: int, row_bytes: int) -> int:
     return min(max_steps, max(least, min(most, WINDOW_BYTES // max(1, size * row_bytes))))
 
 
-def _ring_rows(max_steps: int, size: int, n: int, dtype, tdtype, first_stages: bool = False) -> int:
-    """Rows of each member's ring buffer in a batched reverse pass: the window
-    (:func:`_window_steps`), the start of the step after it, and the row a finished
-    member writes."""
-    row_bytes = _row_bytes(n, dtype, jnp.dtype(tdtype).itemsize, first_stages)
-    return _window_steps(max_steps, size, row_bytes) + 2
+#: Bytes (for the whole batch) of step times a batched record may keep for every step up to
+#: ``max_steps`` (:func:`batched_layout`): 128 MiB, a ``(batch, max_steps + 1)`` buffer (a
+#: batch of 4095 at the default ``max_steps`` in float64).
+TIMES_BYTES = 2**27
+
+
+def _lands_last(opts, dtype, tdtype) -> bool:
+    """Whether the loop lands a step on a given time only at the end (adaptive steps, no
+    tstops, events or stop time), so that every step but the last ends at ``t_k + h``, and
+    the step sizes (cast to the state's dtype) are in the time's dtype."""
+    plain = not opts.fixed and opts.tstops is None and opts.t_stop is None and opts.events is None
+    return plain and jnp.dtype(dtype) == jnp.dtype(tdtype)
+
+
+def batched_layout(opts, size: int, n: int, dtype, tdtype, first_stages: bool) -> Layout:
+    """Each member's record, in a batch of ``size`` solves, that :func:`replay_batched` reads,
+    with ``W`` steps in its window (:func:`_window_steps`).
+
+    When the loop lands on a time only at the end (:func:`_lands_last`) and the whole
+    batch's step times fit in ``TIMES_BYTES``: every step's time (the sizes are their
+    differences, ``Layout.step_times``), a checkpoint every ``W`` steps and the states of
+    the last ``W`` steps (``_windowed``); the reverse pass steps an earlier window forward
+    again from its checkpoint. Otherwise a ring of the last ``W`` steps' times, sizes and
+    states (``W + 2`` rows: the window, the start of the step after it and the row a
+    finished member writes); an earlier window needs the forward solve run again,
+    stopped at its end.
+    """
+    tbytes = jnp.dtype(tdtype).itemsize
+    width = _window_steps(opts.max_steps, size, _row_bytes(n, dtype, tbytes, first_stages))
+    if _lands_last(opts, dtype, tdtype) and size * (opts.max_steps + 1) * tbytes <= TIMES_BYTES:
+        return _windowed(opts.max_steps, width)._replace(step_times=True)
+    return Layout(1, width + 2)
+
+
+def _within(budget, layout: Layout, max_steps: int, n: int, dtype, first_stages: bool) -> bool:
+    """Whether one member's record in ``layout`` (:func:`batched_layout`) and the window a
+    reverse pass steps forward into fit ``budget`` bytes (``None``: no limit), times
+    counted as 8 bytes."""
+    if budget is None:
+        return True
+    if not layout.step_times:
+        return _ring_bytes(layout.rows, n, dtype, first_stages) <= budget
+    rows = layout.rows + 1 + 2 * (layout.window + 1)
+    return 8 * (max_steps + 1) + _ring_bytes(rows, n, dtype, first_stages) <= budget
 
 
 #: A batch of at least ``2 * GROUP_MIN`` members runs its reverse pass in ``GROUPS`` groups.
@@ -939,14 +1009,14 @@ def replay_batched(
     One VJP of the step map vmapped over the members differentiates step ``k`` of
     every member at once: the cotangent of the parameters they share is a sum
     that the VJP forms itself (products over the batch), never a per-member copy
-    of the parameters. The record is a window of the last ``W`` accepted steps
-    of each member (:func:`_window_steps`; a ring buffer, so no buffer is sized
-    by ``max_steps``): the reverse pass runs back through it; a member with more
-    steps re-runs its forward solve, stopped ``W`` steps earlier, for each
-    further window (``ceil(num / W)`` forward solves in all, one when every
-    member took at most ``W`` steps). With ``cache`` (the ring the forward solve
-    kept, :meth:`Direct.record`, batched along 0) the first window is read from
-    it: ``ceil(num / W) - 1`` forward solves.
+    of the parameters. The reverse pass runs back through windows of ``W`` accepted
+    steps (:func:`_window_steps`), last first, in the layout of :func:`batched_layout`:
+    the last window's states are the record's; with every step's time recorded, each
+    earlier window is stepped forward again from its checkpoint (``refill``, no step
+    controller); otherwise each earlier window re-runs the forward solve, stopped at the
+    window's end (``ceil(num / W) - 1`` forward solves). With ``cache`` (the record the
+    forward solve kept, :meth:`Direct.record`, batched along 0) the record is read, not
+    recomputed.
     """
     y0, ts, diff, _, arrays = r
     ax_y0, ax_ts, ax_diff, _, ax_arrays = r_axes
@@ -969,14 +1039,18 @@ def replay_batched(
     )
     tdtype = jnp.result_type(prob_static.known_ts if ts is None else ts)
     kept = None
-    if cache is not None and cache[0][0] == "ring":
-        (_, ring, stages), kept = cache
+    if cache is not None and cache[0][0] == "batched":
+        (_, layout, stages), kept = cache
     else:
         stages = _keeps_first_stages(opts)
-        ring = _ring_rows(opts.max_steps, size, n, dtype, tdtype, stages)
-    width = ring - 2
-    if method.memory_budget is not None and _ring_bytes(ring, n, dtype, stages) > method.memory_budget:
+        layout = batched_layout(opts, size, n, dtype, tdtype, stages)
+    if not _within(method.memory_budget, layout, opts.max_steps, n, dtype, stages):
         return None
+    # The window's steps, and the rows of the buffer that holds their states (step k in
+    # row k % ring); their times are in the same rows of a ring, or (step_times) in row k.
+    step_times = layout.step_times
+    width = layout.window if step_times else layout.rows - 2
+    ring = width + 1 if step_times else layout.rows
     # Without a tangent for ts the step times and sizes are constants: no time cotangents.
     times = x_struct[1] is not None
     # A replayed step takes its first stage from the record (the previous step's last
@@ -991,17 +1065,17 @@ def replay_batched(
 
         return jax.vmap(call, in_axes=m_axes + rest_axes, axis_size=size)
 
-    def rec(prob, y0, ts, diff, limit):
+    def rec(prob, y0, ts, diff, *limit):
         return record(
-            Layout(1, ring),
+            layout,
             loop,
             prob.f,
             y0,
             ts,
             prob.args(diff),
             opts,
-            ring=True,
-            stop_after=limit,
+            ring=not step_times,
+            stop_after=limit[0] if limit else None,
             first_stages=stages,
         )[1:]
 
@@ -1025,7 +1099,8 @@ def replay_batched(
         )
     )(*members)
     interp = _interp(opts.solver, dtype)
-    take = jax.vmap(lambda buf, k: lax.dynamic_index_in_dim(buf, k % ring, keepdims=False))
+    at_row = jax.vmap(lambda buf, k: lax.dynamic_index_in_dim(buf, k, keepdims=False))
+    take = lambda buf, k: at_row(buf, k % ring)  # noqa: E731
     col = lambda mask, v: mask.reshape((-1,) + (1,) * (v.ndim - 1))  # noqa: E731
 
     def member_saves(s_ts, g, t, h, t1, y, y1, dense, i, y_bar, s_bar, active, s_stops):
@@ -1072,18 +1147,20 @@ def replay_batched(
                 rows, active = None, count > r
                 get = lambda v: v  # noqa: E731
                 put = lambda v, new: new  # noqa: E731
-                ring_at = lambda buf, k: take(buf, k)  # noqa: E731
+                y_at, t_at = take, (at_row if step_times else take)
             else:
                 pos = jnp.minimum(start, size - group) + jnp.arange(group)
                 rows, active = order[pos], (pos >= start) & (count_sorted[pos] > r)
                 get = lambda v: v[rows]  # noqa: E731
                 put = lambda v, new: v.at[rows].set(new)  # noqa: E731
-                ring_at = lambda buf, k: buf[rows, k % ring]  # noqa: E731
+                y_at = lambda buf, k: buf[rows, k % ring]  # noqa: E731
+                t_at = (lambda buf, k: buf[rows, k]) if step_times else y_at  # noqa: E731
             kk = jnp.maximum(get(hi) - 1 - r, get(lo))  # an inactive member's cotangent is 0
-            t, h, y = ring_at(t_buf, kk), ring_at(h_buf, kk), ring_at(y_buf, kk)
+            t, y = t_at(t_buf, kk), y_at(y_buf, kk)
             if stages:
                 y, f0 = y[:, 0], y[:, 1]
-            t1 = jnp.where(kk + 1 >= get(hi), get(t_hi), ring_at(t_buf, kk + 1))
+            t1 = jnp.where(kk + 1 >= get(hi), get(t_hi), t_at(t_buf, kk + 1))
+            h = t1 - t if step_times else y_at(h_buf, kk)  # (_Recorder's t_last)
             g_arrays, g_y0, g_ts, g_diff = jtu.tree_map(
                 lambda v, ax: v if (v is None or ax is None) else get(v),
                 members,
@@ -1163,30 +1240,87 @@ def replay_batched(
         zero = jnp.zeros((), jnp.int32)
         return lax.while_loop(lambda c: c[0] < count_sorted[0], body, (zero, zero) + tuple(c))[2:]
 
-    def chunk(c):
-        _, first, hi, num, status, back = c
-        # The first forward solve runs to the end; each later one stops at the
-        # start of the window replayed last (taking one step more, whose start
-        # time ends the window).
-        limit = jnp.where(first, opts.max_steps, hi)
-        if kept is None:
-            counters, buffers = vm(rec, 0)(*members, limit)
-        else:
-            whole = jnp.full((size,), opts.max_steps, jnp.int32)
-            counters, buffers = lax.cond(
-                first,
-                lambda: _reused(kept, lambda *m: vm(rec, 0)(*m, whole), members),
-                lambda: vm(rec, 0)(*members, limit),
-            )
-        num = jnp.where(first, counters[:, 2], num)
-        status = jnp.where(first, counters[:, 0], status)
-        hi = jnp.where(first, num, hi)
-        lo = jnp.maximum(hi - width, 0)
-        t_hi = jnp.where(hi >= num, t_last, take(buffers[0], hi))
-        back = window_back(buffers, num, lo, hi, t_hi, back)
-        return jnp.any(lo > 0), jnp.zeros((), bool), lo, num, status, back
+    def rerun_windows(back):
+        """The windows of a ring record, last first: each earlier one from the forward solve
+        run again, stopped at the start of the window replayed last (taking one step more,
+        whose start time ends the window)."""
 
-    i32 = jnp.zeros((size,), jnp.int32)
+        def chunk(c):
+            _, first, hi, num, status, back = c
+            limit = jnp.where(first, opts.max_steps, hi)
+            if kept is None:
+                counters, buffers = vm(rec, 0)(*members, limit)
+            else:
+                whole = jnp.full((size,), opts.max_steps, jnp.int32)
+                counters, buffers = lax.cond(
+                    first,
+                    lambda: _reused(kept, lambda *m: vm(rec, 0)(*m, whole), members),
+                    lambda: vm(rec, 0)(*members, limit),
+                )
+            num = jnp.where(first, counters[:, 2], num)
+            status = jnp.where(first, counters[:, 0], status)
+            hi = jnp.where(first, num, hi)
+            lo = jnp.maximum(hi - width, 0)
+            t_hi = jnp.where(hi >= num, t_last, take(buffers[0], hi))
+            back = window_back(buffers, num, lo, hi, t_hi, back)
+            return jnp.any(lo > 0), jnp.zeros((), bool), lo, num, status, back
+
+        i32 = jnp.zeros((size,), jnp.int32)
+        c = (jnp.ones((), bool), jnp.ones((), bool), i32, i32, i32, back)
+        return lax.while_loop(lambda c: c[0], chunk, c)[4:]
+
+    # A window stepped forward again: the whole batch at once, stages unrolled.
+    step_all = vm(step_map, 0, 0, 0, *((0,) if stages else ()))
+    put_row = jax.vmap(lambda buf, v, k: lax.dynamic_update_index_in_dim(buf, v, k % ring, 0))
+    int_width = jnp.int32(width)
+
+    def refill(t_buf, checkpoints, lo, hi):
+        """The states (and first stages) of every member's steps ``lo .. lo + width - 1``,
+        stepped forward from its checkpoint at ``lo`` (a multiple of ``width``) with the
+        recorded times; a member with no steps there takes steps of size 0."""
+        going = hi > lo
+        row = at_row(checkpoints, lax.div(lo, int_width))
+        buf = put_row(jnp.zeros((size, ring) + row.shape[1:], dtype), row, lo)
+
+        def body(j, c):
+            buf, row = c
+            k = lo + j
+            t = at_row(t_buf, k)
+            h = jnp.where(going, at_row(t_buf, k + 1) - t, 0)
+            y, f0 = (row[:, 0], (row[:, 1],)) if stages else (row, ())
+            y1, dense = step_all(*members, t, y, h, *f0)[:2]
+            row = jnp.stack([y1, dense[:, -1]], 1) if stages else y1
+            return put_row(buf, row, k + 1), row
+
+        return lax.fori_loop(0, width - 1, body, (buf, row))[0]
+
+    def stepped_windows(back):
+        """The windows of a record of every step's time (:func:`batched_layout`), last first:
+        a member's windows start at multiples of ``width``; the last one is the record's,
+        each earlier one is stepped forward again from its checkpoint (``refill``)."""
+        full = lambda *m: vm(rec)(*m)  # noqa: E731
+        counters, (t_buf, _, (checkpoints, y_last)) = (
+            full(*members) if kept is None else _reused(kept, full, members)
+        )
+        num, status = counters[:, 2], counters[:, 0]
+
+        def chunk(c, only=False):
+            first, hi, back = c
+            if only:  # every step is in the record's window
+                lo, y_buf = jnp.zeros_like(hi), y_last
+            else:
+                # (lax.div truncates: a member with no steps starts at 0 too)
+                lo = jnp.maximum(jnp.where(first, lax.div(hi - 1, int_width) * width, hi - width), 0)
+                y_buf = lax.cond(first, lambda: y_last, lambda: refill(t_buf, checkpoints, lo, hi))
+            t_hi = jnp.where(hi >= num, t_last, at_row(t_buf, hi))
+            back = window_back((t_buf, None, y_buf), num, lo, hi, t_hi, back)
+            return jnp.zeros((), bool), lo, back
+
+        c = (jnp.ones((), bool), num, back)
+        if width >= opts.max_steps:
+            return status, chunk(c, only=True)[2]
+        return status, lax.while_loop(lambda c: jnp.any(c[1] > 0), chunk, c)[2]
+
     back0 = (
         jnp.full((size,), s_ts.shape[1] - 1, jnp.int32),
         jnp.zeros((size, n), dtype),
@@ -1195,8 +1329,7 @@ def replay_batched(
         jtu.tree_map(jnp.zeros_like, diff),
         jnp.zeros((size, n), dtype) if reuse else None,
     )
-    c = (jnp.ones((), bool), jnp.ones((), bool), i32, i32, i32, back0)
-    _, _, _, _, status, back = lax.while_loop(lambda c: c[0], chunk, c)
+    status, back = (stepped_windows if step_times else rerun_windows)(back0)
     i_left, y_bar, t_bar, s_bar, a_bar, f0_bar = back
 
     y_bar = y_bar + jax.vmap(_start_saves)(ys_bar, i_left)
