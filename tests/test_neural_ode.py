@@ -103,9 +103,9 @@ def small_window(fresh_traces, monkeypatch):
 
 @pytest.fixture
 def rerun_window(small_window, monkeypatch):
-    """The 4-step window without every step's time (as for a batch whose step times do
-    not fit ``TIMES_BYTES``): each earlier window re-runs the forward solve."""
-    monkeypatch.setattr(direct_module, "TIMES_BYTES", 1)
+    """The 4-step window without every step's time (as for a batch of more than
+    ``TIMES_STEPS`` step times): each earlier window re-runs the forward solve."""
+    monkeypatch.setattr(direct_module, "TIMES_STEPS", 0)
 
 
 @pytest.fixture
@@ -306,29 +306,35 @@ def test_regularise_errors():
 
 def test_batched_record_layouts():
     """The batched record keeps every step's time (and no size) exactly when the loop lands
-    on a time only at the end and the times fit; otherwise the ring that re-runs the
-    forward solve for earlier windows. Reference: the rule in ``batched_layout``."""
+    on a time only at the end, a step taken again is the recorded one up to rounding (no
+    Newton iteration) and the times fit; otherwise the ring that re-runs the forward solve
+    for earlier windows. Reference: the rule in ``batched_layout``."""
     from types import SimpleNamespace
 
-    plain = SimpleNamespace(fixed=False, tstops=None, t_stop=None, events=None, max_steps=4096)
+    plain = SimpleNamespace(
+        fixed=False, tstops=None, t_stop=None, events=None, max_steps=4096, solver=diffode.Tsit5()
+    )
 
-    def layout(opts, size=256, dtype=jnp.float64, tdtype=jnp.float64):
+    def layout(opts, size=64, dtype=jnp.float64, tdtype=jnp.float64):
         return direct_module.batched_layout(opts, size, 2, dtype, tdtype, True)
 
-    stepped = layout(plain)
-    assert stepped.step_times and stepped.window == 170 and stepped.stride == 170
+    stepped = layout(plain)  # window: 2 MiB / (64 members x 48 bytes a row)
+    assert stepped.step_times and stepped.window == 682 and stepped.stride == 682
     assert layout(plain, dtype=jnp.float32, tdtype=jnp.float32).step_times
+    assert layout(SimpleNamespace(**(vars(plain) | dict(solver=diffode.Rodas5P())))).step_times
     for opts in (
         SimpleNamespace(**(vars(plain) | dict(fixed=True))),
         SimpleNamespace(**(vars(plain) | dict(tstops=(0.5,)))),
         SimpleNamespace(**(vars(plain) | dict(t_stop=0.5))),
+        SimpleNamespace(**(vars(plain) | dict(solver=diffode.Kvaerno5()))),
+        SimpleNamespace(**(vars(plain) | dict(solver=diffode.Radau5()))),
     ):
         assert not layout(opts).step_times
     assert not layout(plain, dtype=jnp.float32).step_times  # float32 states, float64 times
-    # 2**27 bytes of times, 4097 per member in float64: a batch of 4095 fits, 4096 does not.
-    assert layout(plain, size=4095).step_times and not layout(plain, size=4096).step_times
-    ring = layout(plain, size=4096)
-    assert (ring.stride, ring.rows) == (1, ring.rows) and ring.rows >= 18
+    # 2**18 step times: 64 members at 4096 steps, not 65 (nor the benchmark's 256).
+    assert not layout(plain, size=65).step_times
+    ring = layout(plain, size=256)  # the window and two rows: 2 MiB / (256 x 48) = 170 steps
+    assert not ring.step_times and (ring.stride, ring.rows) == (1, 172)
 
 
 def test_batched_direct_fixed_steps_and_times():
