@@ -23,15 +23,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax import lax
 
-from .._integrate import (
-    internal_rhs,
-    known_value,
-    landing_times,
-    last_time,
-    left_of,
-    next_float,
-    time_direction,
-)
+from .._integrate import internal_rhs, landing_times, last_time, left_of, next_float, time_direction
 from .._regularisers import step_regularisers
 from .._solution import DenseOutput, Status
 from .._util import float0_zeros, select, vmap_size
@@ -499,7 +491,7 @@ def record(
         ring,
         layout.window,
         first_stages,
-        _internal_end(ts, tdtype) if layout.step_times else None,
+        loop_end(opts, ts) if layout.step_times else None,
     )
     opts = opts._replace(solver=rec, dense=False, return_state=True, regularise=False, stop_after=stop_after)
     ys, counters, _, state = loop(f, y0, ts, args, opts)
@@ -507,14 +499,12 @@ def record(
     return ys, counters, (t_buf, h_buf, y_buf)
 
 
-def _internal_end(ts, tdtype):
-    """The loop's end time (internal time) of a solve saving at ``ts``, as the loop computes
-    it (:func:`~diffode._integrate.integrate`; no stop time)."""
-    known = known_value(ts)
-    if known is not None:
-        return jnp.asarray(time_direction(known) * known[-1], tdtype)
+def loop_end(opts, ts):
+    """Where the loop's steps end (internal time) for a solve saving at ``ts``: the loop's
+    own ``last_time`` (``ts`` in its dtype, times the direction, ``+-1``, exactly)."""
     ts = jnp.asarray(ts)
-    return time_direction(ts) * ts[-1]
+    direction = time_direction(ts)
+    return last_time(opts, direction, direction * ts[-1])
 
 
 def record_layout(name, checkpoints, budget, y0, ts, opts) -> Layout:
@@ -937,10 +927,10 @@ def batched_layout(opts, size: int, n: int, dtype, tdtype, first_stages: bool) -
     with ``W`` steps in its window (:func:`_window_steps`).
 
     When the steps can be taken again from their times (:func:`_steps_from_times`) and
-    the whole batch's step times are at most ``TIMES_STEPS``: every step's time (the sizes are their
-    differences, ``Layout.step_times``), a checkpoint every ``W`` steps and the states of
-    the last ``W`` steps (``_windowed``); the reverse pass steps an earlier window forward
-    again from its checkpoint. Otherwise a ring of the last ``W`` steps' times, sizes and
+    the whole batch's step times are at most ``TIMES_STEPS``: every step's time (the
+    sizes are their differences, ``Layout.step_times``), a checkpoint every ``W`` steps
+    and the states of the last ``W`` steps (``_windowed``); the reverse pass steps an
+    earlier window forward again from its checkpoint. Otherwise a ring of the last ``W`` steps' times, sizes and
     states (``W + 2`` rows: the window, the start of the step after it and the row a
     finished member writes); an earlier window needs the forward solve run again,
     stopped at its end.
@@ -1102,11 +1092,7 @@ def replay_batched(
         shared_ts = None
         direction, s_ts = vm(internal_times)(*members)  # (B,), (B, n_ts)
     s_stops = vm(lambda prob, y0, ts, diff: tstop_times(prob.opts, ts))(*members)  # (B, stops + 1) or None
-    t_last = vm(
-        lambda prob, y0, ts, diff: last_time(
-            prob.opts, time_direction(jnp.asarray(ts)), time_direction(jnp.asarray(ts)) * jnp.asarray(ts)[-1]
-        )
-    )(*members)
+    t_last = vm(lambda prob, y0, ts, diff: loop_end(prob.opts, ts))(*members)
     interp = _interp(opts.solver, dtype)
     at_row = jax.vmap(lambda buf, k: lax.dynamic_index_in_dim(buf, k, keepdims=False))
     take = lambda buf, k: at_row(buf, k % ring)  # noqa: E731
