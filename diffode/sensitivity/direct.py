@@ -904,7 +904,9 @@ def _window_steps(max_steps: int, size: int, row_bytes: int) -> int:
 #: ``(batch, max_steps + 1)`` buffer filled on every call, whatever the steps taken: in the
 #: neural-ODE training step it cost 0.5-0.8 ms at 256 x 4097 float64 (8 MiB, an 8-9 ms
 #: step) and 11 ms at 1024 x 4097 (32 MiB, a 53 ms step; past glibc's largest mmap
-#: threshold, so fresh pages on every call), against 0.25 s of compile time saved once.
+#: threshold, so fresh pages on every call), against about 0.1 s of compile time saved
+#: once (the training step at 256 members, lower + compile, interleaved: 2.40-2.55 s
+#: against 2.51-2.63 s with the ring).
 TIMES_STEPS = 2**18
 
 
